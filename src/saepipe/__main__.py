@@ -1,0 +1,5 @@
+import sys
+
+from saepipe.cli import main
+
+sys.exit(main())

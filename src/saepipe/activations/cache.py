@@ -1,0 +1,223 @@
+"""The activation cache (`data/activations/activations.h5`): one hook's activations, one row per token.
+
+Layout (HDF5):
+    attrs         format="saepipe.activations", format_version, model_name, hook_layer, hook_name,
+                  hook_spec, n_layers, d_model, tokenizer_name, tokenizer_fingerprint, prepend_bos,
+                  max_text_length, context_overlap, forward_dtype, storage_dtype, outlier_factor,
+                  outlier_threshold (= outlier_factor x the train split's median norm), median_norm,
+                  roundtrip_rel_error_mean / _max (storage dtype vs the forward's float32 rows),
+                  model_tokens, cached_rows, recompute_factor, padding_fraction
+    train/ and validation/, each:
+        activations  [rows, d_model]  float32 | float16 | uint16 holding bfloat16 bits (see attrs)
+        token_ids    int32 [rows]     the token at that row
+        doc_ids      int32 [rows]     document index in the token cache
+        positions    int32 [rows]     position within its document
+        norms        float32 [rows]   L2 norm of the float32 activation, before storage rounding
+        outlier      bool [rows]      norm > outlier_threshold: massive-activation rows
+        mean         float64 [d_model]  mean activation over the split's non-outlier rows
+        attrs: rows, outliers, mean_norm (non-outlier rows), median_norm
+
+Rows are grouped by window batch, not sorted; (doc_ids, positions) place each row in the corpus.
+This module is the only reader and writer of that layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from saepipe.errors import UserError
+from saepipe.storage import atomic_path, require_file
+
+FORMAT = "saepipe.activations"
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation")
+ROW_FIELDS = {"token_ids": np.int32, "doc_ids": np.int32, "positions": np.int32, "norms": np.float32}
+CHUNK_ROWS = 1024
+
+
+def to_storage(acts: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    """float32 rows -> the on-disk representation (bfloat16 travels as its uint16 bit pattern)."""
+    if storage_dtype == "bfloat16":
+        return acts.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return acts.to(getattr(torch, storage_dtype)).numpy()
+
+
+def from_storage(stored: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    if storage_dtype == "bfloat16":
+        return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.asarray(stored)).float()
+
+
+def _numpy_dtype(storage_dtype: str) -> type:
+    return {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[storage_dtype]
+
+
+class ActivationCacheWriter:
+    """Streams rows into the cache under a temporary name; `close()` finalises stats and renames it."""
+
+    def __init__(self, path: str | Path, d_model: int, storage_dtype: str, outlier_factor: float,
+                 attrs: dict[str, Any]):
+        self.path = Path(path)
+        self.storage_dtype = storage_dtype
+        self.outlier_factor = outlier_factor
+        self._stack = ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self.file = self._stack.enter_context(h5py.File(tmp, "w"))
+        self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, **attrs,
+                                "storage_dtype": storage_dtype, "outlier_factor": outlier_factor,
+                                "d_model": d_model})
+        self.sums = {s: np.zeros(d_model, np.float64) for s in SPLITS}
+        self.err_sum = 0.0
+        self.err_max = 0.0
+        for split in SPLITS:
+            group = self.file.create_group(split)
+            group.create_dataset("activations", shape=(0, d_model), maxshape=(None, d_model),
+                                 dtype=_numpy_dtype(storage_dtype), chunks=(CHUNK_ROWS, d_model))
+            for name, dtype in ROW_FIELDS.items():
+                group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_ROWS * 16,))
+
+    def rows(self, split: str) -> int:
+        return self.file[split]["activations"].shape[0]
+
+    def append(self, split: str, acts: torch.Tensor, token_ids: np.ndarray, doc_ids: np.ndarray,
+               positions: np.ndarray) -> None:
+        """Add float32 rows [n, d_model] with their token, document and position."""
+        acts = acts.detach().float().cpu()
+        norms = torch.linalg.vector_norm(acts, dim=1)
+        stored = to_storage(acts, self.storage_dtype)
+        if self.storage_dtype != "float32":
+            err = torch.linalg.vector_norm(from_storage(stored, self.storage_dtype) - acts, dim=1)
+            rel = (err / norms.clamp_min(1e-12)).numpy()
+            self.err_sum += float(rel.sum())
+            self.err_max = max(self.err_max, float(rel.max(initial=0.0)))
+        self.sums[split] += acts.sum(0, dtype=torch.float64).numpy()
+        group = self.file[split]
+        start = self.rows(split)
+        stop = start + len(acts)
+        for name, values in (("activations", stored), ("token_ids", token_ids), ("doc_ids", doc_ids),
+                             ("positions", positions), ("norms", norms.numpy())):
+            dataset = group[name]
+            dataset.resize(stop, axis=0)
+            dataset[start:stop] = values
+
+    def close(self) -> dict[str, Any]:
+        """Flag outliers, write per-split statistics, rename into place; returns the summary."""
+        total = sum(self.rows(s) for s in SPLITS)
+        if self.rows("train") == 0:
+            raise UserError("no training rows were cached: the corpus is too small for this window "
+                            "(check activations.max_text_length and the token cache)")
+        median = float(np.median(self.file["train"]["norms"][:]))
+        threshold = self.outlier_factor * median
+        summary: dict[str, Any] = {"median_norm": median, "outlier_threshold": threshold}
+        for split in SPLITS:
+            summary[split] = self._finish_split(split, threshold)
+        self.file.attrs.update({
+            "median_norm": median,
+            "outlier_threshold": threshold,
+            "roundtrip_rel_error_mean": self.err_sum / total if total else 0.0,
+            "roundtrip_rel_error_max": self.err_max,
+        })
+        summary["roundtrip_rel_error_mean"] = self.file.attrs["roundtrip_rel_error_mean"]
+        summary["roundtrip_rel_error_max"] = self.err_max
+        self._stack.close()
+        return summary
+
+    def _finish_split(self, split: str, threshold: float) -> dict[str, Any]:
+        group = self.file[split]
+        norms = group["norms"][:]
+        outlier = norms > threshold
+        group.create_dataset("outlier", data=outlier)
+        rows = len(norms)
+        kept = rows - int(outlier.sum())
+        total = self.sums[split].copy()
+        for index in np.flatnonzero(outlier):  # few: subtract them back out of the running sum
+            total -= from_storage(group["activations"][index], self.storage_dtype).double().numpy()
+        mean = total / kept if kept else total
+        group.create_dataset("mean", data=mean)
+        stats = {
+            "rows": rows,
+            "outliers": int(outlier.sum()),
+            "mean_norm": float(norms[~outlier].mean()) if kept else 0.0,
+            "median_norm": float(np.median(norms)) if rows else 0.0,
+            "max_norm": float(norms.max()) if rows else 0.0,
+        }
+        group.attrs.update(stats)
+        return stats
+
+    def abort(self) -> None:
+        """Drop everything written so far (the temporary file is removed, nothing is renamed)."""
+        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+class ActivationCache:
+    """Read access to a finished activation cache."""
+
+    def __init__(self, path: str | Path):
+        self.path = require_file(path, "activation cache", "run `saepipe activations` first")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise UserError(f"{self.path} is not a readable HDF5 file ({exc})") from None
+        attrs = self.file.attrs
+        if attrs.get("format") != FORMAT:
+            raise UserError(f"{self.path} is not a saepipe activation cache (format={attrs.get('format')!r})")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{self.path}: activation cache version {attrs.get('format_version')}, expected "
+                            f"{FORMAT_VERSION}; rerun `saepipe activations`")
+        self.attrs: dict[str, Any] = {k: v.item() if isinstance(v, np.generic) else v for k, v in attrs.items()}
+        self.storage_dtype: str = self.attrs["storage_dtype"]
+
+    def __enter__(self) -> ActivationCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    @property
+    def d_model(self) -> int:
+        return int(self.attrs["d_model"])
+
+    def n_rows(self, split: str) -> int:
+        return self.file[self._split(split)]["activations"].shape[0]
+
+    def _split(self, split: str) -> str:
+        if split not in SPLITS:
+            raise UserError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+        return split
+
+    def column(self, split: str, name: str) -> np.ndarray:
+        """A whole per-row field: token_ids, doc_ids, positions, norms or outlier."""
+        return self.file[self._split(split)][name][:]
+
+    def mean(self, split: str = "train") -> np.ndarray:
+        return self.file[self._split(split)]["mean"][:]
+
+    def split_attrs(self, split: str) -> dict[str, Any]:
+        return {k: v.item() if isinstance(v, np.generic) else v for k, v in self.file[split].attrs.items()}
+
+    def read(self, split: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) as float32."""
+        return from_storage(self.file[self._split(split)]["activations"][start:stop], self.storage_dtype)
+
+    def iter_batches(self, split: str, batch_rows: int, include_outliers: bool = False
+                     ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """(float32 rows, their row indices) in file order, outliers left out unless asked for."""
+        keep = ~self.column(split, "outlier") if not include_outliers else None
+        for start in range(0, self.n_rows(split), batch_rows):
+            stop = min(start + batch_rows, self.n_rows(split))
+            rows = self.read(split, start, stop)
+            index = np.arange(start, stop)
+            if keep is not None:
+                mask = keep[start:stop]
+                rows, index = rows[torch.from_numpy(mask)], index[mask]
+            yield rows, index

@@ -1,0 +1,64 @@
+"""Stage `tokenize`: texts.json -> data/tokens.h5 with the base model's tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from saepipe.config import Params
+from saepipe.corpus.texts import load_texts
+from saepipe.corpus.tokens import VALIDATION, split_documents, write_token_cache
+from saepipe.model.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+BATCH_DOCUMENTS = 256
+
+
+def tokenize_documents(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Token ids per document, without special tokens (windows add BOS themselves when asked to)."""
+    documents = []
+    with tqdm(total=len(texts), desc="tokenize", unit="doc") as bar:
+        for start in range(0, len(texts), BATCH_DOCUMENTS):
+            batch = texts[start : start + BATCH_DOCUMENTS]
+            ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            documents.extend(np.asarray(i, dtype=np.int32) for i in ids)
+            bar.update(len(batch))
+    return documents
+
+
+def run(params: Params) -> None:
+    cfg = params.tokenize
+    started = time.perf_counter()
+    texts_path = Path(params.process.output_dir) / "texts.json"
+    texts = load_texts(texts_path)
+    model_dir = params.base_model.output_dir
+    tokenizer = load_tokenizer(model_dir)
+    documents = tokenize_documents(tokenizer, texts)
+    split = split_documents(len(documents), cfg.val_fraction, cfg.seed)
+    texts_digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8")).hexdigest()
+    cache = write_token_cache(
+        cfg.output,
+        documents,
+        split,
+        {
+            "tokenizer_name": params.base_model.model_name,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "vocab_size": len(tokenizer),
+            "bos_token_id": -1 if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id),
+            "val_fraction": cfg.val_fraction,
+            "seed": cfg.seed,
+            "texts_sha256": texts_digest,
+        },
+    )
+    lengths = cache.lengths()
+    val_tokens = int(lengths[split == VALIDATION].sum())
+    print(
+        f"tokenize: {cache.n_documents:,} documents, {len(cache.tokens):,} tokens "
+        f"(validation: {int((split == VALIDATION).sum()):,} documents, {val_tokens:,} tokens; "
+        f"median document {int(np.median(lengths)) if len(lengths) else 0} tokens) -> {cfg.output} "
+        f"[{time.perf_counter() - started:.1f} s]"
+    )

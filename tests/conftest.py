@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny random Llama model saved as a real HF directory, and the repo's params."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CORPUS = REPO.parent / "shared" / "corpus"
+
+TINY_TRAINING_TEXT = [
+    "The mitochondria is the powerhouse of the cell. Energy is stored as ATP.",
+    "Force equals mass times acceleration. Velocity is the rate of change of position.",
+    "Acids donate protons and bases accept them. The pH scale is logarithmic.",
+    "Waves carry energy without carrying matter. Sound is a longitudinal wave.",
+]
+
+
+def make_tiny_model_dir(path: Path, *, n_layers: int = 2, d_model: int = 64, seed: int = 0) -> Path:
+    """Save a random 2-layer Llama (vocab 512) with a trained byte-level BPE tokenizer to `path`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<|bos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TINY_TRAINING_TEXT * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|bos|>", eos_token="<|endoftext|>")
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model directory, built once per test session (read-only for tests)."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny_model")
+
+
+@pytest.fixture
+def repo_params():
+    """The repo's params.yaml, loaded and validated."""
+    from saepipe.config import load_params
+
+    return load_params(REPO / "params.yaml")
+
+
+def with_section(params, section: str, **changes):
+    """A copy of `params` with fields of one section replaced (validated like params.yaml)."""
+    from saepipe.config import SECTIONS, build_section
+
+    current = dataclasses.asdict(getattr(params, section))
+    new = build_section(section, SECTIONS[section], {**current, **changes})
+    return dataclasses.replace(params, **{section: new})
+
+
+def tiny_documents(n: int = 12) -> list[str]:
+    """Documents of varied length (a few tokens to several windows) from the tiny training text."""
+    docs = []
+    for i in range(n):
+        sentences = [TINY_TRAINING_TEXT[(i + j) % len(TINY_TRAINING_TEXT)] for j in range(1 + (i * 5) % 17)]
+        docs.append(" ".join(sentences))
+    docs.append("Short.")
+    return docs
+
+
+@pytest.fixture
+def tiny_params(tmp_path, tiny_model_dir, repo_params):
+    """Params for running tokenize/activations in tmp_path on the tiny model, texts already processed."""
+    import json
+
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    (processed / "texts.json").write_text(json.dumps(tiny_documents()))
+    params = with_section(repo_params, "process", output_dir=str(processed))
+    params = with_section(params, "base_model", output_dir=str(tiny_model_dir))
+    params = with_section(params, "tokenize", output=str(tmp_path / "tokens.h5"), val_fraction=0.25)
+    return with_section(params, "activations", output_dir=str(tmp_path / "activations"), max_text_length=32,
+                        hook_layer=0, device="cpu")

@@ -1,0 +1,112 @@
+"""End to end: the repo's dvc.yaml in a temp git repo, on a tiny random model and a tiny corpus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import yaml
+
+from conftest import REPO, TINY_TRAINING_TEXT
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="dvc is not installed")
+
+CHAPTER = """# Chapter {n}: {subject} basics
+
+An opening paragraph about {subject} that introduces the chapter with enough words to be kept.
+
+## {n}.1 First ideas
+
+{body}
+
+![a figure that must be dropped](images/figure.png)
+
+## {n}.2 Empty section
+
+## {n}.3 More ideas
+
+{body} The equation $E = m c^2$ stays as written.
+
+| quantity | unit |
+|---|---|
+| energy | joule |
+"""
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for n, subject in enumerate(["physics", "chemistry", "biology"], start=1):
+        folder = root / "data" / "raw" / f"{subject}_chapters"
+        folder.mkdir(parents=True)
+        body = " ".join(TINY_TRAINING_TEXT[n - 1 :] * 3)
+        (folder / f"{subject}_ch01.md").write_text(CHAPTER.format(n=n, subject=subject, body=body))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["base_model"].update(source="local", local_path=str(tiny_model_dir), model_name="tiny-random-llama")
+    params["tokenize"]["val_fraction"] = 0.3
+    params["activations"].update(max_text_length=32, device="cpu", hook_layer=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "test@example.com"], root)
+    run(["git", "config", "user.name", "test"], root)
+    run(["dvc", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "init"], root)
+    return root
+
+
+def test_repro_is_incremental_and_outputs_are_documented(project: Path) -> None:
+    first = run(["dvc", "repro"], project)
+    assert ran_stages(first) == ["process", "base-model", "tokenize", "activations"]
+
+    texts = yaml.safe_load((project / "data/processed/texts.json").read_text())
+    assert len(texts) == 9  # 3 chapters x (intro + 2 non-empty sections)
+    assert not any("![" in t for t in texts)
+    assert (project / "models/base/config.json").is_file()
+    with h5py.File(project / "data/tokens.h5") as f:
+        assert f.attrs["format"] == "saepipe.tokens"
+        assert f["offsets"].shape == (len(texts) + 1,)
+        assert f["split"].shape == (len(texts),)
+        n_tokens = f["tokens"].shape[0]
+    with h5py.File(project / "data/activations/activations.h5") as f:
+        assert f.attrs["hook_spec"] == "blocks.1.hook_resid_post"
+        assert f.attrs["model_name"] == "tiny-random-llama"
+        rows = f["train/activations"].shape[0] + f["validation/activations"].shape[0]
+        assert rows == n_tokens - len(texts)  # every token but each document's position 0
+        assert f["train/activations"].shape[1] == 64
+        for name in ("token_ids", "doc_ids", "positions", "norms", "outlier"):
+            assert f[f"train/{name}"].shape == (f["train/activations"].shape[0],)
+        assert f["train/mean"].shape == (64,)
+    metrics = run(["dvc", "metrics", "show", "--json"], project)
+    assert "recompute_factor" in metrics and "documents" in metrics
+
+    second = run(["dvc", "repro"], project)
+    assert ran_stages(second) == []
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["activations"]["outlier_factor"] = 5.0
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run(["dvc", "repro"], project)
+    assert ran_stages(third) == ["activations"]
+    with h5py.File(project / "data/activations/activations.h5") as f:
+        assert f.attrs["outlier_factor"] == 5.0
