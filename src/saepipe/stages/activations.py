@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from saepipe.activations.cache import ActivationCacheWriter
@@ -20,6 +22,19 @@ from saepipe.storage import write_json
 
 CACHE_FILE = "activations.h5"
 STATS_FILE = "stats.json"
+
+
+def split_sink(writer: ActivationCacheWriter, doc_split: np.ndarray) -> Callable[[torch.Tensor, WindowBatch], None]:
+    """Route each batch's rows to the train or validation group by their document's split."""
+
+    def sink(rows: torch.Tensor, wb: WindowBatch) -> None:
+        is_val = doc_split[wb.doc_ids] == VALIDATION
+        for split, mask in (("train", ~is_val), ("validation", is_val)):
+            if mask.any():
+                select = torch.from_numpy(mask)
+                writer.append(split, rows[select], wb.token_ids[mask], wb.doc_ids[mask], wb.positions[mask])
+
+    return sink
 
 
 def run(params: Params) -> None:
@@ -82,13 +97,7 @@ def run(params: Params) -> None:
     out_dir = Path(cfg.output_dir)
     writer = ActivationCacheWriter(out_dir / CACHE_FILE, d_model, cfg.storage_dtype, cfg.outlier_factor, attrs)
 
-    def sink(rows: torch.Tensor, wb: WindowBatch) -> None:
-        is_val = tokens.split[wb.doc_ids] == VALIDATION
-        for split, mask in (("train", ~is_val), ("validation", is_val)):
-            if mask.any():
-                select = torch.from_numpy(mask)
-                writer.append(split, rows[select], wb.token_ids[mask], wb.doc_ids[mask], wb.positions[mask])
-
+    sink = split_sink(writer, tokens.split)
     forward_started = time.perf_counter()
     try:
         model_tokens = extract(model, hook, plan, batches, tokens, bos_id, pad_id, device, sink)
