@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -65,6 +66,8 @@ def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     params["base_model"].update(source="local", local_path=str(tiny_model_dir), model_name="tiny-random-llama")
     params["tokenize"]["val_fraction"] = 0.3
     params["activations"].update(max_text_length=32, device="cpu", hook_layer=1)
+    params["train"].update(sae_expansion=2, topk=4, topk_aux=8, batch_size=64, num_epochs=2, lr_warmup_steps=2,
+                           device="cpu")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)
@@ -77,7 +80,7 @@ def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
 
 def test_repro_is_incremental_and_outputs_are_documented(project: Path) -> None:
     first = run(["dvc", "repro"], project)
-    assert ran_stages(first) == ["process", "base-model", "tokenize", "activations"]
+    assert ran_stages(first) == ["process", "base-model", "tokenize", "activations", "train", "export"]
 
     texts = yaml.safe_load((project / "data/processed/texts.json").read_text())
     assert len(texts) == 9  # 3 chapters x (intro + 2 non-empty sections)
@@ -103,10 +106,30 @@ def test_repro_is_incremental_and_outputs_are_documented(project: Path) -> None:
     second = run(["dvc", "repro"], project)
     assert ran_stages(second) == []
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["activations"]["outlier_factor"] = 5.0
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = run(["dvc", "repro"], project)
-    assert ran_stages(third) == ["activations"]
+    set_param(project, "activations", "outlier_factor", 5.0)
+    third = run(["dvc", "repro", "activations"], project)
+    assert ran_stages(third) == ["activations"]  # nothing upstream of it reruns
     with h5py.File(project / "data/activations/activations.h5") as f:
         assert f.attrs["outlier_factor"] == 5.0
+    assert ran_stages(run(["dvc", "repro"], project)) == ["train", "export"]  # its new output flows down
+
+    set_param(project, "train", "topk", 3)
+    assert ran_stages(run(["dvc", "repro"], project)) == ["train", "export"]
+    exported = json.loads((project / "models/sae/default/config.json").read_text())
+    assert exported["d_in"] == 64 and exported["d_sae"] == 128
+    assert exported["hook_spec"] == "blocks.1.hook_resid_post"
+    metrics = json.loads((project / "dvclive/metrics.json").read_text())
+    assert {"val_fvu", "val_l0", "dead_feature_percentage"} <= set(metrics)
+
+    # experiments: vary a hyperparameter without editing params.yaml, then compare
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    run(["dvc", "exp", "run", "-S", "train.topk=2", "--name", "k2"], project)
+    shown = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], project)))
+    assert "k2" in shown and "val_fvu" in shown and '"topk": 2' in shown
+
+
+def set_param(project: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,3 +1,18 @@
 """saepipe: a data-versioned pipeline that trains sparse autoencoders on a language model's activations."""
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "load_sae"]
+
+
+def __getattr__(name: str) -> Any:
+    """`saepipe.load_sae` on first use: `import saepipe` stays cheap (no torch) for the CLI and DVC."""
+    if name == "load_sae":
+        from saepipe.sae.formats import load_sae
+
+        return load_sae
+    raise AttributeError(f"module 'saepipe' has no attribute {name!r}")

@@ -25,6 +25,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "base-model": ("saepipe.stages.base_model", "base_model"),
     "tokenize": ("saepipe.stages.tokenize", "tokenize"),
     "activations": ("saepipe.stages.activations", "activations"),
+    "export": ("saepipe.stages.export", "export"),
+    "upload": ("saepipe.stages.upload", "export"),
+    "train": ("saepipe.stages.train", "train"),
 }
 
 

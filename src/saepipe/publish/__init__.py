@@ -1,0 +1,1 @@
+"""Publishing exported SAEs (the Hugging Face hub)."""

@@ -1,0 +1,215 @@
+"""The SAE module all architectures share, and the registry they plug into.
+
+An architecture is a subclass that says which latents are active (`select`, or `dense_features` for
+architectures trained densely), how active values become features (`activate`), what sparsity
+penalty it pays (`sparsity_loss`) and how it encodes at inference (`inference_features`, which must
+not depend on the rest of the batch). Everything else — parameters, the sparse training forward, the
+decoder-norm constraint, AuxK, folding an input scale into the weights — lives here, so the trainer
+knows nothing of any one architecture.
+
+Conventions (those of SAELens): W_enc [d_in, d_sae], W_dec [d_sae, d_in], the encoder subtracts b_dec
+from its input: pre = (x - b_dec) @ W_enc + b_enc, x_hat = f @ W_dec + b_dec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saepipe.sae.kernels import SparseCodes, decode_sparse, encode_selected, row_top_k
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Everything needed to rebuild an SAE's module; architecture-specific fields are ignored by the rest."""
+
+    sae_type: str
+    d_in: int
+    d_sae: int
+    k: int = 32
+    """Active latents per token (topk), or on average per token (batch_topk, matryoshka)."""
+    k_aux: int = 256
+    """Latents AuxK may use to reconstruct the residual error from dead latents."""
+    sparsity_penalty: float = 0.0
+    """Weight of the sparsity loss: L1 (standard) or L0 (jumprelu)."""
+    jumprelu_bandwidth: float = 0.05
+    """Width of the straight-through estimator's window around the JumpReLU threshold."""
+    jumprelu_init_threshold: float = 0.01
+    matryoshka_prefixes: list[int] = field(default_factory=list)
+    """Nested dictionary sizes (increasing, each < d_sae); d_sae itself is always the last prefix."""
+    threshold_momentum: float = 0.05
+    """Update rate of BatchTopK's running inference threshold."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class SAEOutput:
+    """A training forward pass: the reconstruction, the active codes, and the loss terms."""
+
+    x_hat: Tensor
+    codes: SparseCodes  # active latents; values differentiable in training
+    pre: Tensor  # dense pre-activations, detached (AuxK picks dead latents from them)
+    recon_loss: Tensor
+    sparsity_loss: Tensor  # unweighted; the architecture's own penalty (0 for the top-k family)
+
+
+REGISTRY: dict[str, type[SparseAutoencoder]] = {}
+
+
+def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
+    REGISTRY[cls.arch] = cls
+    return cls
+
+
+def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
+    if cfg.sae_type not in REGISTRY:
+        raise ValueError(f"unknown sae_type {cfg.sae_type!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[cfg.sae_type](cfg)
+
+
+def mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    return F.mse_loss(x_hat, x)
+
+
+class SparseAutoencoder(nn.Module):
+    arch: ClassVar[str] = ""
+    sparse_training: ClassVar[bool] = True
+    """True: select active latents without autograd, then train through the sparse kernels only."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        decoder = torch.randn(cfg.d_sae, cfg.d_in)
+        decoder /= decoder.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(decoder)
+        self.W_enc = nn.Parameter(decoder.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    # ---- what an architecture decides -------------------------------------------------------------
+    def select(self, pre: Tensor) -> SparseCodes:
+        """The active latents of a training batch (values detached). Default: per-row top-k."""
+        return row_top_k(pre, self.cfg.k)
+
+    def activate(self, codes: SparseCodes) -> SparseCodes:
+        """Selected pre-activations -> feature activations (differentiable). Default: ReLU."""
+        return dataclasses.replace(codes, values=F.relu(codes.values))
+
+    def dense_features(self, pre: Tensor) -> Tensor:
+        """Features from dense pre-activations with autograd (architectures with sparse_training=False)."""
+        raise TypeError(f"{self.arch} trains through sparse codes, not dense features")
+
+    def inference_features(self, pre: Tensor) -> Tensor:
+        """Features of each row on its own, independent of the rest of the batch."""
+        codes = self.activate(row_top_k(pre, self.cfg.k))
+        return codes.to_dense()
+
+    def sparsity_loss(self, codes: SparseCodes, pre: Tensor) -> Tensor:
+        return torch.zeros((), device=pre.device)
+
+    def reconstruction(self, x: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor]:
+        """(x_hat, recon_loss) for a batch's codes. Matryoshka overrides it to sum prefix losses."""
+        x_hat = decode_sparse(codes, self.W_dec) + self.b_dec
+        return x_hat, mse(x_hat, x)
+
+    @torch.no_grad()
+    def after_step(self, out: SAEOutput) -> None:
+        """Update running state after an optimizer step (BatchTopK's inference threshold, say)."""
+
+    # ---- shared machinery ---------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense feature activations [batch, d_sae] for inference (one row never affects another)."""
+        return self.inference_features(self.pre_activations(x))
+
+    def decode(self, features: Tensor) -> Tensor:
+        return features @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        """Training forward: reconstruction and loss terms, through the sparse kernels when possible."""
+        if not self.sparse_training:
+            pre = self.pre_activations(x)
+            features = self.dense_features(pre)
+            x_hat = self.decode(features)
+            rows, cols = features.detach().nonzero(as_tuple=True)
+            codes = SparseCodes(rows, cols, features[rows, cols], x.shape[0], self.d_sae)
+            pre = pre.detach()
+            return SAEOutput(x_hat, codes, pre, mse(x_hat, x), self.sparsity_loss(codes, pre))
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+        selected = self.select(pre)
+        values = encode_selected(x, self.b_dec, self.W_enc, self.b_enc, selected)
+        codes = self.activate(dataclasses.replace(selected, values=values))
+        x_hat, recon = self.reconstruction(x, codes)
+        return SAEOutput(x_hat, codes, pre, recon, self.sparsity_loss(codes, pre))
+
+    def auxk_loss(self, x: Tensor, out: SAEOutput, dead: Tensor) -> Tensor:
+        """AuxK (Gao et al. 2024): dead latents' top-k_aux reconstruct the residual error.
+
+        Normalised by the residual's variance, and scaled by min(1, dead / k_aux) so that a handful of
+        dead latents do not get the full weight. Dead latents are few once training works, so their
+        columns are handled densely: a [batch, n_dead] product costs little and needs no sort.
+        """
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.cfg.k_aux == 0:
+            return torch.zeros((), device=x.device)
+        dead_ids = dead.nonzero().squeeze(1)
+        pre = torch.addmm(self.b_enc[dead_ids], x - self.b_dec, self.W_enc[:, dead_ids])
+        if n_dead > self.cfg.k_aux:
+            keep = torch.topk(out.pre[:, dead_ids], self.cfg.k_aux, dim=1, sorted=False).indices
+            pre = pre * torch.zeros_like(pre, dtype=torch.bool).scatter_(1, keep, True)
+        residual = (x - out.x_hat).detach()
+        residual_hat = F.relu(pre) @ self.W_dec[dead_ids]
+        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return (residual_hat - residual).pow(2).sum() / variance * min(1.0, n_dead / self.cfg.k_aux)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_grads_(self) -> None:
+        """Drop the gradient component along each (unit) decoder row: it would only change the row's norm."""
+        if self.W_dec.grad is None:
+            return
+        grad, rows = self.W_dec.grad, self.W_dec
+        parallel = (grad * rows).sum(dim=1, keepdim=True) / rows.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
+        grad -= parallel * rows
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """Make an SAE trained on `scale * x` take raw x: encodings stay the same, decodes are rescaled."""
+        self.W_enc *= scale
+        self.b_dec /= scale
+        self.W_dec /= scale
+
+    def export_tensors(self) -> dict[str, Tensor]:
+        """Weights in SAELens's names and shapes; architectures with a threshold add it."""
+        return {name: getattr(self, name).detach().clone() for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+
+    def load_export_tensors(self, tensors: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, value in tensors.items():
+                getattr(self, name).copy_(value)

@@ -1,0 +1,57 @@
+"""BatchTopK SAE (Bussmann et al. 2024): the batch keeps its k x batch largest latents.
+
+Tokens may use more or fewer than k latents as long as the batch averages k. At inference a batch
+rule would make one token's code depend on its neighbours, so training keeps a running estimate of
+the smallest activation it kept, and inference keeps every activation above that threshold (a
+JumpReLU with one shared threshold), token by token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saepipe.sae.base import SAEConfig, SAEOutput, SparseAutoencoder, register
+from saepipe.sae.kernels import SparseCodes, batch_top_k
+
+
+@register
+class BatchTopKSAE(SparseAutoencoder):
+    arch = "batch_topk"
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long))
+
+    def select(self, pre: Tensor) -> SparseCodes:
+        # The running threshold is a cheap, usually valid, lower bound for the exact selection.
+        hint = 0.8 * float(self.threshold) if int(self.threshold_steps) > 0 else None
+        return batch_top_k(pre, self.cfg.k * pre.shape[0], hint=hint)
+
+    def inference_features(self, pre: Tensor) -> Tensor:
+        return pre * (pre > self.threshold)
+
+    @torch.no_grad()
+    def after_step(self, out: SAEOutput) -> None:
+        positive = out.codes.values[out.codes.values > 0]
+        if positive.numel() == 0:
+            return
+        self.threshold_steps += 1
+        # A running mean at first, then an exponential average that forgets the early, larger values.
+        rate = max(1.0 / int(self.threshold_steps), self.cfg.threshold_momentum)
+        self.threshold.lerp_(positive.min(), rate)
+
+    def export_tensors(self) -> dict[str, Tensor]:
+        tensors = super().export_tensors()
+        tensors["threshold"] = self.threshold.expand(self.d_sae).clone()
+        return tensors
+
+    def load_export_tensors(self, tensors: dict[str, Tensor]) -> None:
+        tensors = dict(tensors)
+        threshold = tensors.pop("threshold", None)
+        super().load_export_tensors(tensors)
+        if threshold is not None:
+            with torch.no_grad():
+                self.threshold.copy_(threshold.reshape(-1)[0])
+                self.threshold_steps.fill_(1)

@@ -1,0 +1,44 @@
+"""Matryoshka SAE (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka Sparse
+Autoencoders").
+
+BatchTopK selection, but the loss sums the reconstruction error of every nested prefix of the
+dictionary: latents [0, m_1), [0, m_2), ..., [0, d_sae). The first latents must reconstruct well on
+their own, so they learn general, high-level features, and later latents refine them instead of
+absorbing them (feature absorption/splitting). Inference is BatchTopK's: one running threshold.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+from saepipe.sae.base import SAEConfig, mse, register
+from saepipe.sae.batch_topk import BatchTopKSAE
+from saepipe.sae.kernels import SparseCodes, decode_sparse
+
+
+@register
+class MatryoshkaSAE(BatchTopKSAE):
+    arch = "matryoshka"
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        prefixes = [int(m) for m in cfg.matryoshka_prefixes]
+        bounds = [0, *prefixes, cfg.d_sae]
+        if any(hi <= lo for lo, hi in itertools.pairwise(bounds)):
+            raise ValueError(f"matryoshka_prefixes must increase strictly within (0, d_sae={cfg.d_sae}): "
+                             f"{cfg.matryoshka_prefixes}")
+        self.prefix_ends = [*prefixes, cfg.d_sae]  # exclusive end of each nested dictionary
+
+    def reconstruction(self, x: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor]:
+        """Sum of the prefix MSEs; each band [m_{i-1}, m_i) is decoded once and added to the running x_hat."""
+        ends = torch.tensor(self.prefix_ends, device=codes.cols.device)
+        band = torch.bucketize(codes.cols, ends, right=True)  # band i holds m_{i-1} <= col < m_i
+        x_hat = self.b_dec.expand_as(x)
+        loss = torch.zeros((), dtype=x.dtype, device=x.device)
+        for i in range(len(self.prefix_ends)):
+            x_hat = x_hat + decode_sparse(codes.subset(band == i), self.W_dec)
+            loss = loss + mse(x_hat, x)
+        return x_hat, loss

@@ -1,0 +1,48 @@
+"""Stage `export`: a training run's checkpoint -> models/sae/<run_name>/ in saepipe's and SAELens's formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from saepipe.config import Params
+from saepipe.errors import UserError
+from saepipe.publish.hf import final_metrics
+from saepipe.sae.formats import CONFIG, HISTORY, export_sae
+from saepipe.storage import read_json
+from saepipe.training.checkpoints import BEST, load_checkpoint, newest_checkpoint
+
+
+def pick_checkpoint(run_dir: Path, which: str) -> Path:
+    """best_model.pt, or the newest complete checkpoint_epochN.pt for `last`."""
+    if which == "best":
+        path = run_dir / BEST
+        if not (path / "state.json").is_file():
+            raise UserError(f"no {BEST} in {run_dir}: run `saepipe train` first (or export --checkpoint last)")
+        return path
+    path = newest_checkpoint(run_dir)
+    if path is None:
+        raise UserError(f"no checkpoint_epoch<N>.pt in {run_dir}: run `saepipe train` first")
+    return path
+
+
+def summary_line(config: dict[str, Any], history: list[dict[str, Any]], out_dir: Path) -> str:
+    metrics = final_metrics(config, history)
+    scores = ", ".join(f"{label} {metrics[key]:.4g}" for key, label in (("val_fvu", "val FVU"), ("val_l0", "val L0"))
+                       if key in metrics)
+    epoch = (config.get("checkpoint") or {}).get("epoch")
+    return (f"exported {config['sae_type']} SAE {config['d_in']}->{config['d_sae']} on {config.get('hook_spec')} "
+            f"(epoch {epoch}{', ' + scores if scores else ''}) to {out_dir}")
+
+
+def run(params: Params) -> None:
+    run_name = params.train.run_name
+    checkpoint_path = pick_checkpoint(Path(params.train.output_dir) / run_name, params.export.checkpoint)
+    out_dir = Path(params.export.output_dir) / run_name
+    export_sae(load_checkpoint(checkpoint_path), out_dir)
+    print(summary_line(read_json(out_dir / CONFIG, "exported SAE config"), read_json(out_dir / HISTORY, "history"),
+                       out_dir))
+    if params.export.upload_to_hf:
+        from saepipe.stages.upload import upload
+
+        upload(params, out_dir)

@@ -1,0 +1,139 @@
+"""Stage `train`: the activation cache -> a trained SAE's checkpoints under models/checkpoints/<run_name>/."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import saepipe
+from saepipe.config import Params
+from saepipe.corpus.tokens import read_token_cache
+from saepipe.errors import UserError, field_error
+from saepipe.model.hooks import HookSpec
+from saepipe.model.loading import load_hooked_model, resolve_device
+from saepipe.sae import SAEConfig, build_sae
+from saepipe.sae.formats import export_sae
+from saepipe.storage import sha256_file
+from saepipe.training.checkpoints import BEST, load_checkpoint
+from saepipe.training.data import ActivationData, load_activation_data
+from saepipe.training.end_to_end import make_end_to_end_loss
+from saepipe.training.tracking import Tracker
+from saepipe.training.trainer import EndToEndLoss, Trainer
+
+CACHE_ATTRS = ("model_name", "hook_layer", "hook_name", "hook_spec", "d_model", "tokenizer_name",
+               "tokenizer_fingerprint", "prepend_bos", "max_text_length", "context_overlap", "forward_dtype",
+               "storage_dtype", "outlier_threshold")
+
+
+def sae_config(params: Params, d_in: int) -> SAEConfig:
+    cfg = params.train
+    d_sae = cfg.sae_expansion * d_in
+    if cfg.topk > d_sae:
+        raise field_error("train.topk", cfg.topk, f"at most d_sae = {d_sae}")
+    prefixes = [round(f * d_sae) for f in cfg.matryoshka_prefix_fractions]
+    if cfg.sae_type == "matryoshka" and (not prefixes or prefixes[0] < 1 or len(set(prefixes)) < len(prefixes)
+                                         or prefixes[-1] >= d_sae):
+        raise field_error("train.matryoshka_prefix_fractions", cfg.matryoshka_prefix_fractions,
+                          f"fractions giving distinct prefix sizes in [1, {d_sae - 1}] for d_sae {d_sae}")
+    return SAEConfig(
+        sae_type=cfg.sae_type, d_in=d_in, d_sae=d_sae, k=cfg.topk, k_aux=cfg.topk_aux,
+        sparsity_penalty=cfg.sparsity_penalty, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+        matryoshka_prefixes=prefixes,
+    )
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(saepipe.__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_info(params: Params, data: ActivationData, cache_path: Path) -> dict[str, Any]:
+    """What an exported SAE records about where it came from: model, hook, scale, data and code versions."""
+    attrs = data.attrs
+    return {
+        "run_name": params.train.run_name,
+        "model_name": attrs["model_name"],
+        "hook_layer": int(attrs["hook_layer"]),
+        "hook_name": attrs["hook_name"],
+        "hook_spec": attrs["hook_spec"],
+        "d_in": data.d_in,
+        "activation_scale": data.scale,
+        "normalize_activations": params.train.normalize_activations,
+        "dtype": "float32",
+        "prepend_bos": bool(attrs["prepend_bos"]),
+        "context_size": int(attrs["max_text_length"]),
+        "train_config": dataclasses.asdict(params.train),
+        "data": {
+            "activation_cache": str(cache_path),
+            "activation_cache_sha256": sha256_file(cache_path),
+            "train_rows": int(data.train.shape[0]),
+            "validation_rows": int(data.validation.shape[0]),
+            "outliers_left_out": data.dropped_outliers,
+            "cache_attrs": {k: _plain(attrs[k]) for k in CACHE_ATTRS if k in attrs},
+        },
+        "code": {"saepipe": saepipe.__version__, "git_commit": git_commit(), "torch": torch.__version__},
+    }
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def end_to_end_loss(params: Params, data: ActivationData, device: torch.device) -> EndToEndLoss:
+    """The model in the loop: splice reconstructions at the cache's hook and score the rest of the run."""
+    cfg = params.train
+    attrs = data.attrs
+    tokens = read_token_cache(params.tokenize.output)
+    if tokens.attrs["tokenizer_fingerprint"] != attrs["tokenizer_fingerprint"]:
+        raise UserError(f"{params.tokenize.output} does not match the activation cache's tokenizer; "
+                        "rerun `saepipe tokenize` and `saepipe activations`")
+    model = load_hooked_model(params.base_model.output_dir, device=device, dtype=attrs["forward_dtype"])
+    hook = HookSpec(int(attrs["hook_layer"]), attrs["hook_name"])
+    if model.cfg.d_model != data.d_in:
+        raise UserError(f"model in {params.base_model.output_dir} has d_model {model.cfg.d_model}, but the "
+                        f"activation cache has {data.d_in}; rerun `saepipe activations`")
+    bos_id = int(attrs["bos_token_id"]) if attrs["prepend_bos"] else None
+    return make_end_to_end_loss(
+        model, hook, tokens, n_windows=cfg.end_to_end_windows,
+        window=int(attrs["max_text_length"]) - int(bos_id is not None), logit_kl=cfg.use_logit_kl,
+        block_mse=cfg.use_block_mse, logit_kl_weight=cfg.logit_kl_weight, block_mse_weight=cfg.block_mse_weight,
+        seed=cfg.seed, bos_id=bos_id,
+    )
+
+
+def run(params: Params) -> None:
+    cfg = params.train
+    device = resolve_device(cfg.device, "train.device")
+    cache_path = Path(params.activations.output_dir) / "activations.h5"
+    data = load_activation_data(cache_path, include_outliers=cfg.include_outliers,
+                                max_train_rows=cfg.max_train_rows, normalize=cfg.normalize_activations)
+    torch.manual_seed(cfg.seed)
+    sae = build_sae(sae_config(params, data.d_in))
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    info = run_info(params, data, cache_path)
+    print(f"train: {cfg.sae_type} SAE {data.d_in} -> {sae.d_sae} on {info['hook_spec']}, "
+          f"{data.train.shape[0]:,} train / {data.validation.shape[0]:,} validation rows "
+          f"({sum(data.dropped_outliers.values())} outliers left out), scale {data.scale:.4g}, {device}")
+    e2e = end_to_end_loss(params, data, device) if cfg.use_end_to_end else None
+    with Tracker(cfg, run_dir, info) as tracker:
+        result = Trainer(sae, data, cfg, run_dir, info, device, logger=tracker, end_to_end=e2e).fit()
+        if cfg.wandb and cfg.wandb_log_final_artifact:
+            with tempfile.TemporaryDirectory() as tmp:  # the same export `saepipe export` writes
+                final = Path(tmp) / cfg.run_name
+                export_sae(load_checkpoint(run_dir / BEST), final)
+                tracker.log_final_artifact(final)
+    final = result.history[-1]
+    best = result.history[result.best_epoch - 1]
+    print(f"train: {cfg.run_name}: best epoch {result.best_epoch} (val fvu {best.get('val_fvu', float('nan')):.4f}, "
+          f"val l0 {best.get('val_l0', float('nan')):.1f}); final dead {final['dead_feature_percentage']:.1f}% "
+          f"-> {run_dir} [{result.seconds:.0f} s]")

@@ -1,0 +1,92 @@
+"""Checkpoints, laid out as the predecessor did: directories that end in `.pt`.
+
+    <output_dir>/<run_name>/
+        checkpoint_epoch<N>.pt/     every `checkpoint_freq` epochs and the last one
+        best_model.pt/              the epoch with the lowest validation loss
+        history.json                per-epoch metrics so far
+
+Each checkpoint directory holds:
+    sae.safetensors        the module's parameters and buffers (training space: normalised inputs)
+    sae_config.json        SAEConfig, enough to rebuild the module
+    state.json             epoch, step, tokens seen, best validation loss, run info (model, hook, scale,
+                           data and code versions), the numpy RNG state
+    optimizer.pt           optimizer and scheduler state dicts, torch RNG state, dead-latent counters:
+                           plain tensors and numbers, loadable with torch.load(weights_only=True)
+    history.json           metrics up to that epoch
+No pickle anywhere: a checkpoint from someone else cannot run code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saepipe.errors import UserError
+from saepipe.sae import SAEConfig, SparseAutoencoder, build_sae
+from saepipe.storage import atomic_dir
+
+BEST = "best_model.pt"
+EPOCH_RE = re.compile(r"^checkpoint_epoch(\d+)\.pt$")
+
+
+@dataclass
+class Checkpoint:
+    sae: SparseAutoencoder
+    state: dict[str, Any]
+    history: list[dict[str, float]]
+    tensors: dict[str, Any]  # optimizer/scheduler state, RNG, dead-latent counters
+    path: Path
+
+
+def epoch_dir(run_dir: Path, epoch: int) -> Path:
+    return run_dir / f"checkpoint_epoch{epoch}.pt"
+
+
+def save_checkpoint(path: Path, sae: SparseAutoencoder, state: dict[str, Any], history: list[dict[str, float]],
+                    tensors: dict[str, Any]) -> None:
+    """Write a checkpoint directory atomically (temporary name, then rename)."""
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, tmp / "sae.safetensors")
+        (tmp / "sae_config.json").write_text(json.dumps(sae.cfg.to_dict(), indent=2) + "\n")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        torch.save(tensors, tmp / "optimizer.pt")
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    path = Path(path)
+    needed = ("sae.safetensors", "sae_config.json", "state.json", "history.json", "optimizer.pt")
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing:
+        raise UserError(f"{path} is not a complete checkpoint (missing {', '.join(missing)})")
+    cfg = SAEConfig.from_dict(json.loads((path / "sae_config.json").read_text()))
+    sae = build_sae(cfg)
+    sae.load_state_dict(load_file(path / "sae.safetensors", device=str(map_location)))
+    return Checkpoint(
+        sae=sae,
+        state=json.loads((path / "state.json").read_text()),
+        history=json.loads((path / "history.json").read_text()),
+        tensors=torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True),
+        path=path,
+    )
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The highest-epoch `checkpoint_epoch<N>.pt` that is complete, if any."""
+    if not run_dir.is_dir():
+        return None
+    epochs = sorted(
+        (int(m.group(1)), p) for p in run_dir.iterdir() if (m := EPOCH_RE.match(p.name)) and p.is_dir()
+    )
+    for _, path in reversed(epochs):
+        if (path / "state.json").is_file():
+            return path
+    return None

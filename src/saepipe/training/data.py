@@ -1,0 +1,93 @@
+"""Training data from the activation cache: rows in memory at their storage dtype, batches in float32.
+
+Keeping the rows at their storage dtype (float16 by default) holds memory at the size of the cache;
+each batch is converted to float32 and scaled to the normalised space on the fly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saepipe.activations.cache import ActivationCache, from_storage
+
+TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ActivationData:
+    train: Tensor  # [rows, d_in], storage dtype
+    validation: Tensor
+    scale: float  # multiply raw activations by this to train (1.0 when not normalising)
+    attrs: dict[str, Any]  # the cache's attributes: model, hook, tokenizer, windows ...
+    dropped_outliers: dict[str, int]
+
+    @property
+    def d_in(self) -> int:
+        return int(self.train.shape[1])
+
+
+def _load_split(cache: ActivationCache, split: str, include_outliers: bool, max_rows: int | None
+                ) -> tuple[Tensor, int]:
+    stored = cache.file[split]["activations"]
+    outlier = cache.column(split, "outlier")
+    keep = np.ones(stored.shape[0], bool) if include_outliers else ~outlier
+    if max_rows is not None:
+        keep[np.flatnonzero(keep)[max_rows:]] = False
+    rows = np.flatnonzero(keep)
+    chunks = []
+    for start in range(0, len(rows), 65536):
+        index = rows[start : start + 65536]
+        block = stored[int(index[0]) : int(index[-1]) + 1][index - index[0]] if len(index) else stored[0:0]
+        chunks.append(from_storage(block, cache.storage_dtype).to(TORCH_STORAGE[cache.storage_dtype]))
+    data = torch.cat(chunks) if chunks else torch.zeros(0, cache.d_model)
+    return data, 0 if include_outliers else int(outlier.sum())
+
+
+def load_activation_data(path: str | Path, *, include_outliers: bool, max_train_rows: int | None,
+                         normalize: bool) -> ActivationData:
+    """Both splits of the cache; outliers left out unless asked for, the scale from non-outlier rows."""
+    with ActivationCache(path) as cache:
+        train, dropped_train = _load_split(cache, "train", include_outliers, max_train_rows)
+        validation, dropped_val = _load_split(cache, "validation", include_outliers, None)
+        mean_norm = float(cache.split_attrs("train")["mean_norm"])
+        attrs = dict(cache.attrs)
+    scale = math.sqrt(train.shape[1]) / mean_norm if normalize and mean_norm > 0 else 1.0
+    return ActivationData(train, validation, scale, attrs, {"train": dropped_train, "validation": dropped_val})
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> Tensor:
+    """The shuffle of one epoch depends only on (seed, epoch), so a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_rows, generator=generator)
+
+
+def iter_batches(rows: Tensor, order: Tensor | None, batch_size: int, scale: float, device: torch.device
+                 ) -> Iterator[Tensor]:
+    """float32 batches of `rows` (in `order` when given), scaled into the training space."""
+    n = rows.shape[0]
+    for start in range(0, n, batch_size):
+        index = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
+        yield rows[index].to(device=device, dtype=torch.float32, non_blocking=True) * scale
+
+
+def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to `points` (robust to outliers)."""
+    points = points.double()
+    median = points.mean(0)
+    for _ in range(iterations):
+        distance = torch.linalg.vector_norm(points - median, dim=1).clamp_min(1e-8)
+        weights = 1.0 / distance
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if torch.linalg.vector_norm(new - median) <= tol * torch.linalg.vector_norm(median).clamp_min(1e-12):
+            median = new
+            break
+        median = new
+    return median.float()

@@ -1,0 +1,261 @@
+"""The SAE training loop: activations in, a trained SAE and its checkpoints out.
+
+It knows the SAE only through the base class (forward -> SAEOutput, auxk_loss, the decoder-norm
+constraint, after_step), so every architecture trains the same way, and it knows no language model:
+end-to-end losses arrive as a callable that returns an extra loss term.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from saepipe.config import TrainConfig
+from saepipe.sae import SAEOutput, SparseAutoencoder
+from saepipe.sae.kernels import SparseCodes
+from saepipe.storage import write_json
+from saepipe.training.checkpoints import (
+    BEST,
+    EPOCH_RE,
+    epoch_dir,
+    load_checkpoint,
+    newest_checkpoint,
+    save_checkpoint,
+)
+from saepipe.training.data import ActivationData, epoch_order, geometric_median, iter_batches
+from saepipe.training.metrics import EpochMetrics, lr_factor, warmup_factor
+
+DEFAULT_DEAD_WINDOW = 10_000_000
+B_DEC_SAMPLE_ROWS = 32_768
+
+# (sae, activation scale, step) -> (loss term to add, figures to log)
+EndToEndLoss = Callable[[SparseAutoencoder, float, int], tuple[Tensor, dict[str, float]]]
+
+
+class EpochLogger(Protocol):
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    run_dir: Path
+    seconds: float
+
+
+class DeadLatents:
+    """A latent is dead when it has not fired in the last `window` training tokens."""
+
+    def __init__(self, d_sae: int, window: int, device: torch.device):
+        self.window = window
+        self.last_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+
+    def update(self, cols: Tensor, tokens_seen: int) -> None:
+        self.last_fired[cols] = tokens_seen
+
+    def mask(self, tokens_seen: int) -> Tensor:
+        return (tokens_seen - self.last_fired) >= self.window
+
+
+class Trainer:
+    def __init__(self, sae: SparseAutoencoder, data: ActivationData, cfg: TrainConfig, run_dir: Path,
+                 run_info: dict[str, Any], device: torch.device, logger: EpochLogger | None = None,
+                 end_to_end: EndToEndLoss | None = None, progress: bool = True):
+        self.sae = sae.to(device)
+        self.data = data
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_info = run_info
+        self.device = device
+        self.logger = logger
+        self.end_to_end = end_to_end
+        self.progress = progress
+        self.steps_per_epoch = math.ceil(data.train.shape[0] / cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.num_epochs
+        window = cfg.dead_window_tokens or min(DEFAULT_DEAD_WINDOW, data.train.shape[0])
+        self.dead = DeadLatents(sae.d_sae, window, device)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                          **({"fused": True} if device.type in ("cpu", "cuda") else {}))
+        self.step = 0
+        self.tokens_seen = 0
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.best_val_loss = math.inf
+        self.best_epoch = 0
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def initialise(self) -> None:
+        """Decoder bias at the data's geometric median (or mean); encoder = decoder transpose (base init)."""
+        if self.cfg.b_dec_init == "zeros":
+            return
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        n = self.data.train.shape[0]
+        sample = torch.randperm(n, generator=generator)[:B_DEC_SAMPLE_ROWS]
+        rows = self.data.train[sample].float() * self.data.scale
+        centre = geometric_median(rows) if self.cfg.b_dec_init == "geometric_median" else rows.mean(0)
+        with torch.no_grad():
+            self.sae.b_dec.copy_(centre.to(self.device))
+
+    def resume_or_start(self) -> None:
+        latest = newest_checkpoint(self.run_dir) if self.cfg.resume else None
+        if latest is None:
+            self._clear_run_dir()
+            self.initialise()
+            return
+        checkpoint = load_checkpoint(latest, map_location=self.device)
+        self.sae.load_state_dict(checkpoint.sae.state_dict())
+        self.optimizer.load_state_dict(checkpoint.tensors["optimizer"])
+        self.dead.last_fired.copy_(checkpoint.tensors["last_fired"])
+        torch.set_rng_state(checkpoint.tensors["torch_rng"])
+        state = checkpoint.state
+        self.epoch, self.step, self.tokens_seen = state["epoch"], state["step"], state["tokens_seen"]
+        self.best_val_loss, self.best_epoch = state["best_val_loss"], state["best_epoch"]
+        self.history = checkpoint.history
+        print(f"train: resuming {self.run_dir.name} from {latest.name} (epoch {self.epoch}, step {self.step})")
+
+    def _clear_run_dir(self) -> None:
+        if not self.run_dir.is_dir():
+            return
+        for path in self.run_dir.iterdir():
+            if EPOCH_RE.match(path.name) or path.name == BEST:
+                shutil.rmtree(path)
+            elif path.name == "history.json":
+                path.unlink()
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def train_step(self, x: Tensor, metrics: EpochMetrics) -> None:
+        cfg = self.cfg
+        lr = cfg.lr * lr_factor(self.step, self.total_steps, cfg.lr_warmup_steps, cfg.lr_decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        out = self.sae(x)
+        penalty = cfg.sparsity_penalty * warmup_factor(self.step, cfg.sparsity_warmup_steps)
+        loss = out.recon_loss + penalty * out.sparsity_loss
+        dead = self.dead.mask(self.tokens_seen)
+        aux = self.sae.auxk_loss(x, out, dead) if cfg.topk_aux > 0 and cfg.aux_coefficient > 0 else None
+        total = loss + cfg.aux_coefficient * aux if aux is not None else loss
+        extra: dict[str, float] = {}
+        if self.end_to_end is not None:
+            e2e_loss, extra = self.end_to_end(self.sae, self.data.scale, self.step)
+            total = total + e2e_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.sae.remove_parallel_grads_()
+        self.optimizer.step()
+        self.sae.normalize_decoder_()
+        self.sae.after_step(out)
+        self.tokens_seen += x.shape[0]
+        self.dead.update(out.codes.cols, self.tokens_seen)
+        self.step += 1
+        metrics.add(x, out.x_hat, out.codes.nnz, {
+            "loss": total.item(),
+            "recon_loss": out.recon_loss.item(),
+            "l1_loss": out.sparsity_loss.item(),
+            "weighted_l1_loss": penalty * out.sparsity_loss.item(),
+            "aux_loss": aux.item() if aux is not None else 0.0,
+            **extra,
+        })
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation through the inference path: what an exported SAE does, token by token."""
+        rows = self.data.validation
+        if rows.shape[0] == 0:
+            return {}
+        self.sae.eval()
+        metrics = EpochMetrics(self.sae.d_sae)
+        dead = self.dead.mask(self.tokens_seen)
+        for x in iter_batches(rows, None, self.cfg.batch_size, self.data.scale, self.device):
+            pre = self.sae.pre_activations(x)
+            features = self.sae.inference_features(pre)
+            x_hat = self.sae.decode(features)
+            recon = torch.nn.functional.mse_loss(x_hat, x)
+            r, c = features.nonzero(as_tuple=True)
+            sparsity = self.sae.sparsity_loss(SparseCodes(r, c, features[r, c], x.shape[0], self.sae.d_sae), pre)
+            codes = SparseCodes(r, c, features[r, c], x.shape[0], self.sae.d_sae)
+            aux = self.sae.auxk_loss(x, SAEOutput(x_hat, codes, pre, recon, sparsity), dead)
+            loss = recon + self.cfg.sparsity_penalty * sparsity + self.cfg.aux_coefficient * aux
+            metrics.add(x, x_hat, int(r.numel()), {"loss": loss.item(), "recon_loss": recon.item(),
+                                                    "l1_loss": sparsity.item(), "aux_loss": aux.item(),
+                                                    "weighted_l1_loss": self.cfg.sparsity_penalty * sparsity.item()})
+        self.sae.train()
+        return metrics.summary("val_")
+
+    def fit(self) -> TrainResult:
+        started = time.perf_counter()
+        torch.manual_seed(self.cfg.seed)
+        self.resume_or_start()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.sae.train()
+        for epoch in range(self.epoch + 1, self.cfg.num_epochs + 1):
+            epoch_started = time.perf_counter()
+            metrics = EpochMetrics(self.sae.d_sae)
+            order = epoch_order(self.data.train.shape[0], self.cfg.seed, epoch)
+            batches = iter_batches(self.data.train, order, self.cfg.batch_size, self.data.scale, self.device)
+            with tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.cfg.num_epochs}",
+                      unit="step", disable=not self.progress) as bar:
+                for x in bar:
+                    self.train_step(x, metrics)
+                    if self.step % self.cfg.log_freq == 0:
+                        last = metrics.summary()
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", l0=f"{last['l0']:.1f}",
+                                        fvu=f"{last['fvu']:.3f}")
+            dead = self.dead.mask(self.tokens_seen)
+            record = {"epoch": epoch, **metrics.summary(), "dead_features": int(dead.sum()),
+                      "dead_feature_percentage": 100.0 * float(dead.float().mean())}
+            record.update(self.validate())
+            if "val_loss" in record:
+                record["val_dead_features"] = record["dead_features"]
+                record["val_dead_feature_percentage"] = record["dead_feature_percentage"]
+            record["lr"] = self.optimizer.param_groups[0]["lr"]
+            record["seconds"] = time.perf_counter() - epoch_started
+            record["activations_per_second"] = metrics.rows / record["seconds"]
+            self.history.append(record)
+            self.epoch = epoch
+            self._checkpoint(record)
+            if self.logger is not None:
+                self.logger.log_epoch(epoch, record)
+            print(self._epoch_line(record))
+        return TrainResult(self.history, self.best_epoch, self.run_dir, time.perf_counter() - started)
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def _checkpoint(self, record: dict[str, float]) -> None:
+        val_loss = record.get("val_loss", record["loss"])
+        is_best = val_loss < self.best_val_loss
+        if is_best:
+            self.best_val_loss, self.best_epoch = val_loss, self.epoch
+        state = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val_loss,
+            "best_epoch": self.best_epoch,
+            "run": self.run_info,
+        }
+        tensors = {"optimizer": self.optimizer.state_dict(), "last_fired": self.dead.last_fired.cpu(),
+                   "torch_rng": torch.get_rng_state()}
+        last = self.epoch == self.cfg.num_epochs
+        if last or self.epoch % self.cfg.checkpoint_freq == 0:
+            save_checkpoint(epoch_dir(self.run_dir, self.epoch), self.sae, state, self.history, tensors)
+        if is_best:
+            save_checkpoint(self.run_dir / BEST, self.sae, state, self.history, tensors)
+        write_json(self.run_dir / "history.json", self.history)
+
+    @staticmethod
+    def _epoch_line(r: dict[str, float]) -> str:
+        val = (f" | val loss {r['val_loss']:.4f}, fvu {r['val_fvu']:.3f}, l0 {r['val_l0']:.1f}"
+               if "val_loss" in r else "")
+        return (f"epoch {int(r['epoch'])}: loss {r['loss']:.4f}, fvu {r['fvu']:.3f}, l0 {r['l0']:.1f}, "
+                f"dead {int(r['dead_features'])} ({r['dead_feature_percentage']:.1f}%){val} "
+                f"[{r['seconds']:.0f} s, {r['activations_per_second']:,.0f} act/s]")
+

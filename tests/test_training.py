@@ -1,0 +1,152 @@
+"""The trainer: it learns known sparse structure, counts dead latents, and resumes exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+
+import pytest
+import torch
+
+from saepipe.sae import SAEConfig, build_sae
+from saepipe.training.checkpoints import load_checkpoint, newest_checkpoint
+from saepipe.training.data import ActivationData, epoch_order, geometric_median
+from saepipe.training.metrics import EpochMetrics, lr_factor
+from saepipe.training.trainer import Trainer
+
+
+def synthetic(n: int, d: int = 32, m: int = 48, active: int = 3, seed: int = 0):
+    """Rows that are non-negative combinations of `active` of `m` unit directions, plus a common offset.
+
+    The directions depend only on (d, m); `seed` draws the rows.
+    """
+    directions = torch.randn(m, d, generator=torch.Generator().manual_seed(1234))
+    directions /= directions.norm(dim=1, keepdim=True)
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.zeros(n, m)
+    which = torch.stack([torch.randperm(m, generator=g)[:active] for _ in range(n)])
+    codes.scatter_(1, which, torch.rand(n, active, generator=g) * 2 + 0.5)
+    return codes @ directions + 0.3, directions
+
+
+def make_data(rows: torch.Tensor, val_rows: torch.Tensor) -> ActivationData:
+    return ActivationData(train=rows, validation=val_rows, scale=1.0,
+                          attrs={"model_name": "synthetic", "hook_spec": "blocks.0.hook_resid_post"},
+                          dropped_outliers={"train": 0, "validation": 0})
+
+
+def train_config(repo_params, **changes):
+    return dataclasses.replace(repo_params.train, **{"num_epochs": 3, "batch_size": 256, "lr": 3e-3,
+                                                      "lr_warmup_steps": 5, "topk": 3, "topk_aux": 16,
+                                                      "log_freq": 5, "device": "cpu", **changes})
+
+
+def test_learns_known_sparse_dictionary(repo_params, tmp_path) -> None:
+    rows, directions = synthetic(6144)
+    val, _ = synthetic(512, seed=1)
+    cfg = train_config(repo_params, num_epochs=12)
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(sae_type="batch_topk", d_in=32, d_sae=96, k=3, k_aux=16))
+    result = Trainer(sae, make_data(rows, val), cfg, tmp_path / "run", {}, torch.device("cpu"),
+                     progress=False).fit()
+    losses = [r["loss"] for r in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.history[-1]["val_fvu"] < 0.2
+    decoder = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    best_cos = (directions @ decoder.t()).max(dim=1).values
+    assert (best_cos > 0.9).float().mean() >= 0.95, best_cos.sort().values[:5]
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(repo_params, tmp_path) -> None:
+    rows, _ = synthetic(2048)
+    val, _ = synthetic(256, seed=1)
+    cfg = train_config(repo_params, num_epochs=3, checkpoint_freq=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_sae(SAEConfig(sae_type="batch_topk", d_in=32, d_sae=64, k=3, k_aux=16))
+
+    full = fresh()
+    Trainer(full, make_data(rows, val), cfg, tmp_path / "full", {}, torch.device("cpu"), progress=False).fit()
+
+    class Kill:
+        def log_epoch(self, epoch, metrics):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(fresh(), make_data(rows, val), cfg, tmp_path / "killed", {}, torch.device("cpu"),
+                logger=Kill(), progress=False).fit()
+    assert newest_checkpoint(tmp_path / "killed").name == "checkpoint_epoch1.pt"
+    resumed = build_sae(SAEConfig(sae_type="batch_topk", d_in=32, d_sae=64, k=3, k_aux=16))  # other init
+    result = Trainer(resumed, make_data(rows, val), dataclasses.replace(cfg, resume=True), tmp_path / "killed", {},
+                     torch.device("cpu"), progress=False).fit()
+    assert [int(r["epoch"]) for r in result.history] == [1, 2, 3]
+    for name, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_checkpoint_layout_and_safe_loading(repo_params, tmp_path) -> None:
+    rows, _ = synthetic(1024)
+    cfg = train_config(repo_params, num_epochs=2, checkpoint_freq=5)
+    sae = build_sae(SAEConfig(sae_type="topk", d_in=32, d_sae=64, k=3, k_aux=16))
+    run = tmp_path / "run"
+    Trainer(sae, make_data(rows, rows[:128]), cfg, run, {"hook_spec": "x"}, torch.device("cpu"), progress=False).fit()
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["best_model.pt", "checkpoint_epoch2.pt", "history.json"]  # freq 5: only the last epoch
+    checkpoint = load_checkpoint(run / "checkpoint_epoch2.pt")
+    assert checkpoint.state["epoch"] == 2 and checkpoint.state["run"] == {"hook_spec": "x"}
+    assert set(checkpoint.tensors) == {"optimizer", "last_fired", "torch_rng"}
+    torch.load(run / "best_model.pt" / "optimizer.pt", weights_only=True)
+    history = json.loads((run / "history.json").read_text())
+    expected = {"loss", "recon_loss", "l1_loss", "sparsity", "recon_contribution", "l1_contribution", "aux_loss",
+                "dead_features", "dead_feature_percentage", "l0", "fvu", "explained_variance", "cos_sim"}
+    assert expected <= set(history[-1])
+    assert {f"val_{name}" for name in expected} <= set(history[-1])
+
+
+def test_dead_latents_counted_over_the_token_window(repo_params, tmp_path) -> None:
+    rows, _ = synthetic(1024)
+    sae = build_sae(SAEConfig(sae_type="topk", d_in=32, d_sae=64, k=3, k_aux=0))
+    with torch.no_grad():
+        sae.b_enc[:10] = -1e4  # these ten can never win a top-k slot
+    cfg = train_config(repo_params, num_epochs=1, topk_aux=0, dead_window_tokens=512, lr=1e-6)
+    result = Trainer(sae, make_data(rows, rows[:64]), cfg, tmp_path / "run", {}, torch.device("cpu"),
+                     progress=False).fit()
+    assert result.history[-1]["dead_features"] >= 10
+    cfg = train_config(repo_params, num_epochs=1, topk_aux=0, dead_window_tokens=10**9, lr=1e-6)
+    result = Trainer(sae, make_data(rows, rows[:64]), cfg, tmp_path / "run2", {}, torch.device("cpu"),
+                     progress=False).fit()
+    assert result.history[-1]["dead_features"] == 0  # the window has not passed yet
+
+
+def test_epoch_metrics_fvu_is_global_not_per_batch() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g) * torch.linspace(0.1, 3, 8) + 5
+    x_hat = x + 0.3 * torch.randn(300, 8, generator=g)
+    metrics = EpochMetrics(d_sae=16)
+    for start in range(0, 300, 64):
+        batch = slice(start, start + 64)
+        metrics.add(x[batch], x_hat[batch], nnz=2 * len(x[batch]), terms={"loss": 1.0})
+    fvu = ((x - x_hat).double().pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum()).item()
+    summary = metrics.summary()
+    assert summary["fvu"] == pytest.approx(fvu, rel=1e-9)
+    assert summary["explained_variance"] == pytest.approx(1 - fvu, rel=1e-9)
+    assert summary["l0"] == pytest.approx(2.0)
+    assert summary["sparsity"] == pytest.approx(2.0 / 16)
+
+
+def test_lr_schedule_and_shuffle() -> None:
+    factors = [lr_factor(s, 100, 10, 0.2) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[50] == 1.0
+    assert factors[80] == pytest.approx(1.0) and factors[99] == pytest.approx(0.05)
+    assert all(a >= b for a, b in itertools.pairwise(factors[80:]))
+    assert torch.equal(epoch_order(100, 0, 1), epoch_order(100, 0, 1))
+    assert not torch.equal(epoch_order(100, 0, 1), epoch_order(100, 0, 2))
+
+
+def test_geometric_median_resists_outliers() -> None:
+    points = torch.cat([torch.randn(200, 4) * 0.1, torch.full((20, 4), 100.0)])
+    assert geometric_median(points).abs().max() < 0.5
+    assert points.mean(0).abs().max() > 5
