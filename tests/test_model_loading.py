@@ -85,3 +85,24 @@ def test_tokenizer_fingerprint_tracks_vocabulary(tiny_model_dir, tmp_path) -> No
     assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(load_tokenizer(tiny_model_dir))
     tokenizer.add_tokens(["<new_token>"])
     assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(load_tokenizer(tiny_model_dir))
+
+
+def test_hub_names_load_offline_from_the_local_cache(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """A named hub model already in the Hugging Face cache loads with the network off."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--saepipe-test--tiny-llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    bridge = load_hooked_model("saepipe-test/tiny-llama", device=torch.device("cpu"))
+    local = load_hooked_model(tiny_model_dir, device=torch.device("cpu"))
+    tokens = torch.randint(3, 500, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(bridge(tokens), local(tokens), atol=1e-6)

@@ -399,6 +399,11 @@ def coerce(value: Any, annotation: Any, field: str) -> Any:
             raise field_error(field, value, "an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise field_error(field, value, "a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise field_error(field, value, "a number")
         return float(value)

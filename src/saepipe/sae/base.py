@@ -205,11 +205,26 @@ class SparseAutoencoder(nn.Module):
         self.b_dec /= scale
         self.W_dec /= scale
 
+    def inference_threshold(self) -> Tensor | None:
+        """Per-latent thresholds [d_sae] of architectures that encode with one (exported as `threshold`)."""
+        return None
+
+    def set_inference_threshold(self, threshold: Tensor) -> None:
+        raise ValueError(f"{self.arch} SAEs have no threshold")
+
     def export_tensors(self) -> dict[str, Tensor]:
-        """Weights in SAELens's names and shapes; architectures with a threshold add it."""
-        return {name: getattr(self, name).detach().clone() for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+        """Weights in SAELens's names and shapes, plus `threshold` where the architecture has one."""
+        tensors = {name: getattr(self, name).detach().clone() for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+        threshold = self.inference_threshold()
+        if threshold is not None:
+            tensors["threshold"] = threshold.detach().clone()
+        return tensors
 
     def load_export_tensors(self, tensors: dict[str, Tensor]) -> None:
+        tensors = dict(tensors)
+        threshold = tensors.pop("threshold", None)
         with torch.no_grad():
             for name, value in tensors.items():
                 getattr(self, name).copy_(value)
+            if threshold is not None:
+                self.set_inference_threshold(threshold)

@@ -42,16 +42,9 @@ class BatchTopKSAE(SparseAutoencoder):
         rate = max(1.0 / int(self.threshold_steps), self.cfg.threshold_momentum)
         self.threshold.lerp_(positive.min(), rate)
 
-    def export_tensors(self) -> dict[str, Tensor]:
-        tensors = super().export_tensors()
-        tensors["threshold"] = self.threshold.expand(self.d_sae).clone()
-        return tensors
+    def inference_threshold(self) -> Tensor:
+        return self.threshold.expand(self.d_sae)
 
-    def load_export_tensors(self, tensors: dict[str, Tensor]) -> None:
-        tensors = dict(tensors)
-        threshold = tensors.pop("threshold", None)
-        super().load_export_tensors(tensors)
-        if threshold is not None:
-            with torch.no_grad():
-                self.threshold.copy_(threshold.reshape(-1)[0])
-                self.threshold_steps.fill_(1)
+    def set_inference_threshold(self, threshold: Tensor) -> None:
+        self.threshold.copy_(threshold.reshape(-1)[0])
+        self.threshold_steps.fill_(1)

@@ -92,17 +92,10 @@ class JumpReLUSAE(SparseAutoencoder):
         """L0: mean over tokens of the number of latents above threshold (trains θ only)."""
         return StepFunction.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth).sum() / pre.shape[0]
 
-    def export_tensors(self) -> dict[str, Tensor]:
-        tensors = super().export_tensors()
-        tensors["threshold"] = self.threshold.detach().clone()
-        return tensors
+    def inference_threshold(self) -> Tensor:
+        return self.threshold
 
-    def load_export_tensors(self, tensors: dict[str, Tensor]) -> None:
-        tensors = dict(tensors)
-        threshold = tensors.pop("threshold", None)
-        super().load_export_tensors(tensors)
-        if threshold is not None:
-            if bool((threshold < 0).any()):
-                raise ValueError("JumpReLU thresholds must be nonnegative")
-            with torch.no_grad():
-                self.log_threshold.copy_(threshold.reshape(-1).log())
+    def set_inference_threshold(self, threshold: Tensor) -> None:
+        if bool((threshold < 0).any()):
+            raise ValueError("JumpReLU thresholds must be nonnegative")
+        self.log_threshold.copy_(threshold.reshape(-1).log())

@@ -1,0 +1,154 @@
+"""Training throughput of a BatchTopK SAE against the encoder-matmul floor.
+
+Full training steps of saepipe's trainer (forward, loss with AuxK, backward, Adam, decoder renorm, the
+epoch's metric bookkeeping) for d_in 576, expansion 8, k 32, batch 4096, fp32, 2 threads.
+
+The floor: every step must at least run the encoder's dense product, 2 * d_in * d_sae FLOPs per
+activation, at the rate torch's dense matmul reaches on this machine (measured here, same process).
+Everything else can be sparse. ratio = measured activations/s ÷ floor activations/s; goal >= 0.5.
+
+An earlier JSON line times the same step written the straightforward dense way (dense top-k mask,
+dense decoder, autograd everywhere) and the speed-up over it. 5% of latents are held dead so that
+AuxK does real work in every step. Uses the default activation cache when present, else Gaussian rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from saepipe.config import load_params  # noqa: E402
+from saepipe.sae import SAEConfig, build_sae  # noqa: E402
+from saepipe.training.data import ActivationData, load_activation_data  # noqa: E402
+from saepipe.training.metrics import EpochMetrics  # noqa: E402
+from saepipe.training.trainer import Trainer  # noqa: E402
+
+D_IN, EXPANSION, K, BATCH, K_AUX, DEAD_FRACTION = 576, 8, 32, 4096, 256, 0.05
+
+
+def activations(rows: int) -> tuple[torch.Tensor, str]:
+    cache = REPO / "data" / "activations" / "activations.h5"
+    if cache.is_file():
+        data = load_activation_data(cache, include_outliers=False, max_train_rows=rows, normalize=True)
+        if data.d_in == D_IN and data.train.shape[0] >= BATCH:
+            return data.train.float() * data.scale, f"{cache.relative_to(REPO)} (normalised)"
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(rows, D_IN, generator=generator) + torch.randn(D_IN, generator=generator), "gaussian"
+
+
+def matmul_rate(x: torch.Tensor, weight: torch.Tensor, repeats: int) -> float:
+    """FLOP/s of the encoder's product [batch, d_in] @ [d_in, d_sae] (median of repeats)."""
+    x @ weight
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        x @ weight
+        times.append(time.perf_counter() - started)
+    return 2 * x.shape[0] * weight.shape[0] * weight.shape[1] / statistics.median(times)
+
+
+def dense_step(sae, optimizer, x: torch.Tensor, dead: torch.Tensor) -> None:
+    """The textbook step: dense pre-activations with autograd, a dense top-k mask, a dense decoder."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    flat = pre.reshape(-1)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.topk(flat, K * x.shape[0], sorted=False).indices] = True
+    features = F.relu(pre) * mask.reshape(pre.shape)
+    x_hat = features @ sae.W_dec + sae.b_dec
+    loss = F.mse_loss(x_hat, x)
+    residual = (x - x_hat).detach()
+    dead_pre = pre[:, dead]
+    aux_values, aux_index = torch.topk(dead_pre, min(K_AUX, dead_pre.shape[1]), dim=1)
+    aux_features = torch.zeros_like(dead_pre).scatter(1, aux_index, F.relu(aux_values))
+    residual_hat = aux_features @ sae.W_dec[dead]
+    aux = (residual_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+    optimizer.zero_grad(set_to_none=True)
+    (loss + aux / 32).backward()
+    sae.remove_parallel_grads_()
+    optimizer.step()
+    sae.normalize_decoder_()
+
+
+def time_steps(step, batches: list[torch.Tensor], warmup: int) -> float:
+    """Median seconds per step over the timed batches, after `warmup` untimed ones."""
+    times = []
+    for i, x in enumerate(batches):
+        started = time.perf_counter()
+        step(x)
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows, source = activations(BATCH * 4)
+    d_sae = D_IN * EXPANSION
+    batches = [rows[torch.randint(0, rows.shape[0], (BATCH,))] for _ in range(args.steps + 2)]
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae)[: int(DEAD_FRACTION * d_sae)]] = True
+
+    cfg = dataclasses.replace(load_params(REPO / "params.yaml").train, batch_size=BATCH, topk=K, topk_aux=K_AUX,
+                              sae_type="batch_topk", device="cpu", lr_warmup_steps=0)
+    sae_cfg = SAEConfig(sae_type="batch_topk", d_in=D_IN, d_sae=d_sae, k=K, k_aux=K_AUX)
+    data = ActivationData(rows, rows[:BATCH], 1.0, {}, {"train": 0, "validation": 0})
+    trainer = Trainer(build_sae(sae_cfg), data, cfg, Path(tempfile.mkdtemp()), {}, torch.device("cpu"), progress=False)
+    trainer.initialise()
+    metrics = EpochMetrics(d_sae)
+
+    def sparse(x: torch.Tensor) -> None:
+        trainer.dead.last_fired[dead] = trainer.tokens_seen - 10 * trainer.dead.window  # hold 5% dead
+        trainer.train_step(x, metrics)
+
+    reference = build_sae(sae_cfg)
+    reference.load_state_dict(trainer.sae.state_dict())
+    reference_optimizer = torch.optim.Adam(reference.parameters(), lr=cfg.lr, fused=True)
+
+    rate = matmul_rate(batches[0], trainer.sae.W_enc.detach(), repeats=10)
+    floor = rate / (2 * D_IN * d_sae)
+    dense_seconds = time_steps(lambda x: dense_step(reference, reference_optimizer, x, dead), batches, warmup=2)
+    sparse_seconds = time_steps(sparse, batches, warmup=2)
+    rate_after = matmul_rate(batches[0], trainer.sae.W_enc.detach(), repeats=10)
+    floor = max(floor, rate_after / (2 * D_IN * d_sae))  # the faster of two readings: a strict floor
+    value = BATCH / sparse_seconds
+    dense_value = BATCH / dense_seconds
+    common = {"d_in": D_IN, "d_sae": d_sae, "k": K, "batch": BATCH, "k_aux": K_AUX,
+              "dead_fraction": DEAD_FRACTION, "threads": args.threads, "data": source, "steps": args.steps}
+    print(json.dumps({"benchmark": "train_step_dense_reference", "value": round(dense_value, 1),
+                      "unit": "activations/s", "floor": round(floor, 1),
+                      "ratio_to_floor": round(dense_value / floor, 4), **common}))
+    print(json.dumps({
+        "benchmark": "train_throughput_batch_topk",
+        "value": round(value, 1),
+        "unit": "activations/s",
+        "baseline": "encoder matmul floor: torch dense matmul rate / (2 * d_in * d_sae) FLOPs per activation",
+        "baseline_value": round(floor, 1),
+        "ratio": round(value / floor, 4),
+        "goal": ">= 0.5",
+        "matmul_gflops": round(max(rate, rate_after) / 1e9, 1),
+        "speedup_over_dense": round(value / dense_value, 2),
+        "dense_value": round(dense_value, 1),
+        **common,
+    }))
+
+
+if __name__ == "__main__":
+    main()

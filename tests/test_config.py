@@ -1,0 +1,119 @@
+"""params.yaml loading and the CLI: every bad value is exit code 2 and one line naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+import yaml
+from conftest import REPO
+
+from saepipe.cli import STAGES, build_parser, main
+from saepipe.config import SECTIONS, field_docs, load_params
+from saepipe.errors import UserError
+
+
+def write(tmp_path, mutate) -> str:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+def test_repo_params_are_valid_and_complete() -> None:
+    params = load_params(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(raw) == set(SECTIONS)
+    for name, cls in SECTIONS.items():
+        assert set(raw[name]) == {f.name for f in dataclasses.fields(cls)}
+        assert dataclasses.asdict(getattr(params, name)) == {
+            k: (float(v) if isinstance(v, int) and typing.get_type_hints(cls)[k] is float else v)
+            for k, v in raw[name].items()
+        }
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p["tokenize"].update(val_fractoin=0.2), "unknown key tokenize.val_fractoin"),
+        (lambda p: p["tokenize"].pop("seed"), "tokenize.seed is missing"),
+        (lambda p: p["tokenize"].update(seed="zero"), "tokenize.seed='zero': expected an integer"),
+        (lambda p: p["tokenize"].update(seed=True), "tokenize.seed=True: expected an integer"),
+        (lambda p: p["tokenize"].update(val_fraction=0.0), "tokenize.val_fraction=0.0: expected a number strictly"),
+        (lambda p: p["tokenize"].update(val_fraction=1.5), "tokenize.val_fraction=1.5"),
+        (lambda p: p["activations"].update(middle_layer_strategy="middle"),
+         "activations.middle_layer_strategy='middle': expected one of lower, upper"),
+        (lambda p: p["activations"].update(prepend_bos="yes"), "activations.prepend_bos='yes': expected true or false"),
+        (lambda p: p["activations"].update(device="tpu"), "activations.device='tpu': expected auto, cpu, cuda"),
+        (lambda p: p["process"].update(subjects="physics"), "process.subjects='physics': expected a list of str"),
+        (lambda p: p["base_model"].update(source="ftp"), "base_model.source='ftp': expected one of gguf, hub, local"),
+        (lambda p: p["train"].update(sae_type="gated"), "train.sae_type='gated': expected one of batch_topk"),
+        (lambda p: p["train"].update(use_end_to_end=True, use_logit_kl=False, use_block_mse=False),
+         "train.use_end_to_end=True: expected false, or at least one of"),
+        (lambda p: p["train"].update(adam_betas=[0.9]), "train.adam_betas=[0.9]: expected two numbers"),
+        (lambda p: p["train"].update(matryoshka_prefix_fractions=[0.5, 0.25]),
+         "train.matryoshka_prefix_fractions=[0.5, 0.25]: expected increasing"),
+        (lambda p: p["export"].update(hf_repo_id="no-slash"), "export.hf_repo_id='no-slash'"),
+        (lambda p: p.pop("train"), "section 'train' is missing"),
+    ],
+)
+def test_invalid_params_name_the_field(tmp_path, capsys, mutate, message) -> None:
+    path = write(tmp_path, mutate)
+    with pytest.raises(UserError) as info:
+        load_params(path)
+    assert message in str(info.value)
+    assert main(["tokenize", "--params", path]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_and_malformed_params_files(tmp_path) -> None:
+    with pytest.raises(UserError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("process: [unclosed\n")
+    with pytest.raises(UserError, match=r"not valid YAML at line \d"):
+        load_params(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="expected a mapping of sections"):
+        load_params(tmp_path / "list.yaml")
+
+
+def test_flags_override_one_value_with_the_same_checks() -> None:
+    from saepipe.cli import overrides_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["activations", "--hook-layer", "12", "--context-overlap", "null", "--no-prepend-bos",
+                              "--max-tokens", "1000", "--device", "cpu"])
+    assert overrides_from_args(args) == {"activations": {"hook_layer": 12, "context_overlap": None,
+                                                         "prepend_bos": False, "max_tokens": 1000, "device": "cpu"}}
+    args = parser.parse_args(["process", "--subjects", "physics", "biology", "--data-path", "x.json"])
+    assert overrides_from_args(args) == {"process": {"subjects": ["physics", "biology"], "data_path": "x.json"}}
+    args = parser.parse_args(["train", "--lr", "1e-3", "--wandb-tags", "a", "b", "--sae-type", "topk"])
+    assert overrides_from_args(args) == {"train": {"lr": 1e-3, "wandb_tags": ["a", "b"], "sae_type": "topk"}}
+    params = load_params(REPO / "params.yaml", overrides_from_args(args))
+    assert params.train.lr == 1e-3 and params.train.sae_type == "topk"
+    args = parser.parse_args(["activations", "--hook-layer", "twelve"])
+    with pytest.raises(UserError, match="activations.hook_layer='twelve': expected an integer"):
+        overrides_from_args(args)
+
+
+def test_every_option_has_help(capsys) -> None:
+    for stage, (_, section) in STAGES.items():
+        docs = field_docs(SECTIONS[section])
+        with pytest.raises(SystemExit):
+            main([stage, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for field in dataclasses.fields(SECTIONS[section]):
+            assert docs.get(field.name), f"{section}.{field.name} has no docstring"
+            assert "--" + field.name.replace("_", "-") in text
+            assert " ".join(docs[field.name].split()[:4]) in text
+
+
+def test_unknown_flag_is_one_line_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["tokenize", "--val-fractoin", "0.2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --val-fractoin" in err and err.count("\n") == 1
