@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	python benchmarks/activations.py
+	python benchmarks/evaluate.py
 
 clean-venv:
 	rm -rf $(VENV)

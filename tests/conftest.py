@@ -93,9 +93,11 @@ def tiny_documents(n: int = 12) -> list[str]:
 
 
 @pytest.fixture
-def tiny_params(tmp_path, tiny_model_dir, repo_params):
-    """Params for running tokenize/activations in tmp_path on the tiny model, texts already processed."""
+def tiny_params(tmp_path, tiny_model_dir, repo_params, monkeypatch):
+    """Params for running stages in tmp_path (also the working directory) on the tiny model, texts processed."""
     import json
+
+    monkeypatch.chdir(tmp_path)  # stages that write relative paths (dvclive/) stay out of the repo
 
     processed = tmp_path / "processed"
     processed.mkdir()

@@ -7,8 +7,8 @@ import typing
 
 import pytest
 import yaml
-from conftest import REPO
 
+from conftest import REPO
 from saepipe.cli import STAGES, build_parser, main
 from saepipe.config import SECTIONS, field_docs, load_params
 from saepipe.errors import UserError
@@ -95,7 +95,7 @@ def test_flags_override_one_value_with_the_same_checks() -> None:
     params = load_params(REPO / "params.yaml", overrides_from_args(args))
     assert params.train.lr == 1e-3 and params.train.sae_type == "topk"
     args = parser.parse_args(["activations", "--hook-layer", "twelve"])
-    with pytest.raises(UserError, match="activations.hook_layer='twelve': expected an integer"):
+    with pytest.raises(UserError, match=r"activations\.hook_layer='twelve': expected an integer"):
         overrides_from_args(args)
 
 

@@ -68,6 +68,7 @@ def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     params["activations"].update(max_text_length=32, device="cpu", hook_layer=1)
     params["train"].update(sae_expansion=2, topk=4, topk_aux=8, batch_size=64, num_epochs=2, lr_warmup_steps=2,
                            device="cpu")
+    params["evaluate"].update(ablation_max_tokens=128, batch_size=256, device="cpu")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)
@@ -80,7 +81,7 @@ def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
 
 def test_repro_is_incremental_and_outputs_are_documented(project: Path) -> None:
     first = run(["dvc", "repro"], project)
-    assert ran_stages(first) == ["process", "base-model", "tokenize", "activations", "train", "export"]
+    assert ran_stages(first) == ["process", "base-model", "tokenize", "activations", "train", "export", "evaluate"]
 
     texts = yaml.safe_load((project / "data/processed/texts.json").read_text())
     assert len(texts) == 9  # 3 chapters x (intro + 2 non-empty sections)
@@ -111,15 +112,19 @@ def test_repro_is_incremental_and_outputs_are_documented(project: Path) -> None:
     assert ran_stages(third) == ["activations"]  # nothing upstream of it reruns
     with h5py.File(project / "data/activations/activations.h5") as f:
         assert f.attrs["outlier_factor"] == 5.0
-    assert ran_stages(run(["dvc", "repro"], project)) == ["train", "export"]  # its new output flows down
+    assert ran_stages(run(["dvc", "repro"], project)) == ["train", "export", "evaluate"]  # its output flows down
 
     set_param(project, "train", "topk", 3)
-    assert ran_stages(run(["dvc", "repro"], project)) == ["train", "export"]
+    assert ran_stages(run(["dvc", "repro"], project)) == ["train", "export", "evaluate"]
     exported = json.loads((project / "models/sae/default/config.json").read_text())
     assert exported["d_in"] == 64 and exported["d_sae"] == 128
     assert exported["hook_spec"] == "blocks.1.hook_resid_post"
     metrics = json.loads((project / "dvclive/metrics.json").read_text())
     assert {"val_fvu", "val_l0", "dead_feature_percentage"} <= set(metrics)
+    quick = json.loads((project / "analysis/default/quick/metrics.json").read_text())
+    assert quick["evaluated"]["hook_spec"] == "blocks.1.hook_resid_post" and 0 < quick["ablation"]["tokens"] <= 128
+    assert (project / "analysis/default/quick/feature_density.npy").is_file()
+    assert "density_histogram.json" in run(["dvc", "plots", "show", "--json"], project)
 
     # experiments: vary a hyperparameter without editing params.yaml, then compare
     run(["git", "add", "-A"], project)
@@ -127,6 +132,8 @@ def test_repro_is_incremental_and_outputs_are_documented(project: Path) -> None:
     run(["dvc", "exp", "run", "-S", "train.topk=2", "--name", "k2"], project)
     shown = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], project)))
     assert "k2" in shown and "val_fvu" in shown and '"topk": 2' in shown
+    for figure in ("fvu", "l0_mean", "dead_feature_percentage", "ce_loss_recovered", "kl_sae"):
+        assert f'"{figure}"' in shown, figure
 
 
 def set_param(project: Path, section: str, key: str, value) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import with_section
 
+from conftest import with_section
 from saepipe.activations.cache import ActivationCache
 from saepipe.cli import main
 from saepipe.errors import UserError
@@ -43,7 +43,7 @@ def test_train_then_export_gives_an_sae_that_fits_the_model(cached, capsys) -> N
 
     bridge = load_hooked_model(cached.base_model.output_dir, device=torch.device("cpu"))
     check_compatible(sae, d_model=bridge.cfg.d_model, hook_spec="blocks.0.hook_resid_post")
-    with pytest.raises(UserError, match="blocks.0.hook_resid_post"):
+    with pytest.raises(UserError, match=r"blocks\.0\.hook_resid_post"):
         check_compatible(sae, hook_spec="blocks.1.hook_resid_post")
     with pytest.raises(UserError, match="d_model"):
         check_compatible(sae, d_model=32)

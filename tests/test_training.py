@@ -150,3 +150,26 @@ def test_geometric_median_resists_outliers() -> None:
     points = torch.cat([torch.randn(200, 4) * 0.1, torch.full((20, 4), 100.0)])
     assert geometric_median(points).abs().max() < 0.5
     assert points.mean(0).abs().max() > 5
+
+
+@pytest.mark.parametrize("n_dead", [5, 40])  # fewer and more dead latents than k_aux
+def test_auxk_term_matches_autograd(n_dead: int) -> None:
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(sae_type="batch_topk", d_in=16, d_sae=64, k=4, k_aux=12))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.1)
+    x = torch.randn(50, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64)[:n_dead]] = True
+    out = sae(x)
+    reference = sae.auxk_loss(x, out, dead)
+    grads = torch.autograd.grad(0.25 * reference, [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
+    term = sae.auxk_term(x, out, dead)
+    assert float(term.loss) == pytest.approx(float(reference), rel=1e-5)
+    for param in sae.parameters():
+        param.grad = None
+    term.add_grads_(0.25)
+    for param, expected in zip([sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec], grads, strict=True):
+        assert torch.allclose(param.grad, expected, atol=1e-6, rtol=1e-4)
+    assert sae.auxk_term(x, out, torch.zeros(64, dtype=torch.bool)) is None

@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import importlib
 import os
+import signal
 import sys
+import threading
 import typing
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("saepipe.stages.export", "export"),
     "upload": ("saepipe.stages.upload", "export"),
     "train": ("saepipe.stages.train", "train"),
+    "evaluate": ("saepipe.stages.evaluate", "evaluate"),
 }
 
 
@@ -102,9 +105,16 @@ def overrides_from_args(args: argparse.Namespace) -> Overrides:
     return {section: {k: _parse_flag_value(v, hints[k], f"{section}.{k}") for k, v in given.items()}}
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """Turn a kill into an exception, so that temporary outputs are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         params = load_params(args.params, overrides_from_args(args))
         module = importlib.import_module(STAGES[args.stage][0])

@@ -201,7 +201,7 @@ class TrainConfig:
     dead_window_tokens: int | None
     """A latent is dead if it has not fired in this many training tokens; null: min(10M, one epoch)."""
     max_train_rows: int | None
-    """Train on at most this many cached rows (the first ones); null: all."""
+    """Train on at most this many cached rows, a seeded random subset; null: all."""
     seed: int
     """Seed of initialisation and of each epoch's shuffle."""
     checkpoint_freq: int
@@ -300,6 +300,41 @@ class ExportConfig:
             raise field_error("export.hf_repo_id", self.hf_repo_id, "'user/name' or null")
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """An exported SAE -> the quick analysis: sparsity, dead features, reconstruction, and what splicing it in costs."""
+
+    sae_path: str | None
+    """The exported SAE to evaluate; null: this run's export, <export.output_dir>/<train.run_name>."""
+    split: Literal["validation", "train"]
+    """The split of the activation and token caches to evaluate on."""
+    max_tokens: int | None
+    """Sparsity and reconstruction on at most this many cached rows of the split (the first ones); null: all."""
+    ablation_max_tokens: int | None
+    """Next-token predictions scored with the SAE spliced into the model (whole windows, in document order);
+    0 skips the ablation pass (and the model); null: the whole split."""
+    include_outliers: bool
+    """Count the cache's massive-activation outlier rows in the main figures (FVU with them is reported either way)."""
+    batch_size: int
+    """Activation rows per SAE batch (the ablation pass batches windows as the activations stage did)."""
+    device: str
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+    output_dir: str
+    """Results go to <output_dir>/<the SAE's folder name>/quick/."""
+
+    def validate(self) -> None:
+        if self.sae_path is not None and not self.sae_path.strip():
+            raise field_error("evaluate.sae_path", self.sae_path, "an exported SAE directory or null")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise field_error("evaluate.max_tokens", self.max_tokens, "an integer >= 1 or null")
+        if self.ablation_max_tokens is not None and self.ablation_max_tokens < 0:
+            raise field_error("evaluate.ablation_max_tokens", self.ablation_max_tokens,
+                              "an integer >= 0 (0 skips the ablation pass) or null")
+        if self.batch_size < 1:
+            raise field_error("evaluate.batch_size", self.batch_size, "an integer >= 1")
+        _check_device("evaluate.device", self.device)
+
+
 def _check_device(field: str, device: str) -> None:
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise field_error(field, device, "auto, cpu, cuda or cuda:N")
@@ -312,6 +347,7 @@ SECTIONS: dict[str, type] = {
     "activations": ActivationsConfig,
     "train": TrainConfig,
     "export": ExportConfig,
+    "evaluate": EvaluateConfig,
 }
 
 
@@ -325,6 +361,7 @@ class Params:
     activations: ActivationsConfig
     train: TrainConfig
     export: ExportConfig
+    evaluate: EvaluateConfig
 
 
 Overrides = dict[str, dict[str, Any]]

@@ -14,6 +14,7 @@ from its input: pre = (x - b_dec) @ W_enc + b_enc, x_hat = f @ W_dec + b_dec.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -63,6 +64,14 @@ class SAEOutput:
     pre: Tensor  # dense pre-activations, detached (AuxK picks dead latents from them)
     recon_loss: Tensor
     sparsity_loss: Tensor  # unweighted; the architecture's own penalty (0 for the top-k family)
+
+
+@dataclass
+class AuxKTerm:
+    """The AuxK loss of a step (no graph) and the function that adds its weighted gradients."""
+
+    loss: Tensor
+    add_grads_: Callable[[float], None]
 
 
 REGISTRY: dict[str, type[SparseAutoencoder]] = {}
@@ -184,6 +193,45 @@ class SparseAutoencoder(nn.Module):
         residual_hat = F.relu(pre) @ self.W_dec[dead_ids]
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return (residual_hat - residual).pow(2).sum() / variance * min(1.0, n_dead / self.cfg.k_aux)
+
+    @torch.no_grad()
+    def auxk_term(self, x: Tensor, out: SAEOutput, dead: Tensor) -> AuxKTerm | None:
+        """`auxk_loss` for the training loop: the same loss and gradients, without autograd.
+
+        Autograd would hand back full-size gradients of W_enc and W_dec, zeros outside the dead
+        latents, to be added to the main ones; here the few dead rows and columns are added in place
+        (`add_grads_`, after the main backward), which saves two dense passes per step.
+        """
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.cfg.k_aux == 0:
+            return None
+        dead_ids = dead.nonzero().squeeze(1)
+        x_c = x - self.b_dec
+        pre = torch.addmm(self.b_enc[dead_ids], x_c, self.W_enc[:, dead_ids])
+        active = pre > 0
+        if n_dead > self.cfg.k_aux:
+            keep = torch.topk(out.pre[:, dead_ids], self.cfg.k_aux, dim=1, sorted=False).indices
+            active &= torch.zeros_like(active).scatter_(1, keep, True)
+        features = pre * active
+        residual = x - out.x_hat.detach()
+        diff = features @ self.W_dec[dead_ids] - residual
+        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        scale = min(1.0, n_dead / self.cfg.k_aux)
+        loss = diff.pow(2).sum() / variance * scale
+
+        def add_grads_(weight: float) -> None:
+            for param in (self.W_enc, self.W_dec, self.b_enc, self.b_dec):
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            grad_out = diff * (2.0 * weight * scale / float(variance))
+            self.W_dec.grad.index_add_(0, dead_ids, features.t() @ grad_out)
+            grad_pre = (grad_out @ self.W_dec[dead_ids].t()) * active
+            self.W_enc.grad.index_add_(1, dead_ids, x_c.t() @ grad_pre)
+            column_sums = grad_pre.sum(0)
+            self.b_enc.grad.index_add_(0, dead_ids, column_sums)
+            self.b_dec.grad -= self.W_enc[:, dead_ids] @ column_sums
+
+        return AuxKTerm(loss, add_grads_)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

@@ -166,25 +166,21 @@ def batch_top_k(pre: Tensor, k_total: int, hint: float | None = None) -> SparseC
 
     A full top-k over rows x latents values costs as much as the encoder matmul, so it is found among
     candidates above a threshold: `hint` (a threshold believed a little below the k_total-th value, e.g.
-    the running estimate from earlier steps) or a quantile of a strided sample. If too few entries pass,
-    the threshold is lowered until enough do; the result is the same as a full top-k.
+    the running estimate from earlier steps) or else a quantile of a strided sample. If too few entries
+    pass, the threshold is lowered until enough do; the result is the same as a full top-k.
     """
     n_rows, n_latents = pre.shape
     flat = pre.reshape(-1)
     k_total = min(k_total, flat.numel())
-    thresholds = []
-    if hint is not None and hint > 0:
-        thresholds.append(hint)
-    stride = 17 if n_latents % 17 else 19  # co-prime with the row length: every latent gets sampled
-    sample = flat[::stride]
-    want = min(sample.numel(), int(k_total / stride * 1.5) + 16)
-    thresholds.append(float(torch.topk(sample, want, sorted=False).values.min()))
-    for threshold in thresholds:
-        candidates = (flat > max(threshold, 0.0)).nonzero().squeeze(1)
-        if candidates.numel() >= k_total:
-            break
-    else:
-        candidates = (flat > 0).nonzero().squeeze(1)
+    candidates = (flat > hint).nonzero().squeeze(1) if hint is not None and hint > 0 else None
+    if candidates is None or candidates.numel() < k_total:
+        stride = 17 if n_latents % 17 else 19  # co-prime with the row length: every latent gets sampled
+        sample = flat[::stride]
+        want = min(sample.numel(), int(k_total / stride * 1.5) + 16)
+        threshold = max(float(torch.topk(sample, want, sorted=False).values.min()), 0.0)
+        candidates = (flat > threshold).nonzero().squeeze(1)
+        if candidates.numel() < k_total:
+            candidates = (flat > 0).nonzero().squeeze(1)
     values = flat[candidates]
     if candidates.numel() > k_total:
         top = torch.topk(values, k_total, sorted=False).indices

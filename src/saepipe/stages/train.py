@@ -116,7 +116,8 @@ def run(params: Params) -> None:
     device = resolve_device(cfg.device, "train.device")
     cache_path = Path(params.activations.output_dir) / "activations.h5"
     data = load_activation_data(cache_path, include_outliers=cfg.include_outliers,
-                                max_train_rows=cfg.max_train_rows, normalize=cfg.normalize_activations)
+                                max_train_rows=cfg.max_train_rows, normalize=cfg.normalize_activations,
+                                seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     sae = build_sae(sae_config(params, data.d_in))
     run_dir = Path(cfg.output_dir) / cfg.run_name

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from saepipe.activations.cache import ActivationCache, from_storage
 
+READ_BLOCK_ROWS = 65536
 TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -34,29 +35,33 @@ class ActivationData:
         return int(self.train.shape[1])
 
 
-def _load_split(cache: ActivationCache, split: str, include_outliers: bool, max_rows: int | None
+def _load_split(cache: ActivationCache, split: str, include_outliers: bool, max_rows: int | None, seed: int
                 ) -> tuple[Tensor, int]:
+    """The split's rows at storage dtype; with `max_rows`, a seeded random subset (the file is ordered by
+    window length, so its first rows would over-represent long documents and under-represent starts)."""
     stored = cache.file[split]["activations"]
     outlier = cache.column(split, "outlier")
     keep = np.ones(stored.shape[0], bool) if include_outliers else ~outlier
-    if max_rows is not None:
-        keep[np.flatnonzero(keep)[max_rows:]] = False
-    rows = np.flatnonzero(keep)
-    chunks = []
-    for start in range(0, len(rows), 65536):
-        index = rows[start : start + 65536]
-        block = stored[int(index[0]) : int(index[-1]) + 1][index - index[0]] if len(index) else stored[0:0]
-        chunks.append(from_storage(block, cache.storage_dtype).to(TORCH_STORAGE[cache.storage_dtype]))
-    data = torch.cat(chunks) if chunks else torch.zeros(0, cache.d_model)
+    if max_rows is not None and keep.sum() > max_rows:
+        chosen = np.random.default_rng(seed).choice(np.flatnonzero(keep), size=max_rows, replace=False)
+        keep = np.zeros_like(keep)
+        keep[chosen] = True
+    blocks = []
+    for start in range(0, stored.shape[0], READ_BLOCK_ROWS):
+        mask = keep[start : start + READ_BLOCK_ROWS]
+        if mask.any():
+            block = stored[start : start + len(mask)][mask]
+            blocks.append(from_storage(block, cache.storage_dtype).to(TORCH_STORAGE[cache.storage_dtype]))
+    data = torch.cat(blocks) if blocks else torch.zeros(0, cache.d_model)
     return data, 0 if include_outliers else int(outlier.sum())
 
 
 def load_activation_data(path: str | Path, *, include_outliers: bool, max_train_rows: int | None,
-                         normalize: bool) -> ActivationData:
+                         normalize: bool, seed: int = 0) -> ActivationData:
     """Both splits of the cache; outliers left out unless asked for, the scale from non-outlier rows."""
     with ActivationCache(path) as cache:
-        train, dropped_train = _load_split(cache, "train", include_outliers, max_train_rows)
-        validation, dropped_val = _load_split(cache, "validation", include_outliers, None)
+        train, dropped_train = _load_split(cache, "train", include_outliers, max_train_rows, seed)
+        validation, dropped_val = _load_split(cache, "validation", include_outliers, None, seed)
         mean_norm = float(cache.split_attrs("train")["mean_norm"])
         attrs = dict(cache.attrs)
     scale = math.sqrt(train.shape[1]) / mean_norm if normalize and mean_norm > 0 else 1.0

@@ -26,6 +26,7 @@ from torch import Tensor
 from saepipe.corpus.tokens import SPLIT_NAMES, TokenCache
 from saepipe.errors import UserError
 from saepipe.model.hooks import HookSpec
+from saepipe.model.splice import splice_hook
 from saepipe.sae import SparseAutoencoder
 
 RESID_POST = "blocks.{}.hook_resid_post"
@@ -98,12 +99,10 @@ def end_to_end_losses(
     with torch.no_grad():
         clean_logits, clean_resid = _run(model, tokens, later, stop_after, n_layers)
 
-    def splice(activation: Tensor, hook: Any) -> Tensor:
-        x = activation[:, 1:]
-        x_hat = sae(x.reshape(-1, x.shape[-1]).to(device=device, dtype=torch.float32) * scale).x_hat / scale
-        x_hat = x_hat.reshape(x.shape).to(device=activation.device, dtype=activation.dtype)
-        return torch.cat([activation[:, :1], x_hat], dim=1)
+    def reconstruct(x: Tensor) -> Tensor:
+        return sae(x.to(device=device, dtype=torch.float32) * scale).x_hat / scale
 
+    splice = splice_hook(reconstruct)
     spliced_logits, spliced_resid = _run(model, tokens, later, stop_after, n_layers, (hook.full_name, splice))
 
     metrics: dict[str, float] = {}

@@ -33,12 +33,13 @@ class EpochMetrics:
         self.active += nnz
         for name, value in terms.items():
             self.sums[name] = self.sums.get(name, 0.0) + value * n
-        x64, x_hat64 = x.double(), x_hat.detach().double()
-        self.error_sq += float((x64 - x_hat64).pow(2).sum())
-        self.x_sq += float(x64.pow(2).sum())
-        batch_sum = x64.sum(0)
+        x_hat = x_hat.detach()
+        # float64 accumulation without float64 copies of the batch (this runs every training step)
+        self.error_sq += float((x - x_hat).square().sum(dtype=torch.float64))
+        self.x_sq += float(x.square().sum(dtype=torch.float64))
+        batch_sum = x.sum(0, dtype=torch.float64)
         self.x_sum = batch_sum if self.x_sum is None else self.x_sum + batch_sum
-        self.cos_sum += float(torch.nn.functional.cosine_similarity(x64, x_hat64, dim=1).sum())
+        self.cos_sum += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=1).sum(dtype=torch.float64))
 
     def summary(self, prefix: str = "") -> dict[str, float]:
         if self.rows == 0:

@@ -142,14 +142,16 @@ class Trainer:
         penalty = cfg.sparsity_penalty * warmup_factor(self.step, cfg.sparsity_warmup_steps)
         loss = out.recon_loss + penalty * out.sparsity_loss
         dead = self.dead.mask(self.tokens_seen)
-        aux = self.sae.auxk_loss(x, out, dead) if cfg.topk_aux > 0 and cfg.aux_coefficient > 0 else None
-        total = loss + cfg.aux_coefficient * aux if aux is not None else loss
+        aux = self.sae.auxk_term(x, out, dead) if cfg.topk_aux > 0 and cfg.aux_coefficient > 0 else None
         extra: dict[str, float] = {}
         if self.end_to_end is not None:
             e2e_loss, extra = self.end_to_end(self.sae, self.data.scale, self.step)
-            total = total + e2e_loss
+            loss = loss + e2e_loss
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        loss.backward()
+        if aux is not None:
+            aux.add_grads_(cfg.aux_coefficient)
+        total = loss.detach() + cfg.aux_coefficient * aux.loss if aux is not None else loss.detach()
         self.sae.remove_parallel_grads_()
         self.optimizer.step()
         self.sae.normalize_decoder_()
@@ -162,7 +164,7 @@ class Trainer:
             "recon_loss": out.recon_loss.item(),
             "l1_loss": out.sparsity_loss.item(),
             "weighted_l1_loss": penalty * out.sparsity_loss.item(),
-            "aux_loss": aux.item() if aux is not None else 0.0,
+            "aux_loss": aux.loss.item() if aux is not None else 0.0,
             **extra,
         })
 

@@ -1,0 +1,221 @@
+"""What splicing the SAE into the model costs its next-token predictions, against zero- and mean-ablating the hook.
+
+For each window the model runs five times: clean, and with the hook's activations at positions >= 1
+replaced by (see `saepipe.model.splice`; position 0, the attention sink or BOS, is never touched)
+
+    sae              x̂ = decode(encode(x))
+    sae_with_error   x̂ + (x − x̂)     the SAE's error term added back: must reproduce the clean run
+    zero             0
+    mean             a fixed mean activation (the activation cache's per-split mean)
+
+and every scored next-token prediction gives, per variant v,
+
+    CE_v             −log p_v(next token)
+    KL_v             KL(p_clean ‖ p_v) = Σ_vocab p_clean (log p_clean − log p_v)
+
+averaged over the scored predictions. Then
+
+    ce_loss_recovered          (CE_zero − CE_sae) / (CE_zero − CE_clean)   1: as good as clean; 0: as bad as zero
+    ce_loss_recovered_vs_mean  (CE_mean − CE_sae) / (CE_mean − CE_clean)
+    ce_loss_increase           CE_sae − CE_clean
+    kl_div_score               (KL_zero − KL_sae) / KL_zero
+
+A prediction is scored when it is made at a model position >= 1: the prediction made at position 0 is the
+same in every variant (the model is causal and position 0 is untouched), so it would only dilute the
+averages. Over a corpus, windows are those of the activation cache (`saepipe.activations.windows`,
+document-aligned, overlapping by the cache's context overlap): each target token is scored once, from the
+window that gives it the most left context, exactly the tokens whose activations the cache holds.
+
+One call on a batch of unpadded windows [batch, seq]:
+
+    from saepipe.analysis.ablation import ablation_metrics
+    figures = ablation_metrics(model, "blocks.15.hook_resid_post", sae, tokens, mean=cache.mean("validation"))
+
+Over a token cache: `plan = ablation_plan(...)`, then `evaluate_ablation(model, hook, sae, token_cache, plan, ...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from saepipe.activations.extract import build_batch
+from saepipe.activations.windows import WindowPlan, batch_windows, plan_windows
+from saepipe.corpus.tokens import SPLIT_NAMES, TokenCache
+from saepipe.model.hooks import HookSpec
+from saepipe.model.splice import Replacement, splice_hook
+from saepipe.sae import SparseAutoencoder
+
+VARIANTS = ("sae", "sae_with_error", "zero", "mean")
+FORMULAS = {
+    "ce": "mean over scored predictions of -log p(next token); scored: made at model position >= 1",
+    "kl": "mean over scored predictions of KL(p_clean || p_variant), summed over the vocabulary",
+    "ce_loss_recovered": "(ce_zero - ce_sae) / (ce_zero - ce_clean)",
+    "ce_loss_recovered_vs_mean": "(ce_mean - ce_sae) / (ce_mean - ce_clean)",
+    "ce_loss_increase": "ce_sae - ce_clean",
+    "kl_div_score": "(kl_zero - kl_sae) / kl_zero",
+    "splice": "the hook's activations at positions >= 1 replaced by x_hat (sae), x_hat + (x - x_hat) "
+              "(sae_with_error), 0 (zero) or the activation cache's split mean (mean); position 0 untouched",
+}
+
+
+def replacements(sae: SparseAutoencoder, mean: Tensor | np.ndarray | None = None) -> dict[str, Replacement]:
+    """The spliced variants: name -> what replaces the hook's rows (raw activations, as the export takes)."""
+    device = sae.W_enc.device
+
+    def reconstruction(x: Tensor) -> Tensor:
+        return sae.decode(sae.encode(x.to(device=device, dtype=torch.float32)))
+
+    def with_error(x: Tensor) -> Tensor:
+        x = x.to(device=device, dtype=torch.float32)
+        x_hat = sae.decode(sae.encode(x))
+        return x_hat + (x - x_hat)
+
+    out: dict[str, Replacement] = {"sae": reconstruction, "sae_with_error": with_error, "zero": torch.zeros_like}
+    if mean is not None:
+        mean_row = torch.as_tensor(np.asarray(mean), dtype=torch.float32)
+        out["mean"] = lambda x: mean_row.to(x.device).expand(x.shape[0], -1)
+    return out
+
+
+class AblationAccumulator:
+    """Sums of CE (clean and each variant) and KL (each variant) over scored predictions, batch by batch."""
+
+    def __init__(self, variants: Iterable[str]):
+        self.variants = list(variants)
+        self.tokens = 0
+        self.ce = {name: 0.0 for name in ["clean", *self.variants]}
+        self.kl = {name: 0.0 for name in self.variants}
+
+    @torch.inference_mode()
+    def add(self, model: Any, hook: str, splices: dict[str, Replacement], tokens: Tensor,
+            sources: tuple[Tensor, Tensor]) -> None:
+        """Run `tokens` [batch, seq] clean and with each splice; score predictions at (batch index, position)."""
+        b, s = (t.to(tokens.device) for t in sources)
+        if len(b) == 0:
+            return
+        if bool((s < 1).any()) or bool((s + 1 >= tokens.shape[1]).any()):
+            raise ValueError("scored positions must be >= 1 and have a next token in the window")
+        targets = tokens[b, s + 1].unsqueeze(1)
+        log_p = F.log_softmax(model(tokens)[b, s].float(), dim=-1)
+        p = log_p.exp()  # once, not once per variant: the vocabulary-wide passes are the cost beyond the forwards
+        self.ce["clean"] += float(-log_p.gather(1, targets).sum())
+        for name in self.variants:
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, splice_hook(splices[name]))],
+                                          reset_hooks_end=True)
+            log_q = F.log_softmax(logits[b, s].float(), dim=-1)
+            del logits
+            self.ce[name] += float(-log_q.gather(1, targets).sum())
+            self.kl[name] += float((p * (log_p - log_q)).sum(-1).double().sum())
+        self.tokens += len(b)
+
+    def result(self) -> dict[str, float | int]:
+        if self.tokens == 0:
+            raise ValueError("no predictions were scored")
+        ce = {name: value / self.tokens for name, value in self.ce.items()}
+        kl = {name: value / self.tokens for name, value in self.kl.items()}
+        out: dict[str, float | int] = {"tokens": self.tokens}
+        out.update({f"ce_{name}": value for name, value in ce.items()})
+        out.update({f"kl_{name}": value for name, value in kl.items()})
+        out["ce_loss_increase"] = ce["sae"] - ce["clean"]
+        out["ce_loss_recovered"] = _ratio(ce["zero"] - ce["sae"], ce["zero"] - ce["clean"])
+        if "mean" in ce:
+            out["ce_loss_recovered_vs_mean"] = _ratio(ce["mean"] - ce["sae"], ce["mean"] - ce["clean"])
+        out["kl_div_score"] = _ratio(kl["zero"] - kl["sae"], kl["zero"])
+        return out
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator != 0 else float("nan")
+
+
+def _hook_name(hook: HookSpec | str) -> str:
+    return hook.full_name if isinstance(hook, HookSpec) else hook
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# ---- one call on a batch of windows ---------------------------------------------------------------------------
+def ablation_metrics(model: Any, hook: HookSpec | str, sae: SparseAutoencoder, tokens: Tensor,
+                     mean: Tensor | np.ndarray | None = None) -> dict[str, float | int]:
+    """Every figure above for unpadded windows [batch, seq] (seq >= 3), scoring positions 1 .. seq - 2."""
+    if tokens.ndim != 2 or tokens.shape[1] < 3:
+        raise ValueError(f"tokens must be [batch, seq] with seq >= 3, got shape {tuple(tokens.shape)}")
+    splices = replacements(sae, mean)
+    acc = AblationAccumulator(splices)
+    tokens = tokens.to(device=_model_device(model), dtype=torch.long)
+    positions = torch.arange(1, tokens.shape[1] - 1)
+    b = torch.arange(tokens.shape[0]).repeat_interleave(len(positions))
+    acc.add(model, _hook_name(hook), splices, tokens, (b, positions.repeat(tokens.shape[0])))
+    return acc.result()
+
+
+# ---- over a token cache ---------------------------------------------------------------------------------------
+def scored_per_window(plan: WindowPlan, bos: bool) -> np.ndarray:
+    """Scored predictions of each window: its cached target tokens, less one made at model position 0."""
+    first_target = np.maximum(plan.keep_from, 2 - int(bos))  # in document tokens; model position = + bos
+    return np.maximum(plan.length - first_target, 0)
+
+
+def ablation_plan(token_cache: TokenCache, split: str, *, max_text_length: int, prepend_bos: bool, overlap: int,
+                  max_tokens: int | None) -> WindowPlan:
+    """The activation cache's windows over one split's documents, cut to at most `max_tokens` scored
+    predictions (whole windows, in document order; at least one window)."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {sorted(SPLIT_NAMES)}, got {split!r}")
+    lengths = np.where(token_cache.split == SPLIT_NAMES[split], token_cache.lengths(), 0)
+    plan = plan_windows(lengths, max_text_length - int(prepend_bos), overlap, prepend_bos, max_tokens)
+    scored = scored_per_window(plan, prepend_bos)
+    keep = scored > 0  # a one-token document with BOS: cached, but its only prediction is made at position 0
+    if max_tokens is not None:
+        keep &= np.cumsum(scored) <= max(max_tokens, int(scored[keep][:1].sum()))  # at least one window
+    return WindowPlan(doc=plan.doc[keep], start=plan.start[keep], length=plan.length[keep],
+                      keep_from=plan.keep_from[keep])
+
+
+def evaluate_ablation(
+    model: Any,
+    hook: HookSpec | str,
+    sae: SparseAutoencoder,
+    token_cache: TokenCache,
+    plan: WindowPlan,
+    *,
+    bos_id: int | None,
+    token_budget: int,
+    mean: Tensor | np.ndarray | None = None,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> dict[str, float | int]:
+    """Every figure above over the planned windows, batched up to `token_budget` padded positions.
+
+    Padding sits after each window's end and is never scored (the model is causal).
+    """
+    splices = replacements(sae, mean)
+    acc = AblationAccumulator(splices)
+    name = _hook_name(hook)
+    device = _model_device(model)
+    bos = bos_id is not None
+    lengths = plan.length + int(bos)
+    total = int(scored_per_window(plan, bos).sum())
+    with tqdm(total=total, desc="ablation", unit="tok", unit_scale=True, disable=not progress) as bar:
+        for batch in batch_windows(lengths, token_budget):
+            wb = build_batch(plan, batch, token_cache, bos_id, pad_id)
+            rows, targets = wb.row_select
+            scored = targets >= 2  # the prediction of a target at model position p is made at p - 1 >= 1
+            before = acc.tokens
+            acc.add(model, name, splices, wb.tokens.to(device), (rows[scored], targets[scored] - 1))
+            bar.update(acc.tokens - before)
+    result = acc.result()
+    result["windows"] = len(plan)
+    return result

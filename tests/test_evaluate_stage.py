@@ -1,0 +1,201 @@
+"""Stage `evaluate` on the tiny model: its outputs, known answers, mismatch errors, and SAELens agreeing with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, make_tiny_model_dir, tiny_documents, with_section
+from saepipe.activations.cache import ActivationCache
+from saepipe.analysis.reconstruction import reconstruction_metrics
+from saepipe.analysis.sparsity import sparsity_metrics
+from saepipe.cli import main
+from saepipe.config import load_params
+from saepipe.sae import SAEConfig, build_sae
+from saepipe.sae.formats import load_sae
+from saepipe.stages import activations, evaluate, export, tokenize, train
+
+HOOK_SPEC = "blocks.0.hook_resid_post"
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the repo's model_name, recorded for the tiny model
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_model_dir):
+    """Token cache, activation cache, a trained and exported SAE: built once for this module."""
+    root = tmp_path_factory.mktemp("evaluate")
+    processed = root / "processed"
+    processed.mkdir()
+    (processed / "texts.json").write_text(json.dumps(tiny_documents()))
+    params = load_params(REPO / "params.yaml")
+    params = with_section(params, "process", output_dir=str(processed))
+    params = with_section(params, "base_model", output_dir=str(tiny_model_dir))
+    params = with_section(params, "tokenize", output=str(root / "tokens.h5"), val_fraction=0.25)
+    params = with_section(params, "activations", output_dir=str(root / "activations"), max_text_length=32,
+                          hook_layer=0, device="cpu")
+    params = with_section(params, "train", sae_expansion=2, topk=4, topk_aux=8, batch_size=64, num_epochs=1,
+                          lr_warmup_steps=2, device="cpu", output_dir=str(root / "checkpoints"))
+    params = with_section(params, "export", output_dir=str(root / "sae"))
+    params = with_section(params, "evaluate", output_dir=str(root / "analysis"), device="cpu", batch_size=50,
+                          ablation_max_tokens=200)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # train writes dvclive/ relative to the working directory
+        tokenize.run(params)
+        activations.run(params)
+        train.run(params)
+        export.run(params)
+    return params
+
+
+def write_export(path: Path, sae, *, model_name: str = MODEL, hook_spec: str = HOOK_SPEC) -> Path:
+    """An SAE in saepipe's export layout (weights.pt + config.json), as `saepipe export` writes it."""
+    path.mkdir(parents=True)
+    torch.save(sae.export_tensors(), path / "weights.pt")
+    _, layer, name = hook_spec.split(".", 2)
+    config = {"format": "saepipe.sae", "format_version": 1, **sae.cfg.to_dict(), "model_name": model_name,
+              "hook_layer": int(layer), "hook_name": name, "hook_spec": hook_spec}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def identity_sae(d: int = 64):
+    """x_hat == x exactly: features [relu(x), relu(-x)] decoded by [I; -I]."""
+    sae = build_sae(SAEConfig(sae_type="topk", d_in=d, d_sae=2 * d, k=2 * d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def validation_rows(params, outliers: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    with ActivationCache(Path(params.activations.output_dir) / "activations.h5") as cache:
+        flags = cache.column("validation", "outlier")
+        x = cache.read("validation")
+    return (x if outliers else x[torch.from_numpy(~flags)]), flags
+
+
+def test_evaluate_writes_the_quick_analysis(pipeline, capsys) -> None:
+    evaluate.run(pipeline)
+    out = capsys.readouterr().out
+    assert "CE loss recovered" in out and "FVU" in out and "dead" in out
+    quick = Path(pipeline.evaluate.output_dir) / "default" / "quick"
+    assert sorted(p.name for p in quick.iterdir()) == sorted(
+        ["metrics.json", "feature_density.npy", "dead_features.json", "density_histogram.json",
+         "density_histogram.png"])
+    metrics = json.loads((quick / "metrics.json").read_text())
+    assert {"evaluated", "sparsity", "reconstruction", "ablation", "formulas", "timing"} <= set(metrics)
+    assert "mean(x)" in metrics["formulas"]["fvu"] and "ce_zero" in metrics["formulas"]["ablation_ce_loss_recovered"]
+    assert metrics["evaluated"]["hook_spec"] == HOOK_SPEC and metrics["evaluated"]["split"] == "validation"
+
+    # the figures are those of the core functions on the same rows
+    sae = load_sae(Path(pipeline.export.output_dir) / "default")
+    x, flags = validation_rows(pipeline)
+    rc, sp = metrics["reconstruction"], metrics["sparsity"]
+    direct = reconstruction_metrics(sae, x)
+    assert {k: rc[k] for k in direct} == pytest.approx(direct, rel=1e-6)
+    assert rc["outlier_rows"] == int(flags.sum())
+    sparsity = sparsity_metrics(sae, x)
+    assert {k: sp[k] for k in sparsity.figures()} == pytest.approx(sparsity.figures())
+
+    density = np.load(quick / "feature_density.npy")
+    np.testing.assert_allclose(density, sparsity.density)
+    dead = json.loads((quick / "dead_features.json").read_text())
+    assert dead["ids"] == np.flatnonzero(density == 0).tolist() and dead["count"] == sp["dead_features"]
+    histogram = json.loads((quick / "density_histogram.json").read_text())
+    assert sum(r["features"] for r in histogram) == sae.d_sae - dead["count"]
+    assert {"log10_density", "features"} <= set(histogram[0])
+    assert (quick / "density_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ab = metrics["ablation"]
+    assert 0 < ab["tokens"] <= 200
+    assert ab["kl_sae_with_error"] < 1e-6 and ab["ce_sae_with_error"] == pytest.approx(ab["ce_clean"], abs=1e-5)
+    assert ab["kl_sae"] > 0 and ab["kl_zero"] > 0
+    want = (ab["ce_zero"] - ab["ce_sae"]) / (ab["ce_zero"] - ab["ce_clean"])
+    assert ab["ce_loss_recovered"] == pytest.approx(want)
+
+
+def test_identity_sae_through_the_stage(pipeline, tmp_path) -> None:
+    path = write_export(tmp_path / "identity", identity_sae())
+    params = with_section(pipeline, "evaluate", sae_path=str(path), ablation_max_tokens=None)
+    evaluate.run(params)
+    metrics = json.loads((Path(params.evaluate.output_dir) / "identity" / "quick" / "metrics.json").read_text())
+    assert metrics["reconstruction"]["fvu"] < 1e-10
+    assert metrics["sparsity"]["l0_mean"] > 0
+    ab = metrics["ablation"]
+    assert ab["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert ab["kl_sae"] < 1e-7 and ab["kl_div_score"] == pytest.approx(1.0, abs=1e-4)
+    x, _ = validation_rows(pipeline, outliers=True)
+    assert ab["tokens"] > 200  # the whole split: more than the default cap above
+    assert ab["tokens"] <= len(x)
+
+
+def test_ablation_can_be_skipped_without_a_model(pipeline, tmp_path) -> None:
+    params = with_section(pipeline, "evaluate", ablation_max_tokens=0, output_dir=str(tmp_path / "analysis"),
+                          max_tokens=40)
+    params = with_section(params, "base_model", output_dir=str(tmp_path / "no-model"))
+    evaluate.run(params)
+    metrics = json.loads((tmp_path / "analysis" / "default" / "quick" / "metrics.json").read_text())
+    assert "ablation" not in metrics
+    assert metrics["sparsity"]["tokens"] <= 40
+
+
+def params_file(params, path: Path) -> str:
+    path.write_text(yaml.safe_dump({k: dataclasses.asdict(v) for k, v in vars(params).items()}))
+    return str(path)
+
+
+def test_mismatches_exit_2_with_one_line(pipeline, tmp_path, capsys) -> None:
+    path = params_file(pipeline, tmp_path / "params.yaml")
+    cases = [
+        (write_export(tmp_path / "layer1", identity_sae(), hook_spec="blocks.1.hook_resid_post"),
+         f"was trained on blocks.1.hook_resid_post, not {HOOK_SPEC} (the activation cache"),
+        (write_export(tmp_path / "narrow", identity_sae(32)), "takes 32-dimensional activations"),
+        (write_export(tmp_path / "other", identity_sae(), model_name="other/model"),
+         f"was trained on model other/model, not {MODEL}"),
+        (tmp_path / "missing", "SAE not found"),
+    ]
+    for sae_dir, message in cases:
+        assert main(["evaluate", "--params", path, "--sae-path", str(sae_dir)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert main(["evaluate", "--params", path, "--batch-size", "0"]) == 2
+    assert "evaluate.batch_size=0: expected an integer >= 1" in capsys.readouterr().err
+
+    # the model must have the cache's hook and width, too
+    wide = tmp_path / "narrow_model"
+    make_tiny_model_dir(wide, d_model=32)
+    capsys.readouterr()  # its save progress bar
+    other = with_section(pipeline, "base_model", output_dir=str(wide))
+    assert main(["evaluate", "--params", params_file(other, tmp_path / "p2.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "d_model is 32" in err and err.count("\n") == 1
+
+
+def test_saelens_computes_the_same_l0_and_reconstruction(pipeline) -> None:
+    sae_lens = pytest.importorskip("sae_lens")
+    path = Path(pipeline.export.output_dir) / "default"
+    theirs = sae_lens.SAE.load_from_disk(str(path))
+    ours = load_sae(path)
+    x, _ = validation_rows(pipeline)
+    with torch.no_grad():
+        features = theirs.encode(x)
+        x_hat = theirs.decode(features)
+    l0 = (features > 0).sum(-1).double()
+    x64, x_hat64 = x.double(), x_hat.double()
+    fvu = float((x64 - x_hat64).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())
+    mse = float((x64 - x_hat64).pow(2).mean())
+    ours_sparsity = sparsity_metrics(ours, x)
+    ours_reconstruction = reconstruction_metrics(ours, x)
+    assert ours_sparsity.l0_mean == pytest.approx(float(l0.mean()), abs=1e-9)
+    assert ours_sparsity.l0_median == pytest.approx(float(np.median(l0.numpy())))
+    assert ours_sparsity.density == pytest.approx((features > 0).double().mean(0).numpy())
+    assert ours_reconstruction["fvu"] == pytest.approx(fvu, rel=1e-5)
+    assert ours_reconstruction["mse"] == pytest.approx(mse, rel=1e-5)
