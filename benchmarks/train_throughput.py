@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from saepipe.config import load_params  # noqa: E402
 from saepipe.sae import SAEConfig, build_sae  # noqa: E402
+from saepipe.training.allocator import keep_freed_memory  # noqa: E402
 from saepipe.training.data import ActivationData, load_activation_data  # noqa: E402
 from saepipe.training.metrics import EpochMetrics  # noqa: E402
 from saepipe.training.trainer import Trainer  # noqa: E402
@@ -99,6 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    keep_freed_memory()  # as `saepipe train` does; the floor below is measured under the same allocator
 
     rows, source = activations(BATCH * 4)
     d_sae = D_IN * EXPANSION

@@ -131,8 +131,8 @@ def test_epoch_metrics_fvu_is_global_not_per_batch() -> None:
         metrics.add(x[batch], x_hat[batch], nnz=2 * len(x[batch]), terms={"loss": 1.0})
     fvu = ((x - x_hat).double().pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum()).item()
     summary = metrics.summary()
-    assert summary["fvu"] == pytest.approx(fvu, rel=1e-9)
-    assert summary["explained_variance"] == pytest.approx(1 - fvu, rel=1e-9)
+    assert summary["fvu"] == pytest.approx(fvu, rel=1e-6)  # float32 row sums, float64 totals
+    assert summary["explained_variance"] == pytest.approx(1 - fvu, rel=1e-6)
     assert summary["l0"] == pytest.approx(2.0)
     assert summary["sparsity"] == pytest.approx(2.0 / 16)
 

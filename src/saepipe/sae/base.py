@@ -167,9 +167,10 @@ class SparseAutoencoder(nn.Module):
             pre = pre.detach()
             return SAEOutput(x_hat, codes, pre, mse(x_hat, x), self.sparsity_loss(codes, pre))
         with torch.no_grad():
-            pre = self.pre_activations(x)
+            x_centered = x - self.b_dec
+            pre = torch.addmm(self.b_enc, x_centered, self.W_enc)
         selected = self.select(pre)
-        values = encode_selected(x, self.b_dec, self.W_enc, self.b_enc, selected)
+        values = encode_selected(x_centered, self.b_dec, self.W_enc, self.b_enc, selected)
         codes = self.activate(dataclasses.replace(selected, values=values))
         x_hat, recon = self.reconstruction(x, codes)
         return SAEOutput(x_hat, codes, pre, recon, self.sparsity_loss(codes, pre))

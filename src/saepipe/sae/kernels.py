@@ -62,6 +62,13 @@ def stable_argsort(keys: Tensor) -> Tensor:
     return torch.argsort(keys, stable=True)
 
 
+def indices_above(flat: Tensor, threshold: float) -> Tensor:
+    """Positions of the entries > threshold. On the CPU numpy's single pass is ~2x faster than torch's."""
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(flat.numpy() > threshold))
+    return (flat > threshold).nonzero().squeeze(1)
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
@@ -100,21 +107,21 @@ class EncodeSelected(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pattern: Pattern,
+    def forward(ctx, x_centered: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pattern: Pattern,
                 values: Tensor) -> Tensor:
-        ctx.save_for_backward(x, b_dec, W_enc)
+        ctx.save_for_backward(x_centered, W_enc)
         ctx.pattern = pattern
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, b_dec, W_enc = ctx.saved_tensors
+        x_centered, W_enc = ctx.saved_tensors
         pattern: Pattern = ctx.pattern
         grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device)
         grad_b_enc.index_add_(0, pattern.cols, grad)
         grad_W_enc = grad_b_dec = None
         if ctx.needs_input_grad[2]:
-            grad_W_enc = (pattern.transposed(grad) @ (x - b_dec)).t()
+            grad_W_enc = (pattern.transposed(grad) @ x_centered).t()
         if ctx.needs_input_grad[1]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         return None, grad_b_dec, grad_W_enc, grad_b_enc if ctx.needs_input_grad[3] else None, None, None
@@ -143,9 +150,14 @@ class DecodeSparse(torch.autograd.Function):
         return grad_values, grad_W_dec, None
 
 
-def encode_selected(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, codes: SparseCodes) -> Tensor:
-    """The selected entries' pre-activations (codes.values), now differentiable in W_enc, b_enc, b_dec."""
-    return EncodeSelected.apply(x, b_dec, W_enc, b_enc, codes.pattern, codes.values)
+def encode_selected(x_centered: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, codes: SparseCodes
+                    ) -> Tensor:
+    """The selected entries' pre-activations (codes.values), now differentiable in W_enc, b_enc, b_dec.
+
+    `x_centered` = x - b_dec, computed once by the caller (without autograd: b_dec's gradient through
+    the encoder is formed here).
+    """
+    return EncodeSelected.apply(x_centered, b_dec, W_enc, b_enc, codes.pattern, codes.values)
 
 
 def decode_sparse(codes: SparseCodes, W_dec: Tensor) -> Tensor:
@@ -172,15 +184,15 @@ def batch_top_k(pre: Tensor, k_total: int, hint: float | None = None) -> SparseC
     n_rows, n_latents = pre.shape
     flat = pre.reshape(-1)
     k_total = min(k_total, flat.numel())
-    candidates = (flat > hint).nonzero().squeeze(1) if hint is not None and hint > 0 else None
+    candidates = indices_above(flat, hint) if hint is not None and hint > 0 else None
     if candidates is None or candidates.numel() < k_total:
         stride = 17 if n_latents % 17 else 19  # co-prime with the row length: every latent gets sampled
         sample = flat[::stride]
         want = min(sample.numel(), int(k_total / stride * 1.5) + 16)
         threshold = max(float(torch.topk(sample, want, sorted=False).values.min()), 0.0)
-        candidates = (flat > threshold).nonzero().squeeze(1)
+        candidates = indices_above(flat, threshold)
         if candidates.numel() < k_total:
-            candidates = (flat > 0).nonzero().squeeze(1)
+            candidates = indices_above(flat, 0.0)
     values = flat[candidates]
     if candidates.numel() > k_total:
         top = torch.topk(values, k_total, sorted=False).indices

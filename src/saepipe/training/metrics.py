@@ -34,12 +34,17 @@ class EpochMetrics:
         for name, value in terms.items():
             self.sums[name] = self.sums.get(name, 0.0) + value * n
         x_hat = x_hat.detach()
-        # float64 accumulation without float64 copies of the batch (this runs every training step)
-        self.error_sq += float((x - x_hat).square().sum(dtype=torch.float64))
-        self.x_sq += float(x.square().sum(dtype=torch.float64))
+        # Row reductions in float32, accumulated in float64: few passes over the batch, every step.
+        error = x - x_hat
+        x_norm_sq = torch.linalg.vecdot(x, x)
+        x_dot_x_hat = torch.linalg.vecdot(x, x_hat)
+        x_hat_norm_sq = torch.linalg.vecdot(x_hat, x_hat)
+        self.error_sq += float(torch.linalg.vecdot(error, error).sum(dtype=torch.float64))
+        self.x_sq += float(x_norm_sq.sum(dtype=torch.float64))
         batch_sum = x.sum(0, dtype=torch.float64)
         self.x_sum = batch_sum if self.x_sum is None else self.x_sum + batch_sum
-        self.cos_sum += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=1).sum(dtype=torch.float64))
+        cosine = x_dot_x_hat / (x_norm_sq * x_hat_norm_sq).sqrt().clamp_min(1e-8)
+        self.cos_sum += float(cosine.sum(dtype=torch.float64))
 
     def summary(self, prefix: str = "") -> dict[str, float]:
         if self.rows == 0:
