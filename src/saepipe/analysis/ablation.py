@@ -104,7 +104,10 @@ class AblationAccumulator:
             raise ValueError("scored positions must be >= 1 and have a next token in the window")
         targets = tokens[b, s + 1].unsqueeze(1)
         log_p = F.log_softmax(model(tokens)[b, s].float(), dim=-1)
-        p = log_p.exp()  # once, not once per variant: the vocabulary-wide passes are the cost beyond the forwards
+        # Once, not once per variant: the vocabulary-wide passes are the cost beyond the forwards.
+        # KL(p || q) = sum p log p - sum p log q, so each variant needs one fused pass over the vocabulary.
+        p = log_p.exp()
+        p_log_p = torch.linalg.vecdot(p, log_p)
         self.ce["clean"] += float(-log_p.gather(1, targets).sum())
         for name in self.variants:
             logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, splice_hook(splices[name]))],
@@ -112,7 +115,7 @@ class AblationAccumulator:
             log_q = F.log_softmax(logits[b, s].float(), dim=-1)
             del logits
             self.ce[name] += float(-log_q.gather(1, targets).sum())
-            self.kl[name] += float((p * (log_p - log_q)).sum(-1).double().sum())
+            self.kl[name] += float((p_log_p - torch.linalg.vecdot(p, log_q)).double().sum())
         self.tokens += len(b)
 
     def result(self) -> dict[str, float | int]:
