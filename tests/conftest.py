@@ -107,3 +107,19 @@ def tiny_params(tmp_path, tiny_model_dir, repo_params, monkeypatch):
     params = with_section(params, "tokenize", output=str(tmp_path / "tokens.h5"), val_fraction=0.25)
     return with_section(params, "activations", output_dir=str(tmp_path / "activations"), max_text_length=32,
                         hook_layer=0, device="cpu")
+
+
+def identity_sae(d: int = 64):
+    """An SAE with x_hat == x exactly: features [relu(x), relu(-x)] decoded by [I; -I] (ReLU needs both signs)."""
+    import torch
+
+    from saepipe.sae import SAEConfig, build_sae
+
+    sae = build_sae(SAEConfig(sae_type="topk", d_in=d, d_sae=2 * d, k=2 * d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import identity_sae
 from saepipe.analysis.ablation import (
     AblationAccumulator,
     ablation_metrics,
@@ -32,16 +33,6 @@ D = 64
 HOOK = "blocks.0.hook_resid_post"
 
 
-def identity_sae(d: int = D):
-    """x_hat == x exactly: features [relu(x), relu(-x)] decoded by [I; -I] (a ReLU SAE needs both signs)."""
-    sae = build_sae(SAEConfig(sae_type="topk", d_in=d, d_sae=2 * d, k=2 * d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae.eval()
 
 
 def zero_sae(d: int = D):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import identity_sae
 from saepipe.corpus.tokens import TokenCache
 from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model
@@ -26,16 +27,6 @@ def tokens():
     return torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def identity_sae():
-    """x_hat == x exactly: features [relu(x), relu(-x)] decoded by [I; -I] (a ReLU SAE needs both signs)."""
-    sae = build_sae(SAEConfig(sae_type="topk", d_in=64, d_sae=128, k=128))
-    eye = torch.eye(64)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
 
 
 def hook_count(model) -> int:

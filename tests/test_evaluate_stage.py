@@ -11,13 +11,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_tiny_model_dir, tiny_documents, with_section
+from conftest import REPO, identity_sae, make_tiny_model_dir, tiny_documents, with_section
 from saepipe.activations.cache import ActivationCache
 from saepipe.analysis.reconstruction import reconstruction_metrics
 from saepipe.analysis.sparsity import sparsity_metrics
 from saepipe.cli import main
 from saepipe.config import load_params
-from saepipe.sae import SAEConfig, build_sae
 from saepipe.sae.formats import load_sae
 from saepipe.stages import activations, evaluate, export, tokenize, train
 
@@ -63,16 +62,6 @@ def write_export(path: Path, sae, *, model_name: str = MODEL, hook_spec: str = H
     return path
 
 
-def identity_sae(d: int = 64):
-    """x_hat == x exactly: features [relu(x), relu(-x)] decoded by [I; -I]."""
-    sae = build_sae(SAEConfig(sae_type="topk", d_in=d, d_sae=2 * d, k=2 * d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
 
 
 def validation_rows(params, outliers: bool = False) -> tuple[torch.Tensor, np.ndarray]:
