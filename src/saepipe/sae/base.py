@@ -147,7 +147,11 @@ class SparseAutoencoder(nn.Module):
         return self.cfg.d_sae
 
     def pre_activations(self, x: Tensor) -> Tensor:
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+        return self._encode_centered(x - self.b_dec)
+
+    def _encode_centered(self, x_centered: Tensor) -> Tensor:
+        # mm then an in-place bias add: addmm first copies the broadcast bias into its [batch, d_sae] output
+        return torch.mm(x_centered, self.W_enc).add_(self.b_enc)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense feature activations [batch, d_sae] for inference (one row never affects another)."""
@@ -168,7 +172,7 @@ class SparseAutoencoder(nn.Module):
             return SAEOutput(x_hat, codes, pre, mse(x_hat, x), self.sparsity_loss(codes, pre))
         with torch.no_grad():
             x_centered = x - self.b_dec
-            pre = torch.addmm(self.b_enc, x_centered, self.W_enc)
+            pre = self._encode_centered(x_centered)
         selected = self.select(pre)
         values = encode_selected(x_centered, self.b_dec, self.W_enc, self.b_enc, selected)
         codes = self.activate(dataclasses.replace(selected, values=values))
