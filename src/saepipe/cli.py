@@ -27,10 +27,14 @@ STAGES: dict[str, tuple[str, str]] = {
     "base-model": ("saepipe.stages.base_model", "base_model"),
     "tokenize": ("saepipe.stages.tokenize", "tokenize"),
     "activations": ("saepipe.stages.activations", "activations"),
-    "export": ("saepipe.stages.export", "export"),
-    "upload": ("saepipe.stages.upload", "export"),
     "train": ("saepipe.stages.train", "train"),
+    "export": ("saepipe.stages.export", "export"),
     "evaluate": ("saepipe.stages.evaluate", "evaluate"),
+    "upload": ("saepipe.stages.upload", "export"),
+}
+# Subcommands whose purpose is not their params section's (they share it with another stage).
+SUMMARIES = {
+    "upload": "Upload models/sae/<run_name>/ with a generated model card to the Hugging Face hub (not a DVC stage).",
 }
 
 
@@ -85,7 +89,8 @@ def build_parser() -> OneLineParser:
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True, parser_class=OneLineParser)
     for name, (_, section) in STAGES.items():
         cls = SECTIONS[section]
-        stage = sub.add_parser(name, help=cls.__doc__, description=f"{cls.__doc__} Reads params section "
+        summary = SUMMARIES.get(name, cls.__doc__)
+        stage = sub.add_parser(name, help=summary, description=f"{summary} Reads params section "
                                f"'{section}'; each flag overrides one of its values for this run.")
         stage.add_argument("--params", default=DEFAULT_PARAMS, metavar="FILE",
                            help=f"the params file to read (default: {DEFAULT_PARAMS})")
