@@ -116,8 +116,8 @@ def main() -> None:
     trainer.initialise()
     metrics = EpochMetrics(d_sae)
 
-    def sparse(x: torch.Tensor) -> None:
-        trainer.dead.last_fired[dead] = trainer.tokens_seen - 10 * trainer.dead.window  # hold 5% dead
+    def sparse(x: torch.Tensor, held_dead: torch.Tensor = dead) -> None:
+        trainer.dead.last_fired[held_dead] = trainer.tokens_seen - 10 * trainer.dead.window  # hold them dead
         trainer.train_step(x, metrics)
 
     reference = build_sae(sae_cfg)
@@ -134,6 +134,13 @@ def main() -> None:
     dense_value = BATCH / dense_seconds
     common = {"d_in": D_IN, "d_sae": d_sae, "k": K, "batch": BATCH, "k_aux": K_AUX,
               "dead_fraction": DEAD_FRACTION, "threads": args.threads, "data": source, "steps": args.steps}
+    for fraction in (0.0, 0.01):  # how much of the step AuxK costs: our real runs end with 0-0.3% dead
+        fewer = torch.zeros(d_sae, dtype=torch.bool)
+        fewer[torch.randperm(d_sae)[: int(fraction * d_sae)]] = True
+        seconds = time_steps(lambda x, held=fewer: sparse(x, held), batches, warmup=2)
+        print(json.dumps({"benchmark": f"train_throughput_batch_topk_{fraction:.0%}_dead", "value":
+                          round(BATCH / seconds, 1), "unit": "activations/s",
+                          "ratio_to_floor": round(BATCH / seconds / floor, 4), **common, "dead_fraction": fraction}))
     print(json.dumps({"benchmark": "train_step_dense_reference", "value": round(dense_value, 1),
                       "unit": "activations/s", "floor": round(floor, 1),
                       "ratio_to_floor": round(dense_value / floor, 4), **common}))
