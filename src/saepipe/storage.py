@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from saepipe.errors import UserError
 
 
@@ -56,10 +58,22 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def plain(value: Any) -> Any:
+    """HDF5 attributes and numpy reductions come back as numpy scalars; JSON and callers want Python ones."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write JSON atomically, pretty-printed and newline-terminated (diff-friendly for DVC metrics)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default)
+        tmp.write_text(text + "\n", encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> Any:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from saepipe.errors import UserError
-from saepipe.storage import atomic_path, require_file
+from saepipe.storage import atomic_path, plain, require_file
 
 FORMAT = "saepipe.activations"
 FORMAT_VERSION = 1
@@ -171,7 +171,7 @@ class ActivationCache:
         if attrs.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{self.path}: activation cache version {attrs.get('format_version')}, expected "
                             f"{FORMAT_VERSION}; rerun `saepipe activations`")
-        self.attrs: dict[str, Any] = {k: v.item() if isinstance(v, np.generic) else v for k, v in attrs.items()}
+        self.attrs: dict[str, Any] = {k: plain(v) for k, v in attrs.items()}
         self.storage_dtype: str = self.attrs["storage_dtype"]
 
     def __enter__(self) -> ActivationCache:
@@ -203,7 +203,7 @@ class ActivationCache:
         return self.file[self._split(split)]["mean"][:]
 
     def split_attrs(self, split: str) -> dict[str, Any]:
-        return {k: v.item() if isinstance(v, np.generic) else v for k, v in self.file[split].attrs.items()}
+        return {k: plain(v) for k, v in self.file[split].attrs.items()}
 
     def read(self, split: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) as float32."""

@@ -49,6 +49,7 @@ from saepipe.activations.extract import build_batch
 from saepipe.activations.windows import WindowPlan, batch_windows, plan_windows
 from saepipe.corpus.tokens import SPLIT_NAMES, TokenCache
 from saepipe.model.hooks import HookSpec
+from saepipe.model.loading import model_device
 from saepipe.model.splice import Replacement, splice_hook
 from saepipe.sae import SparseAutoencoder
 
@@ -142,12 +143,6 @@ def _hook_name(hook: HookSpec | str) -> str:
     return hook.full_name if isinstance(hook, HookSpec) else hook
 
 
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
 
 # ---- one call on a batch of windows ---------------------------------------------------------------------------
 def ablation_metrics(model: Any, hook: HookSpec | str, sae: SparseAutoencoder, tokens: Tensor,
@@ -157,7 +152,7 @@ def ablation_metrics(model: Any, hook: HookSpec | str, sae: SparseAutoencoder, t
         raise ValueError(f"tokens must be [batch, seq] with seq >= 3, got shape {tuple(tokens.shape)}")
     splices = replacements(sae, mean)
     acc = AblationAccumulator(splices)
-    tokens = tokens.to(device=_model_device(model), dtype=torch.long)
+    tokens = tokens.to(device=model_device(model), dtype=torch.long)
     positions = torch.arange(1, tokens.shape[1] - 1)
     b = torch.arange(tokens.shape[0]).repeat_interleave(len(positions))
     acc.add(model, _hook_name(hook), splices, tokens, (b, positions.repeat(tokens.shape[0])))
@@ -207,7 +202,7 @@ def evaluate_ablation(
     splices = replacements(sae, mean)
     acc = AblationAccumulator(splices)
     name = _hook_name(hook)
-    device = _model_device(model)
+    device = model_device(model)
     bos = bos_id is not None
     lengths = plan.length + int(bos)
     total = int(scored_per_window(plan, bos).sum())

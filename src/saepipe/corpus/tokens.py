@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from saepipe.errors import UserError
-from saepipe.storage import atomic_path, require_file
+from saepipe.storage import atomic_path, plain, require_file
 
 FORMAT = "saepipe.tokens"
 FORMAT_VERSION = 1
@@ -90,14 +90,10 @@ def read_token_cache(path: str | Path) -> TokenCache:
                 raise UserError(f"{path}: token cache version {attrs.get('format_version')}, "
                                 f"expected {FORMAT_VERSION}; rerun `saepipe tokenize`")
             cache = TokenCache(tokens=f["tokens"][:], offsets=f["offsets"][:], split=f["split"][:],
-                               attrs={k: _plain(v) for k, v in attrs.items()})
+                               attrs={k: plain(v) for k, v in attrs.items()})
     except OSError as exc:
         raise UserError(f"{path} is not a readable HDF5 file ({exc})") from None
     if len(cache.offsets) != cache.n_documents + 1 or cache.offsets[-1] != len(cache.tokens):
         raise UserError(f"{path}: offsets do not match tokens; the file is damaged, rerun `saepipe tokenize`")
     return cache
 
-
-def _plain(value: Any) -> Any:
-    """HDF5 hands back numpy scalars; later stages want plain Python values."""
-    return value.item() if isinstance(value, np.generic) else value

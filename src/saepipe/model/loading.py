@@ -21,6 +21,14 @@ from saepipe.errors import UserError, field_error
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def model_device(model: Any) -> torch.device:
+    """Where a loaded model's weights live (inputs must go there)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 def resolve_device(device: str, field: str = "activations.device") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

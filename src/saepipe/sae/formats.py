@@ -31,7 +31,6 @@ module does at inference (threshold >= 0, so ReLU then the mask equals the mask 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from pathlib import Path
@@ -45,7 +44,7 @@ from torch import Tensor
 import saepipe
 from saepipe.errors import UserError
 from saepipe.sae import REGISTRY, SAEConfig, SparseAutoencoder, build_sae
-from saepipe.storage import atomic_dir, read_json
+from saepipe.storage import atomic_dir, read_json, write_json
 
 if TYPE_CHECKING:
     from saepipe.training.checkpoints import Checkpoint
@@ -87,16 +86,13 @@ def export_sae(checkpoint: Checkpoint, out_dir: str | Path) -> None:
     saelens_cfg, saelens_tensors = _saelens_export(sae.cfg, config, tensors)
     with atomic_dir(out_dir) as tmp:
         torch.save(tensors, tmp / WEIGHTS)
-        _write_json(tmp / CONFIG, config)
-        _write_json(tmp / HISTORY, checkpoint.history)
+        write_json(tmp / CONFIG, config)
+        write_json(tmp / HISTORY, checkpoint.history)
         save_file(saelens_tensors, tmp / SAELENS_WEIGHTS, metadata={"format": "pt"})
-        _write_json(tmp / SAELENS_CFG, saelens_cfg)
+        write_json(tmp / SAELENS_CFG, saelens_cfg)
         for file in tmp.iterdir():
             file.chmod(0o644)
 
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _full_hook(run: dict[str, Any]) -> str | None:

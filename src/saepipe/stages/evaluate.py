@@ -11,7 +11,6 @@ Writes `<evaluate.output_dir>/<SAE folder>/quick/` in one piece (a temporary dir
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model, resolve_device
 from saepipe.sae import SparseAutoencoder
 from saepipe.sae.formats import check_compatible, load_sae
-from saepipe.storage import atomic_dir
+from saepipe.storage import atomic_dir, write_json
 
 METRICS = "metrics.json"
 DENSITY = "feature_density.npy"
@@ -144,24 +143,15 @@ def write_outputs(out_dir: Path, figures: dict[str, Any], activations: Activatio
                   histogram: DensityHistogram) -> None:
     result = activations.sparsity
     with atomic_dir(out_dir) as tmp:
-        _write_json(tmp / METRICS, figures)
+        write_json(tmp / METRICS, figures)
         np.save(tmp / DENSITY, result.density)
-        _write_json(tmp / DEAD, {"count": len(result.dead_ids), "tokens": result.tokens,
+        write_json(tmp / DEAD, {"count": len(result.dead_ids), "tokens": result.tokens,
                                  "ids": result.dead_ids.tolist()})
-        _write_json(tmp / HISTOGRAM, histogram.rows())
+        write_json(tmp / HISTOGRAM, histogram.rows())
         plot_histogram(histogram, result, figures["evaluated"], tmp / HISTOGRAM_PNG)
         for file in tmp.iterdir():
             file.chmod(0o644)
 
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_plain) + "\n", encoding="utf-8")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def plot_histogram(histogram: DensityHistogram, result: sparsity.SparsityResult, evaluated: dict[str, Any],

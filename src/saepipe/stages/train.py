@@ -18,7 +18,7 @@ from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model, resolve_device
 from saepipe.sae import SAEConfig, build_sae
 from saepipe.sae.formats import export_sae
-from saepipe.storage import sha256_file
+from saepipe.storage import plain, sha256_file
 from saepipe.training.allocator import keep_freed_memory
 from saepipe.training.checkpoints import BEST, load_checkpoint
 from saepipe.training.data import ActivationData, load_activation_data
@@ -80,14 +80,10 @@ def run_info(params: Params, data: ActivationData, cache_path: Path) -> dict[str
             "train_rows": int(data.train.shape[0]),
             "validation_rows": int(data.validation.shape[0]),
             "outliers_left_out": data.dropped_outliers,
-            "cache_attrs": {k: _plain(attrs[k]) for k in CACHE_ATTRS if k in attrs},
+            "cache_attrs": {k: plain(attrs[k]) for k in CACHE_ATTRS if k in attrs},
         },
         "code": {"saepipe": saepipe.__version__, "git_commit": git_commit(), "torch": torch.__version__},
     }
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 def end_to_end_loss(params: Params, data: ActivationData, device: torch.device) -> EndToEndLoss:

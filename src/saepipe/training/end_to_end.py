@@ -26,6 +26,7 @@ from torch import Tensor
 from saepipe.corpus.tokens import SPLIT_NAMES, TokenCache
 from saepipe.errors import UserError
 from saepipe.model.hooks import HookSpec
+from saepipe.model.loading import model_device
 from saepipe.model.splice import splice_hook
 from saepipe.sae import SparseAutoencoder
 
@@ -94,7 +95,7 @@ def end_to_end_losses(
     if not logit_kl and not later:
         return EndToEndLosses(zero, zero, {"block_mse": 0.0, "total_post_layer_mse": 0.0})
     stop_after = None if logit_kl else later[-1]
-    tokens = tokens.to(device=_model_device(model), dtype=torch.long)
+    tokens = tokens.to(device=model_device(model), dtype=torch.long)
 
     with torch.no_grad():
         clean_logits, clean_resid = _run(model, tokens, later, stop_after, n_layers)
@@ -160,12 +161,6 @@ def _run(
         raise RuntimeError(f"hooks {[RESID_POST.format(m) for m in missing]} never fired")
     return (None if stop_after is not None else output), captured
 
-
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def sample_windows(
