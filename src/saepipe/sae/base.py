@@ -64,6 +64,8 @@ class SAEOutput:
     pre: Tensor  # dense pre-activations, detached (AuxK picks dead latents from them)
     recon_loss: Tensor
     sparsity_loss: Tensor  # unweighted; the architecture's own penalty (0 for the top-k family)
+    residual: Tensor | None = None  # x - x_hat, detached: AuxK and the metrics reuse it
+    x_centered: Tensor | None = None  # x - b_dec, detached
 
 
 @dataclass
@@ -88,8 +90,30 @@ def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
     return REGISTRY[cfg.sae_type](cfg)
 
 
+class _SquaredError(torch.autograd.Function):
+    """Mean squared error that also hands back its residual, so nothing recomputes x - x_hat."""
+
+    @staticmethod
+    def forward(ctx, x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        residual = x - x_hat
+        ctx.save_for_backward(residual)
+        ctx.mark_non_differentiable(residual)
+        return torch.linalg.vector_norm(residual).square() / residual.numel(), residual
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_residual: Tensor | None):
+        (residual,) = ctx.saved_tensors
+        grad_x_hat = residual * (grad_loss * (-2.0 / residual.numel()))
+        return grad_x_hat, -grad_x_hat if ctx.needs_input_grad[1] else None
+
+
+def mse_with_residual(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean squared error, x - x_hat detached)."""
+    return _SquaredError.apply(x_hat, x)
+
+
 def mse(x_hat: Tensor, x: Tensor) -> Tensor:
-    return F.mse_loss(x_hat, x)
+    return mse_with_residual(x_hat, x)[0]
 
 
 class SparseAutoencoder(nn.Module):
@@ -103,7 +127,7 @@ class SparseAutoencoder(nn.Module):
         decoder = torch.randn(cfg.d_sae, cfg.d_in)
         decoder /= decoder.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(decoder)
-        self.W_enc = nn.Parameter(decoder.t().clone())
+        self.W_enc = nn.Parameter(decoder.t().contiguous())  # row-major: fused Adam's fast path
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
@@ -128,10 +152,10 @@ class SparseAutoencoder(nn.Module):
     def sparsity_loss(self, codes: SparseCodes, pre: Tensor) -> Tensor:
         return torch.zeros((), device=pre.device)
 
-    def reconstruction(self, x: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor]:
-        """(x_hat, recon_loss) for a batch's codes. Matryoshka overrides it to sum prefix losses."""
+    def reconstruction(self, x: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_hat, recon_loss, residual) for a batch's codes. Matryoshka overrides it to sum prefix losses."""
         x_hat = decode_sparse(codes, self.W_dec) + self.b_dec
-        return x_hat, mse(x_hat, x)
+        return x_hat, *mse_with_residual(x_hat, x)
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput) -> None:
@@ -153,6 +177,10 @@ class SparseAutoencoder(nn.Module):
         # mm then an in-place bias add: addmm first copies the broadcast bias into its [batch, d_sae] output
         return torch.mm(x_centered, self.W_enc).add_(self.b_enc)
 
+    def select_biased(self, product: Tensor) -> SparseCodes:
+        """`select` on product + b_enc, the bias added into `product` in place (BatchTopK fuses the two)."""
+        return self.select(product.add_(self.b_enc))
+
     def encode(self, x: Tensor) -> Tensor:
         """Dense feature activations [batch, d_sae] for inference (one row never affects another)."""
         return self.inference_features(self.pre_activations(x))
@@ -169,15 +197,16 @@ class SparseAutoencoder(nn.Module):
             rows, cols = features.detach().nonzero(as_tuple=True)
             codes = SparseCodes(rows, cols, features[rows, cols], x.shape[0], self.d_sae)
             pre = pre.detach()
-            return SAEOutput(x_hat, codes, pre, mse(x_hat, x), self.sparsity_loss(codes, pre))
+            recon, residual = mse_with_residual(x_hat, x)
+            return SAEOutput(x_hat, codes, pre, recon, self.sparsity_loss(codes, pre), residual)
         with torch.no_grad():
             x_centered = x - self.b_dec
-            pre = self._encode_centered(x_centered)
-        selected = self.select(pre)
+            pre = torch.mm(x_centered, self.W_enc)
+            selected = self.select_biased(pre)  # pre now holds the full pre-activations
         values = encode_selected(x_centered, self.b_dec, self.W_enc, self.b_enc, selected)
         codes = self.activate(dataclasses.replace(selected, values=values))
-        x_hat, recon = self.reconstruction(x, codes)
-        return SAEOutput(x_hat, codes, pre, recon, self.sparsity_loss(codes, pre))
+        x_hat, recon, residual = self.reconstruction(x, codes)
+        return SAEOutput(x_hat, codes, pre, recon, self.sparsity_loss(codes, pre), residual, x_centered)
 
     def auxk_loss(self, x: Tensor, out: SAEOutput, dead: Tensor) -> Tensor:
         """AuxK (Gao et al. 2024): dead latents' top-k_aux reconstruct the residual error.
@@ -205,36 +234,40 @@ class SparseAutoencoder(nn.Module):
 
         Autograd would hand back full-size gradients of W_enc and W_dec, zeros outside the dead
         latents, to be added to the main ones; here the few dead rows and columns are added in place
-        (`add_grads_`, after the main backward), which saves two dense passes per step.
+        (`add_grads_`, after the main backward), which saves two dense passes per step. The dead
+        latents' pre-activations, the residual and x - b_dec all come from the forward pass.
         """
         n_dead = int(dead.sum())
         if n_dead == 0 or self.cfg.k_aux == 0:
             return None
         dead_ids = dead.nonzero().squeeze(1)
-        x_c = x - self.b_dec
-        pre = torch.addmm(self.b_enc[dead_ids], x_c, self.W_enc[:, dead_ids])
-        active = pre > 0
+        features = out.pre[:, dead_ids]  # a fresh gather: the forward's pre-activations, same parameters
+        active = features > 0
         if n_dead > self.cfg.k_aux:
-            keep = torch.topk(out.pre[:, dead_ids], self.cfg.k_aux, dim=1, sorted=False).indices
+            keep = torch.topk(features, self.cfg.k_aux, dim=1, sorted=False).indices
             active &= torch.zeros_like(active).scatter_(1, keep, True)
-        features = pre * active
-        residual = x - out.x_hat.detach()
-        diff = features @ self.W_dec[dead_ids] - residual
-        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        features.mul_(active)
+        residual = out.residual if out.residual is not None else x - out.x_hat
+        dead_rows = self.W_dec[dead_ids]
+        diff = torch.addmm(residual, features, dead_rows, beta=-1)  # reconstruction of the residual, minus it
+        # sum of squares about the per-dimension mean, ||r||^2 - n ||mean||^2: the residual's mean is small
+        mean_sq = float(residual.sum(0).square().sum()) / len(residual)
+        variance = max(float(torch.linalg.vector_norm(residual)) ** 2 - mean_sq, 1e-12)
         scale = min(1.0, n_dead / self.cfg.k_aux)
-        loss = diff.pow(2).sum() / variance * scale
+        loss = torch.linalg.vector_norm(diff).square() * (scale / variance)
 
         def add_grads_(weight: float) -> None:
             for param in (self.W_enc, self.W_dec, self.b_enc, self.b_dec):
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
-            grad_out = diff * (2.0 * weight * scale / float(variance))
-            self.W_dec.grad.index_add_(0, dead_ids, features.t() @ grad_out)
-            grad_pre = (grad_out @ self.W_dec[dead_ids].t()) * active
-            self.W_enc.grad.index_add_(1, dead_ids, x_c.t() @ grad_pre)
+            alpha = 2.0 * weight * scale / variance  # d loss / d diff = alpha * diff
+            self.W_dec.grad.index_add_(0, dead_ids, features.t() @ diff, alpha=alpha)
+            grad_pre = (diff @ dead_rows.t()).mul_(active)
+            x_centered = out.x_centered if out.x_centered is not None else x - self.b_dec
+            self.W_enc.grad.index_add_(1, dead_ids, x_centered.t() @ grad_pre, alpha=alpha)
             column_sums = grad_pre.sum(0)
-            self.b_enc.grad.index_add_(0, dead_ids, column_sums)
-            self.b_dec.grad -= self.W_enc[:, dead_ids] @ column_sums
+            self.b_enc.grad.index_add_(0, dead_ids, column_sums, alpha=alpha)
+            self.b_dec.grad.sub_(self.W_enc[:, dead_ids] @ column_sums, alpha=alpha)
 
         return AuxKTerm(loss, add_grads_)
 
@@ -248,8 +281,8 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is None:
             return
         grad, rows = self.W_dec.grad, self.W_dec
-        parallel = (grad * rows).sum(dim=1, keepdim=True) / rows.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
-        grad -= parallel * rows
+        parallel = torch.linalg.vecdot(grad, rows) / torch.linalg.vector_norm(rows, dim=1).square().clamp_min(1e-12)
+        grad.addcmul_(parallel.unsqueeze(1), rows, value=-1)
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:

@@ -8,6 +8,8 @@ JumpReLU with one shared threshold), token by token.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -25,9 +27,21 @@ class BatchTopKSAE(SparseAutoencoder):
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long))
 
     def select(self, pre: Tensor) -> SparseCodes:
-        # The running threshold is a cheap, usually valid, lower bound for the exact selection.
-        hint = 0.8 * float(self.threshold) if int(self.threshold_steps) > 0 else None
-        return batch_top_k(pre, self.cfg.k * pre.shape[0], hint=hint)
+        return self._select(pre, bias=None)
+
+    def select_biased(self, product: Tensor) -> SparseCodes:
+        return self._select(product, bias=self.b_enc)
+
+    def _select(self, pre: Tensor, bias: Tensor | None) -> SparseCodes:
+        # Just under the running threshold and the last batch's cut: a cheap lower bound for the exact
+        # selection that holds unless the cut falls >10% in a step (batch_top_k then lowers it itself).
+        hint = None
+        if int(self.threshold_steps) > 0:
+            hint = 0.9 * min(float(self.threshold), getattr(self, "_last_cut", math.inf))
+        codes = batch_top_k(pre, self.cfg.k * pre.shape[0], hint=hint, bias=bias)
+        if codes.nnz:
+            self._last_cut = float(codes.values.min())
+        return codes
 
     def inference_features(self, pre: Tensor) -> Tensor:
         return pre * (pre > self.threshold)

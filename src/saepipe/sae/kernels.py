@@ -9,11 +9,14 @@ decoder rows whose backward touches only the selected rows.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from saepipe.sae.cpu_kernels import count_above, gather_marked, keep_top, order_by_column, transposed
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -49,24 +52,8 @@ class SparseCodes:
         return SparseCodes(self.rows[keep], self.cols[keep], self.values[keep], self.n_rows, self.n_latents)
 
 
-def sort_indices(index: Tensor) -> Tensor:
-    """Ascending integer indices. On the CPU numpy's sort is ~50x faster than torch's threaded one."""
-    if index.device.type == "cpu":
-        return torch.from_numpy(np.sort(index.numpy()))
-    return torch.sort(index).values
-
-
-def stable_argsort(keys: Tensor) -> Tensor:
-    if keys.device.type == "cpu":
-        return torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
-    return torch.argsort(keys, stable=True)
-
-
-def indices_above(flat: Tensor, threshold: float) -> Tensor:
-    """Positions of the entries > threshold. On the CPU numpy's single pass is ~2x faster than torch's."""
-    if flat.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(flat.numpy() > threshold))
-    return (flat > threshold).nonzero().squeeze(1)
+def _on_cpu(t: Tensor) -> bool:
+    return t.device.type == "cpu"
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -80,9 +67,9 @@ class Pattern:
     gradients, so its sort is paid once, not once per gradient.
     """
 
-    def __init__(self, rows: Tensor, cols: Tensor, n_rows: int, n_latents: int):
+    def __init__(self, rows: Tensor, cols: Tensor, n_rows: int, n_latents: int, crow: Tensor | None = None):
         self.rows, self.cols, self.n_rows, self.n_latents = rows, cols, n_rows, n_latents
-        self.crow = torch._convert_indices_from_coo_to_csr(rows, n_rows)
+        self.crow = torch._convert_indices_from_coo_to_csr(rows, n_rows) if crow is None else crow
         self._t: tuple[Tensor, Tensor, Tensor] | None = None
 
     def rowwise(self, values: Tensor) -> Tensor:
@@ -91,9 +78,12 @@ class Pattern:
     def transposed(self, values: Tensor) -> Tensor:
         """CSR [n_latents, n_rows] holding `values` (given in row-major order)."""
         if self._t is None:
-            order = stable_argsort(self.cols)
-            self._t = (order, torch._convert_indices_from_coo_to_csr(self.cols[order], self.n_latents),
-                       self.rows[order])
+            if _on_cpu(self.cols):
+                starts, order = (torch.from_numpy(a) for a in order_by_column(self.cols.numpy(), self.n_latents))
+            else:
+                order = torch.argsort(self.cols, stable=True)
+                starts = torch._convert_indices_from_coo_to_csr(self.cols[order], self.n_latents)
+            self._t = (order, starts, self.rows[order])
         order, crow, rows = self._t
         return _csr(crow, rows, values[order], (self.n_latents, self.n_rows))
 
@@ -121,7 +111,13 @@ class EncodeSelected(torch.autograd.Function):
         grad_b_enc.index_add_(0, pattern.cols, grad)
         grad_W_enc = grad_b_dec = None
         if ctx.needs_input_grad[2]:
-            grad_W_enc = (pattern.transposed(grad) @ x_centered).t()
+            grad_W_enc = pattern.transposed(grad) @ x_centered  # latent-major: the fast sparse product
+            if not W_enc.is_contiguous():
+                grad_W_enc = grad_W_enc.t()
+            elif _on_cpu(grad_W_enc):  # the parameter's own layout, or Adam copies it on every step
+                grad_W_enc = torch.from_numpy(transposed(grad_W_enc.numpy()))
+            else:
+                grad_W_enc = grad_W_enc.t().contiguous()
         if ctx.needs_input_grad[1]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         return None, grad_b_dec, grad_W_enc, grad_b_enc if ctx.needs_input_grad[3] else None, None, None
@@ -166,46 +162,76 @@ def decode_sparse(codes: SparseCodes, W_dec: Tensor) -> Tensor:
     return DecodeSparse.apply(codes.values, W_dec, codes.pattern)
 
 
-def flat_to_codes(flat_index: Tensor, values: Tensor, n_rows: int, n_latents: int) -> SparseCodes:
-    """Codes from flat (row * n_latents + latent) indices, reordered row-major."""
-    order = stable_argsort(flat_index)
-    flat_index = flat_index[order]
-    return SparseCodes(flat_index // n_latents, flat_index % n_latents, values[order], n_rows, n_latents)
+def codes_from_csr(crow: Tensor, cols: Tensor, values: Tensor, n_latents: int) -> SparseCodes:
+    """Codes from row offsets and (row-major, latent-sorted) columns; the pattern comes with them."""
+    n_rows = crow.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n_rows, device=cols.device), crow.diff())
+    codes = SparseCodes(rows, cols, values, n_rows, n_latents)
+    object.__setattr__(codes, "_pattern", Pattern(rows, cols, n_rows, n_latents, crow=crow))
+    return codes
 
 
-def batch_top_k(pre: Tensor, k_total: int, hint: float | None = None) -> SparseCodes:
+def batch_top_k(pre: Tensor, k_total: int, hint: float | None = None, bias: Tensor | None = None) -> SparseCodes:
     """The k_total largest positive entries of `pre` over the whole batch, exactly.
 
     A full top-k over rows x latents values costs as much as the encoder matmul, so it is found among
     candidates above a threshold: `hint` (a threshold believed a little below the k_total-th value, e.g.
     the running estimate from earlier steps) or else a quantile of a strided sample. If too few entries
-    pass, the threshold is lowered until enough do; the result is the same as a full top-k.
+    pass, the threshold is lowered until enough do; the result is the same as a full top-k (ties at the
+    cut are kept in row-major order). `bias`, if given, is first added to `pre` in place (on the CPU in
+    the same pass as the first count).
     """
     n_rows, n_latents = pre.shape
+    k_total = min(k_total, pre.numel())
     flat = pre.reshape(-1)
-    k_total = min(k_total, flat.numel())
-    candidates = indices_above(flat, hint) if hint is not None and hint > 0 else None
-    if candidates is None or candidates.numel() < k_total:
-        stride = 17 if n_latents % 17 else 19  # co-prime with the row length: every latent gets sampled
-        sample = flat[::stride]
-        want = min(sample.numel(), int(k_total / stride * 1.5) + 16)
-        threshold = max(float(torch.topk(sample, want, sorted=False).values.min()), 0.0)
-        candidates = indices_above(flat, threshold)
-        if candidates.numel() < k_total:
-            candidates = indices_above(flat, 0.0)
+    cpu = _on_cpu(pre) and pre.is_contiguous() and pre.dtype in (torch.float32, torch.float64)
+    if bias is not None and not (cpu and hint is not None and hint > 0):
+        pre.add_(bias)  # the sampled thresholds below need the biased values
+        bias = None
+    for threshold in _falling_thresholds(flat, k_total, n_latents, hint):
+        if cpu:
+            counts, mask = count_above(pre.detach().numpy(), threshold,
+                                       None if bias is None else bias.detach().numpy())
+            bias = None
+            found = int(counts.sum())
+        else:
+            candidates = (flat > threshold).nonzero().squeeze(1)
+            found = candidates.numel()
+        if found >= k_total:
+            break
+    if cpu:
+        crow, cols, values = keep_top(*gather_marked(pre.detach().numpy(), mask, counts), k_total)
+        return codes_from_csr(torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(values), n_latents)
     values = flat[candidates]
     if candidates.numel() > k_total:
-        top = torch.topk(values, k_total, sorted=False).indices
-        candidates, values = candidates[top], values[top]
-    return flat_to_codes(candidates, values, n_rows, n_latents)
+        keep = torch.topk(values, k_total, sorted=False).indices.sort().values
+        candidates, values = candidates[keep], values[keep]
+    rows, cols = candidates // n_latents, candidates % n_latents
+    return codes_from_csr(torch._convert_indices_from_coo_to_csr(rows, n_rows), cols, values, n_latents)
+
+
+def _falling_thresholds(flat: Tensor, k_total: int, n_latents: int, hint: float | None) -> Iterator[float]:
+    """Candidate cuts, each tried only if the one before let fewer than k_total entries through."""
+    if hint is not None and hint > 0:
+        yield from (hint, 0.85 * hint, 0.7 * hint)
+    stride = 17 if n_latents % 17 else 19  # co-prime with the row length: every latent gets sampled
+    sample = flat[::stride]
+    want = min(sample.numel(), int(k_total / stride * 1.5) + 16)
+    if _on_cpu(sample):  # numpy's selection is ~3x faster than torch's top-k here
+        cut = float(np.partition(sample.contiguous().numpy(), sample.numel() - want)[sample.numel() - want])
+    else:
+        cut = float(torch.topk(sample, want, sorted=False).values.min())
+    yield max(cut, 0.0)
+    yield 0.0  # every positive entry: fewer than k_total of them is all there is
 
 
 def row_top_k(pre: Tensor, k: int) -> SparseCodes:
     """The k largest positive entries of each row."""
     n_rows, n_latents = pre.shape
     values, cols = torch.topk(pre, min(k, n_latents), dim=1, sorted=False)
-    rows = torch.arange(n_rows, device=pre.device).repeat_interleave(values.shape[1])
-    flat = rows * n_latents + cols.reshape(-1)
-    values = values.reshape(-1)
+    cols, order = cols.sort(dim=1)
+    values = values.gather(1, order)
     positive = values > 0
-    return flat_to_codes(flat[positive], values[positive], n_rows, n_latents)
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=pre.device)
+    torch.cumsum(positive.sum(1), 0, out=crow[1:])
+    return codes_from_csr(crow, cols[positive], values[positive], n_latents)

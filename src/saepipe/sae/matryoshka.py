@@ -14,7 +14,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from saepipe.sae.base import SAEConfig, mse, register
+from saepipe.sae.base import SAEConfig, mse_with_residual, register
 from saepipe.sae.batch_topk import BatchTopKSAE
 from saepipe.sae.kernels import SparseCodes, decode_sparse
 
@@ -32,7 +32,7 @@ class MatryoshkaSAE(BatchTopKSAE):
                              f"{cfg.matryoshka_prefixes}")
         self.prefix_ends = [*prefixes, cfg.d_sae]  # exclusive end of each nested dictionary
 
-    def reconstruction(self, x: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor]:
+    def reconstruction(self, x: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor, Tensor]:
         """Sum of the prefix MSEs; each band [m_{i-1}, m_i) is decoded once and added to the running x_hat."""
         ends = torch.tensor(self.prefix_ends, device=codes.cols.device)
         band = torch.bucketize(codes.cols, ends, right=True)  # band i holds m_{i-1} <= col < m_i
@@ -40,5 +40,6 @@ class MatryoshkaSAE(BatchTopKSAE):
         loss = torch.zeros((), dtype=x.dtype, device=x.device)
         for i in range(len(self.prefix_ends)):
             x_hat = x_hat + decode_sparse(codes.subset(band == i), self.W_dec)
-            loss = loss + mse(x_hat, x)
-        return x_hat, loss
+            prefix_loss, residual = mse_with_residual(x_hat, x)
+            loss = loss + prefix_loss
+        return x_hat, loss, residual

@@ -26,24 +26,25 @@ class EpochMetrics:
     x_sum: Tensor | None = None
 
     @torch.no_grad()
-    def add(self, x: Tensor, x_hat: Tensor, nnz: int, terms: dict[str, float]) -> None:
+    def add(self, x: Tensor, x_hat: Tensor, nnz: int, terms: dict[str, float], residual: Tensor | None = None
+            ) -> None:
+        """One batch; `residual` = x - x_hat when the caller has it already (it saves a pass)."""
         n = x.shape[0]
         self.rows += n
         self.steps += 1
         self.active += nnz
         for name, value in terms.items():
             self.sums[name] = self.sums.get(name, 0.0) + value * n
+        # Row reductions in float32 (norms are single fused passes), accumulated in float64.
         x_hat = x_hat.detach()
-        # Row reductions in float32, accumulated in float64: few passes over the batch, every step.
-        error = x - x_hat
-        x_norm_sq = torch.linalg.vecdot(x, x)
-        x_dot_x_hat = torch.linalg.vecdot(x, x_hat)
-        x_hat_norm_sq = torch.linalg.vecdot(x_hat, x_hat)
-        self.error_sq += float(torch.linalg.vecdot(error, error).sum(dtype=torch.float64))
-        self.x_sq += float(x_norm_sq.sum(dtype=torch.float64))
-        batch_sum = x.sum(0, dtype=torch.float64)
+        error = x - x_hat if residual is None else residual
+        x_norm = torch.linalg.vector_norm(x, dim=1)
+        x_hat_norm = torch.linalg.vector_norm(x_hat, dim=1)
+        self.error_sq += float(torch.linalg.vector_norm(error, dim=1).square().sum(dtype=torch.float64))
+        self.x_sq += float(x_norm.square().sum(dtype=torch.float64))
+        batch_sum = x.sum(0).double()  # float32 within a batch, float64 across the epoch
         self.x_sum = batch_sum if self.x_sum is None else self.x_sum + batch_sum
-        cosine = x_dot_x_hat / (x_norm_sq * x_hat_norm_sq).sqrt().clamp_min(1e-8)
+        cosine = torch.linalg.vecdot(x, x_hat) / (x_norm * x_hat_norm).clamp_min(1e-8)
         self.cos_sum += float(cosine.sum(dtype=torch.float64))
 
     def summary(self, prefix: str = "") -> dict[str, float]:

@@ -166,7 +166,7 @@ class Trainer:
             "weighted_l1_loss": penalty * out.sparsity_loss.item(),
             "aux_loss": aux.loss.item() if aux is not None else 0.0,
             **extra,
-        })
+        }, residual=out.residual)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

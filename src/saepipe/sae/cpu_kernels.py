@@ -1,0 +1,211 @@
+"""Compiled CPU loops (numba) for the steps torch has no fast CPU operator for.
+
+Finding the entries above a threshold in a [batch, d_sae] matrix costs torch or numpy several full
+passes (compare, nonzero, gather: ~15 ms for 4096 x 4608 on two cores, a quarter of the encoder
+matmul); here it is one vectorised pass that adds the bias, marks a bit per entry and counts, and one
+that visits only the set bits. Sorting the selected entries by latent is a counting sort, not a comparison sort.
+Every function takes and returns numpy arrays; the torch-facing wrappers live in `kernels`.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+_OPTIONS = {"cache": True, "boundscheck": False, "nogil": True}
+
+
+@njit(parallel=True, **_OPTIONS)
+def _add_bias_mark_above(values, bias, threshold, bits, counts):  # pragma: no cover - compiled
+    n_rows, n_cols = values.shape
+    for r in prange(n_rows):
+        total = 0
+        for w in range(n_cols // 64):  # whole 64-entry words: a branch-free loop the compiler vectorises
+            word = np.uint64(0)
+            for b in range(64):
+                j = w * 64 + b
+                v = values[r, j] + bias[j]
+                values[r, j] = v
+                above = v > threshold
+                word |= np.uint64(above) << np.uint64(b)
+                total += above
+            bits[r, w] = word
+        word = np.uint64(0)
+        for j in range(n_cols - n_cols % 64, n_cols):  # the partial last word
+            v = values[r, j] + bias[j]
+            values[r, j] = v
+            above = v > threshold
+            word |= np.uint64(above) << np.uint64(j % 64)
+            total += above
+        if n_cols % 64:
+            bits[r, n_cols // 64] = word
+        counts[r] = total
+
+
+@njit(parallel=True, **_OPTIONS)
+def _mark_above(values, threshold, bits, counts):  # pragma: no cover - compiled
+    n_rows, n_cols = values.shape
+    for r in prange(n_rows):
+        total = 0
+        for w in range(n_cols // 64):
+            word = np.uint64(0)
+            for b in range(64):
+                above = values[r, w * 64 + b] > threshold
+                word |= np.uint64(above) << np.uint64(b)
+                total += above
+            bits[r, w] = word
+        word = np.uint64(0)
+        for j in range(n_cols - n_cols % 64, n_cols):
+            above = values[r, j] > threshold
+            word |= np.uint64(above) << np.uint64(j % 64)
+            total += above
+        if n_cols % 64:
+            bits[r, n_cols // 64] = word
+        counts[r] = total
+
+
+@njit(**_OPTIONS)
+def _lowest_bit(word):  # pragma: no cover - compiled
+    """Index of the lowest set bit of a non-zero 64-bit word."""
+    low = word & (~word + np.uint64(1))
+    index = 0
+    for shift in (32, 16, 8, 4, 2, 1):
+        if low >= (np.uint64(1) << np.uint64(shift)):
+            index += shift
+            low >>= np.uint64(shift)
+    return index
+
+
+@njit(parallel=True, **_OPTIONS)
+def _transpose(src, dst):  # pragma: no cover - compiled
+    n_rows, n_cols = src.shape
+    block = 32
+    for b in prange((n_rows + block - 1) // block):
+        r0, r1 = b * block, min(b * block + block, n_rows)
+        for c0 in range(0, n_cols, block):
+            for c in range(c0, min(c0 + block, n_cols)):
+                for r in range(r0, r1):
+                    dst[c, r] = src[r, c]
+
+
+@njit(parallel=True, **_OPTIONS)
+def _gather_marked(values, bits, offsets, cols, out):  # pragma: no cover - compiled
+    for r in prange(values.shape[0]):
+        o = offsets[r]
+        for w in range(bits.shape[1]):
+            word = bits[r, w]
+            while word != 0:
+                j = w * 64 + _lowest_bit(word)
+                cols[o] = j
+                out[o] = values[r, j]
+                o += 1
+                word &= word - np.uint64(1)
+
+
+@njit(**_OPTIONS)
+def _order_by_column(cols, n_cols):  # pragma: no cover - compiled
+    starts = np.zeros(n_cols + 1, np.int64)
+    for i in range(cols.size):
+        starts[cols[i] + 1] += 1
+    for c in range(n_cols):
+        starts[c + 1] += starts[c]
+    fill = starts[:-1].copy()
+    order = np.empty(cols.size, np.int64)
+    for i in range(cols.size):
+        c = cols[i]
+        order[fill[c]] = i
+        fill[c] += 1
+    return starts, order
+
+
+@njit(parallel=True, **_OPTIONS)
+def _keep_above_cut(crow, cols, values, cut, k_total, new_crow, new_cols, new_values):  # pragma: no cover
+    n_rows = crow.size - 1
+    above = np.zeros(n_rows, np.int64)
+    at_cut = np.zeros(n_rows, np.int64)
+    for r in prange(n_rows):
+        for i in range(crow[r], crow[r + 1]):
+            above[r] += values[i] > cut
+            at_cut[r] += values[i] == cut
+    ties_left = k_total - above.sum()  # entries equal to the cut, kept in row-major order
+    new_crow[0] = 0
+    for r in range(n_rows):
+        take = min(ties_left, at_cut[r])
+        at_cut[r] = take
+        ties_left -= take
+        new_crow[r + 1] = new_crow[r] + above[r] + take
+    for r in prange(n_rows):
+        o = new_crow[r]
+        ties = at_cut[r]
+        for i in range(crow[r], crow[r + 1]):
+            v = values[i]
+            keep = v > cut
+            if v == cut and ties > 0:
+                keep = True
+                ties -= 1
+            if keep:
+                new_cols[o] = cols[i]
+                new_values[o] = v
+                o += 1
+
+
+def _threads() -> None:
+    import torch
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def count_above(values: np.ndarray, threshold: float, bias: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(per-row counts of entries > threshold, a bit mask [n_rows, ceil(n_cols / 64)] marking them).
+
+    `values` is a C-contiguous float matrix; with `bias`, it is first added to every row of `values`,
+    in place, in the same pass.
+    """
+    _threads()
+    n_rows, n_cols = values.shape
+    bits = np.empty((n_rows, -(-n_cols // 64)), dtype=np.uint64)
+    counts = np.empty(n_rows, dtype=np.int64)
+    threshold = values.dtype.type(threshold)
+    if bias is None:
+        _mark_above(values, threshold, bits, counts)
+    else:
+        _add_bias_mark_above(values, bias.astype(values.dtype, copy=False), threshold, bits, counts)
+    return counts, bits
+
+
+def transposed(matrix: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of matrix.T, in cache-sized blocks (torch's and numpy's copies are 2-8x slower)."""
+    _threads()
+    out = np.empty(matrix.shape[::-1], dtype=matrix.dtype)
+    _transpose(matrix, out)
+    return out
+
+
+def gather_marked(values: np.ndarray, bits: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                    np.ndarray]:
+    """(row offsets [n_rows + 1], column of each marked entry, its value), row-major order."""
+    _threads()
+    offsets = np.zeros(values.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    cols = np.empty(offsets[-1], dtype=np.int64)
+    out = np.empty(offsets[-1], dtype=values.dtype)
+    _gather_marked(values, bits, offsets, cols, out)
+    return offsets, cols, out
+
+
+def order_by_column(cols: np.ndarray, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(column offsets [n_cols + 1], a stable permutation that sorts `cols`) by counting sort."""
+    return _order_by_column(cols, n_cols)
+
+
+def keep_top(crow: np.ndarray, cols: np.ndarray, values: np.ndarray, k_total: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k_total largest of row-major entries (ties at the cut in row-major order), order kept."""
+    if values.size <= k_total:
+        return crow, cols, values
+    cut = np.partition(values, values.size - k_total)[values.size - k_total]  # the k_total-th largest
+    new_crow, new_cols, new_values = np.empty_like(crow), np.empty(k_total, cols.dtype), np.empty(k_total, values.dtype)
+    _keep_above_cut(crow, cols, values, cut, k_total, new_crow, new_cols, new_values)
+    return new_crow, new_cols, new_values
