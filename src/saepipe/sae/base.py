@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saepipe.sae.kernels import SparseCodes, decode_sparse, encode_selected, row_top_k
+from saepipe.sae.kernels import SparseCodes, decode_sparse, encode_selected, gather_columns, row_top_k
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ class SparseAutoencoder(nn.Module):
         if n_dead == 0 or self.cfg.k_aux == 0:
             return None
         dead_ids = dead.nonzero().squeeze(1)
-        features = out.pre[:, dead_ids]  # a fresh gather: the forward's pre-activations, same parameters
+        features = gather_columns(out.pre, dead_ids)  # the forward's pre-activations: same parameters
         active = features > 0
         if n_dead > self.cfg.k_aux:
             keep = torch.topk(features, self.cfg.k_aux, dim=1, sorted=False).indices
@@ -249,20 +249,25 @@ class SparseAutoencoder(nn.Module):
         features.mul_(active)
         residual = out.residual if out.residual is not None else x - out.x_hat
         dead_rows = self.W_dec[dead_ids]
-        diff = torch.addmm(residual, features, dead_rows, beta=-1)  # reconstruction of the residual, minus it
+        # ||F W - r||^2 through [batch, n_dead] products only (F: features, W: dead decoder rows, r: the
+        # residual): <F, F W W^T> - 2 <F, r W^T> + ||r||^2; [batch, d_in] matrices are only ever read.
+        projected = residual @ dead_rows.t()
+        fitted = features @ (dead_rows @ dead_rows.t())
+        residual_sq = float(torch.linalg.vector_norm(residual)) ** 2
         # sum of squares about the per-dimension mean, ||r||^2 - n ||mean||^2: the residual's mean is small
-        mean_sq = float(residual.sum(0).square().sum()) / len(residual)
-        variance = max(float(torch.linalg.vector_norm(residual)) ** 2 - mean_sq, 1e-12)
+        variance = max(residual_sq - float(residual.sum(0).square().sum()) / len(residual), 1e-12)
+        error_sq = float(torch.linalg.vecdot(features.flatten(), (fitted - 2 * projected).flatten())) + residual_sq
         scale = min(1.0, n_dead / self.cfg.k_aux)
-        loss = torch.linalg.vector_norm(diff).square() * (scale / variance)
+        loss = torch.tensor(max(error_sq, 0.0) * scale / variance, device=x.device)
 
         def add_grads_(weight: float) -> None:
             for param in (self.W_enc, self.W_dec, self.b_enc, self.b_dec):
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
-            alpha = 2.0 * weight * scale / variance  # d loss / d diff = alpha * diff
-            self.W_dec.grad.index_add_(0, dead_ids, features.t() @ diff, alpha=alpha)
-            grad_pre = (diff @ dead_rows.t()).mul_(active)
+            alpha = 2.0 * weight * scale / variance  # d loss / d (F W) = alpha * (F W - r)
+            grad_pre = (fitted - projected).mul_(active)  # (F W - r) W^T, where the latent was active
+            grad_dead_rows = (features.t() @ features) @ dead_rows - features.t() @ residual  # F^T (F W - r)
+            self.W_dec.grad.index_add_(0, dead_ids, grad_dead_rows, alpha=alpha)
             x_centered = out.x_centered if out.x_centered is not None else x - self.b_dec
             self.W_enc.grad.index_add_(1, dead_ids, x_centered.t() @ grad_pre, alpha=alpha)
             column_sums = grad_pre.sum(0)

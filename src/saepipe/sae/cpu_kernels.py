@@ -4,6 +4,8 @@ Finding the entries above a threshold in a [batch, d_sae] matrix costs torch or 
 passes (compare, nonzero, gather: ~15 ms for 4096 x 4608 on two cores, a quarter of the encoder
 matmul); here it is one vectorised pass that adds the bias, marks a bit per entry and counts, and one
 that visits only the set bits. Sorting the selected entries by latent is a counting sort, not a comparison sort.
+The sparse-dense products (CSR x dense, and dot products sampled at a pattern) are the same memory-bound
+gathers torch runs, four rows per sweep and without torch's zero-fill and copy of the output: ~20% faster.
 Every function takes and returns numpy arrays; the torch-facing wrappers live in `kernels`.
 """
 
@@ -150,6 +152,59 @@ def _keep_above_cut(crow, cols, values, cut, k_total, new_crow, new_cols, new_va
                 o += 1
 
 
+@njit(parallel=True, fastmath=True, **_OPTIONS)
+def _csr_matmul(crow, cols, values, dense, out):  # pragma: no cover - compiled
+    d = dense.shape[1]
+    for r in prange(crow.size - 1):
+        acc = out[r]
+        acc[:] = 0
+        i, end = crow[r], crow[r + 1]
+        while i + 4 <= end:  # four dense rows per sweep of the accumulator
+            c0, c1, c2, c3 = cols[i], cols[i + 1], cols[i + 2], cols[i + 3]
+            v0, v1, v2, v3 = values[i], values[i + 1], values[i + 2], values[i + 3]
+            for j in range(d):
+                acc[j] += v0 * dense[c0, j] + v1 * dense[c1, j] + v2 * dense[c2, j] + v3 * dense[c3, j]
+            i += 4
+        while i < end:
+            c, v = cols[i], values[i]
+            for j in range(d):
+                acc[j] += v * dense[c, j]
+            i += 1
+
+
+@njit(parallel=True, fastmath=True, **_OPTIONS)
+def _sampled_dots(crow, cols, left, right, out):  # pragma: no cover - compiled
+    d = left.shape[1]
+    zero = left.dtype.type(0)
+    for r in prange(crow.size - 1):
+        i, end = crow[r], crow[r + 1]
+        while i + 4 <= end:  # left[r] is read once per four rows of `right`
+            c0, c1, c2, c3 = cols[i], cols[i + 1], cols[i + 2], cols[i + 3]
+            s0 = s1 = s2 = s3 = zero
+            for j in range(d):
+                x = left[r, j]
+                s0 += x * right[c0, j]
+                s1 += x * right[c1, j]
+                s2 += x * right[c2, j]
+                s3 += x * right[c3, j]
+            out[i], out[i + 1], out[i + 2], out[i + 3] = s0, s1, s2, s3
+            i += 4
+        while i < end:
+            c = cols[i]
+            s = zero
+            for j in range(d):
+                s += left[r, j] * right[c, j]
+            out[i] = s
+            i += 1
+
+
+@njit(parallel=True, **_OPTIONS)
+def _gather_columns(matrix, ids, out):  # pragma: no cover - compiled
+    for r in prange(matrix.shape[0]):
+        for i in range(ids.size):
+            out[r, i] = matrix[r, ids[i]]
+
+
 def _threads() -> None:
     import torch
 
@@ -209,3 +264,27 @@ def keep_top(crow: np.ndarray, cols: np.ndarray, values: np.ndarray, k_total: in
     new_crow, new_cols, new_values = np.empty_like(crow), np.empty(k_total, cols.dtype), np.empty(k_total, values.dtype)
     _keep_above_cut(crow, cols, values, cut, k_total, new_crow, new_cols, new_values)
     return new_crow, new_cols, new_values
+
+
+def csr_matmul(crow: np.ndarray, cols: np.ndarray, values: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """S @ dense for S in CSR form (row offsets, columns, values): row r sums values x rows of `dense`."""
+    _threads()
+    out = np.empty((crow.size - 1, dense.shape[1]), dtype=dense.dtype)
+    _csr_matmul(crow, cols, values, dense, out)
+    return out
+
+
+def sampled_dots(crow: np.ndarray, cols: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """left[r] . right[c] for every entry (r, c) of a CSR pattern, in its order."""
+    _threads()
+    out = np.empty(cols.size, dtype=left.dtype)
+    _sampled_dots(crow, cols, left, right, out)
+    return out
+
+
+def gather_columns(matrix: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """matrix[:, ids] as a new C-contiguous array (torch's strided gather is ~3x slower)."""
+    _threads()
+    out = np.empty((matrix.shape[0], ids.size), dtype=matrix.dtype)
+    _gather_columns(matrix, ids, out)
+    return out

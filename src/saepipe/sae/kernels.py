@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saepipe.sae import cpu_kernels
 from saepipe.sae.cpu_kernels import count_above, gather_marked, keep_top, order_by_column, transposed
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -56,6 +57,39 @@ def _on_cpu(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def _compiled(*tensors: Tensor) -> bool:
+    """Whether the compiled CPU kernels take these: CPU, one float dtype (float32 or float64)."""
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(_on_cpu(t) and t.dtype == dtype for t in tensors)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def csr_matmul(crow: Tensor, cols: Tensor, values: Tensor, dense: Tensor) -> Tensor:
+    """S @ dense for a CSR matrix S with these row offsets, columns and values (S has dense.shape[0] columns)."""
+    if _compiled(values, dense):
+        return torch.from_numpy(cpu_kernels.csr_matmul(_np(crow), _np(cols), _np(values), _np(dense)))
+    return _csr(crow, cols, values, (crow.numel() - 1, dense.shape[0])) @ dense
+
+
+def gather_columns(matrix: Tensor, ids: Tensor) -> Tensor:
+    """matrix[:, ids], a new contiguous tensor."""
+    if _compiled(matrix) and matrix.is_contiguous():
+        return torch.from_numpy(cpu_kernels.gather_columns(matrix.detach().numpy(), _np(ids)))
+    return matrix[:, ids]
+
+
+def sampled_dots(crow: Tensor, cols: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """left[r] . right[c] for each entry (r, c) of a CSR pattern, in the pattern's order."""
+    if _compiled(left, right):
+        return torch.from_numpy(cpu_kernels.sampled_dots(_np(crow), _np(cols), _np(left), _np(right)))
+    sampled = _csr(crow, cols, torch.zeros(cols.numel(), dtype=left.dtype, device=left.device),
+                   (crow.numel() - 1, right.shape[0]))
+    return torch.sparse.sampled_addmm(sampled, left.contiguous(), right.t()).values()
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
@@ -72,20 +106,17 @@ class Pattern:
         self.crow = torch._convert_indices_from_coo_to_csr(rows, n_rows) if crow is None else crow
         self._t: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def rowwise(self, values: Tensor) -> Tensor:
-        return _csr(self.crow, self.cols, values, (self.n_rows, self.n_latents))
-
-    def transposed(self, values: Tensor) -> Tensor:
-        """CSR [n_latents, n_rows] holding `values` (given in row-major order)."""
-        if self._t is None:
+    def transposed_matmul(self, values: Tensor, dense: Tensor) -> Tensor:
+        """S^T @ dense [n_latents, d] for S the [n_rows, n_latents] matrix holding `values` (row-major order)."""
+        if self._t is None:  # latent-major order: offsets, the permutation, the rows in that order
             if _on_cpu(self.cols):
                 starts, order = (torch.from_numpy(a) for a in order_by_column(self.cols.numpy(), self.n_latents))
             else:
                 order = torch.argsort(self.cols, stable=True)
                 starts = torch._convert_indices_from_coo_to_csr(self.cols[order], self.n_latents)
-            self._t = (order, starts, self.rows[order])
-        order, crow, rows = self._t
-        return _csr(crow, rows, values[order], (self.n_latents, self.n_rows))
+            self._t = (starts, order, self.rows[order])
+        starts, order, rows = self._t
+        return csr_matmul(starts, rows, values[order], dense)
 
 
 class EncodeSelected(torch.autograd.Function):
@@ -111,7 +142,7 @@ class EncodeSelected(torch.autograd.Function):
         grad_b_enc.index_add_(0, pattern.cols, grad)
         grad_W_enc = grad_b_dec = None
         if ctx.needs_input_grad[2]:
-            grad_W_enc = pattern.transposed(grad) @ x_centered  # latent-major: the fast sparse product
+            grad_W_enc = pattern.transposed_matmul(grad, x_centered)  # latent-major: the fast sparse product
             if not W_enc.is_contiguous():
                 grad_W_enc = grad_W_enc.t()
             elif _on_cpu(grad_W_enc):  # the parameter's own layout, or Adam copies it on every step
@@ -130,6 +161,8 @@ class DecodeSparse(torch.autograd.Function):
     def forward(ctx, values: Tensor, W_dec: Tensor, pattern: Pattern) -> Tensor:
         ctx.save_for_backward(values, W_dec)
         ctx.pattern = pattern
+        if _compiled(values, W_dec):
+            return csr_matmul(pattern.crow, pattern.cols, values, W_dec)
         return torch.nn.functional.embedding_bag(pattern.cols, W_dec, pattern.crow[:-1], mode="sum",
                                                  per_sample_weights=values)
 
@@ -139,10 +172,9 @@ class DecodeSparse(torch.autograd.Function):
         pattern: Pattern = ctx.pattern
         grad_values = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            sampled = pattern.rowwise(torch.zeros_like(values))
-            grad_values = torch.sparse.sampled_addmm(sampled, grad_out.contiguous(), W_dec.t()).values()
+            grad_values = sampled_dots(pattern.crow, pattern.cols, grad_out, W_dec)
         if ctx.needs_input_grad[1]:
-            grad_W_dec = pattern.transposed(values) @ grad_out
+            grad_W_dec = pattern.transposed_matmul(values, grad_out)
         return grad_values, grad_W_dec, None
 
 
