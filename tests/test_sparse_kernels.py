@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from saepipe.sae.cpu_kernels import count_above, gather_marked, keep_top, order_by_column, transposed
+from saepipe.sae.cpu_kernels import count_above, gather_marked, keep_top, order_by_column
 from saepipe.sae.kernels import batch_top_k, row_top_k
 
 
@@ -89,12 +89,6 @@ def test_order_by_column_is_a_stable_counting_sort():
     starts, order = order_by_column(cols, 5)
     assert order.tolist() == np.argsort(cols, kind="stable").tolist()
     assert starts.tolist() == [0, 1, 3, 3, 6, 6]
-
-
-def test_transposed_copy():
-    matrix = np.arange(70 * 33, dtype=np.float32).reshape(70, 33)
-    out = transposed(matrix)
-    assert out.flags.c_contiguous and np.array_equal(out, matrix.T)
 
 
 def test_row_top_k_keeps_k_positive_entries_per_row_sorted_by_latent():

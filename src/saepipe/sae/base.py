@@ -22,7 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saepipe.sae.kernels import SparseCodes, decode_sparse, encode_selected, gather_columns, row_top_k
+from saepipe.sae.kernels import (
+    BatchSums,
+    SparseCodes,
+    batch_sums,
+    decode_sparse,
+    encode_selected,
+    gather_columns,
+    normalize_rows_,
+    remove_parallel_,
+    row_top_k,
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,7 @@ class SAEOutput:
     pre: Tensor  # dense pre-activations, detached (AuxK picks dead latents from them)
     recon_loss: Tensor
     sparsity_loss: Tensor  # unweighted; the architecture's own penalty (0 for the top-k family)
-    residual: Tensor | None = None  # x - x_hat, detached: AuxK and the metrics reuse it
+    sums: BatchSums | None = None  # the residual and batch sums, detached: AuxK and the metrics reuse them
     x_centered: Tensor | None = None  # x - b_dec, detached
 
 
@@ -90,30 +100,42 @@ def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
     return REGISTRY[cfg.sae_type](cfg)
 
 
-class _SquaredError(torch.autograd.Function):
-    """Mean squared error that also hands back its residual, so nothing recomputes x - x_hat."""
+class _DecodedSquaredError(torch.autograd.Function):
+    """x_hat = decoded + b_dec and mean((x - x_hat)^2), with the batch's `BatchSums` from the same pass.
+
+    The gradient needs only the residual and its column sums (for b_dec), both kept from the forward.
+    """
 
     @staticmethod
-    def forward(ctx, x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        residual = x - x_hat
-        ctx.save_for_backward(residual)
-        ctx.mark_non_differentiable(residual)
-        return torch.linalg.vector_norm(residual).square() / residual.numel(), residual
+    def forward(ctx, decoded: Tensor, b_dec: Tensor, x: Tensor):
+        ctx.set_materialize_grads(False)
+        sums = batch_sums(decoded, b_dec, x)
+        ctx.save_for_backward(sums.residual, sums.residual_sum)
+        ctx.mark_non_differentiable(sums.residual, sums.rows, sums.residual_sum, sums.x_sum)
+        loss = sums.error_sq / sums.residual.numel()
+        return sums.x_hat, loss, sums.residual, sums.rows, sums.residual_sum, sums.x_sum
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_residual: Tensor | None):
-        (residual,) = ctx.saved_tensors
-        grad_x_hat = residual * (grad_loss * (-2.0 / residual.numel()))
-        return grad_x_hat, -grad_x_hat if ctx.needs_input_grad[1] else None
+    def backward(ctx, grad_x_hat: Tensor | None, grad_loss: Tensor | None, *_):
+        residual, residual_sum = ctx.saved_tensors
+        grad_decoded = grad_b_dec = None
+        if grad_loss is not None:
+            scale = grad_loss * (-2.0 / residual.numel())  # d loss / d x_hat = -2 (x - x_hat) / N
+            grad_decoded, grad_b_dec = residual * scale, residual_sum * scale
+        if grad_x_hat is not None:
+            grad_decoded = grad_x_hat if grad_decoded is None else grad_decoded + grad_x_hat
+            grad_b_dec = grad_x_hat.sum(0) if grad_b_dec is None else grad_b_dec + grad_x_hat.sum(0)
+        grad_x = None
+        if ctx.needs_input_grad[2] and grad_loss is not None:
+            grad_x = residual * (grad_loss * (2.0 / residual.numel()))
+        return grad_decoded, grad_b_dec, grad_x
 
 
-def mse_with_residual(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean squared error, x - x_hat detached)."""
-    return _SquaredError.apply(x_hat, x)
-
-
-def mse(x_hat: Tensor, x: Tensor) -> Tensor:
-    return mse_with_residual(x_hat, x)[0]
+def decoded_mse(decoded: Tensor, b_dec: Tensor, x: Tensor) -> tuple[Tensor, Tensor, BatchSums]:
+    """(x_hat = decoded + b_dec, mean squared error against x, the batch's sums), differentiable in
+    `decoded` and `b_dec`."""
+    x_hat, loss, residual, rows, residual_sum, x_sum = _DecodedSquaredError.apply(decoded, b_dec, x)
+    return x_hat, loss, BatchSums(x_hat.detach(), residual, rows, residual_sum, x_sum)
 
 
 class SparseAutoencoder(nn.Module):
@@ -152,10 +174,9 @@ class SparseAutoencoder(nn.Module):
     def sparsity_loss(self, codes: SparseCodes, pre: Tensor) -> Tensor:
         return torch.zeros((), device=pre.device)
 
-    def reconstruction(self, x: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor, Tensor]:
-        """(x_hat, recon_loss, residual) for a batch's codes. Matryoshka overrides it to sum prefix losses."""
-        x_hat = decode_sparse(codes, self.W_dec) + self.b_dec
-        return x_hat, *mse_with_residual(x_hat, x)
+    def reconstruction(self, x: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor, BatchSums]:
+        """(x_hat, recon_loss, batch sums) for a batch's codes. Matryoshka overrides it to sum prefix losses."""
+        return decoded_mse(decode_sparse(codes, self.W_dec), self.b_dec, x)
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput) -> None:
@@ -193,20 +214,19 @@ class SparseAutoencoder(nn.Module):
         if not self.sparse_training:
             pre = self.pre_activations(x)
             features = self.dense_features(pre)
-            x_hat = self.decode(features)
+            x_hat, recon, sums = decoded_mse(features @ self.W_dec, self.b_dec, x)
             rows, cols = features.detach().nonzero(as_tuple=True)
             codes = SparseCodes(rows, cols, features[rows, cols], x.shape[0], self.d_sae)
             pre = pre.detach()
-            recon, residual = mse_with_residual(x_hat, x)
-            return SAEOutput(x_hat, codes, pre, recon, self.sparsity_loss(codes, pre), residual)
+            return SAEOutput(x_hat, codes, pre, recon, self.sparsity_loss(codes, pre), sums)
         with torch.no_grad():
             x_centered = x - self.b_dec
             pre = torch.mm(x_centered, self.W_enc)
             selected = self.select_biased(pre)  # pre now holds the full pre-activations
         values = encode_selected(x_centered, self.b_dec, self.W_enc, self.b_enc, selected)
         codes = self.activate(dataclasses.replace(selected, values=values))
-        x_hat, recon, residual = self.reconstruction(x, codes)
-        return SAEOutput(x_hat, codes, pre, recon, self.sparsity_loss(codes, pre), residual, x_centered)
+        x_hat, recon, sums = self.reconstruction(x, codes)
+        return SAEOutput(x_hat, codes, pre, recon, self.sparsity_loss(codes, pre), sums, x_centered)
 
     def auxk_loss(self, x: Tensor, out: SAEOutput, dead: Tensor) -> Tensor:
         """AuxK (Gao et al. 2024): dead latents' top-k_aux reconstruct the residual error.
@@ -246,16 +266,18 @@ class SparseAutoencoder(nn.Module):
         if n_dead > self.cfg.k_aux:
             keep = torch.topk(features, self.cfg.k_aux, dim=1, sorted=False).indices
             active &= torch.zeros_like(active).scatter_(1, keep, True)
+        active = active.to(features.dtype)  # a 0/1 mask, multiplied in twice
         features.mul_(active)
-        residual = out.residual if out.residual is not None else x - out.x_hat
+        sums = out.sums if out.sums is not None else batch_sums(out.x_hat, torch.zeros_like(self.b_dec), x)
+        residual = sums.residual
         dead_rows = self.W_dec[dead_ids]
         # ||F W - r||^2 through [batch, n_dead] products only (F: features, W: dead decoder rows, r: the
         # residual): <F, F W W^T> - 2 <F, r W^T> + ||r||^2; [batch, d_in] matrices are only ever read.
         projected = residual @ dead_rows.t()
         fitted = features @ (dead_rows @ dead_rows.t())
-        residual_sq = float(torch.linalg.vector_norm(residual)) ** 2
+        residual_sq = float(sums.error_sq)
         # sum of squares about the per-dimension mean, ||r||^2 - n ||mean||^2: the residual's mean is small
-        variance = max(residual_sq - float(residual.sum(0).square().sum()) / len(residual), 1e-12)
+        variance = max(residual_sq - float(sums.residual_sum.square().sum()) / len(residual), 1e-12)
         error_sq = float(torch.linalg.vecdot(features.flatten(), (fitted - 2 * projected).flatten())) + residual_sq
         scale = min(1.0, n_dead / self.cfg.k_aux)
         loss = torch.tensor(max(error_sq, 0.0) * scale / variance, device=x.device)
@@ -269,7 +291,7 @@ class SparseAutoencoder(nn.Module):
             grad_dead_rows = (features.t() @ features) @ dead_rows - features.t() @ residual  # F^T (F W - r)
             self.W_dec.grad.index_add_(0, dead_ids, grad_dead_rows, alpha=alpha)
             x_centered = out.x_centered if out.x_centered is not None else x - self.b_dec
-            self.W_enc.grad.index_add_(1, dead_ids, x_centered.t() @ grad_pre, alpha=alpha)
+            self.W_enc.grad.index_add_(1, dead_ids, (grad_pre.t() @ x_centered).t(), alpha=alpha)
             column_sums = grad_pre.sum(0)
             self.b_enc.grad.index_add_(0, dead_ids, column_sums, alpha=alpha)
             self.b_dec.grad.sub_(self.W_enc[:, dead_ids] @ column_sums, alpha=alpha)
@@ -278,16 +300,14 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        normalize_rows_(self.W_dec)
 
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:
         """Drop the gradient component along each (unit) decoder row: it would only change the row's norm."""
         if self.W_dec.grad is None:
             return
-        grad, rows = self.W_dec.grad, self.W_dec
-        parallel = torch.linalg.vecdot(grad, rows) / torch.linalg.vector_norm(rows, dim=1).square().clamp_min(1e-12)
-        grad.addcmul_(parallel.unsqueeze(1), rows, value=-1)
+        remove_parallel_(self.W_dec.grad, self.W_dec.detach())
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:

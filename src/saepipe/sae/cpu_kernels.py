@@ -80,18 +80,6 @@ def _lowest_bit(word):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, **_OPTIONS)
-def _transpose(src, dst):  # pragma: no cover - compiled
-    n_rows, n_cols = src.shape
-    block = 32
-    for b in prange((n_rows + block - 1) // block):
-        r0, r1 = b * block, min(b * block + block, n_rows)
-        for c0 in range(0, n_cols, block):
-            for c in range(c0, min(c0 + block, n_cols)):
-                for r in range(r0, r1):
-                    dst[c, r] = src[r, c]
-
-
-@njit(parallel=True, **_OPTIONS)
 def _gather_marked(values, bits, offsets, cols, out):  # pragma: no cover - compiled
     for r in prange(values.shape[0]):
         o = offsets[r]
@@ -152,24 +140,83 @@ def _keep_above_cut(crow, cols, values, cut, k_total, new_crow, new_cols, new_va
                 o += 1
 
 
+@njit(fastmath=True, **_OPTIONS)
+def _csr_row_times_dense(crow, cols, values, dense, r, acc):  # pragma: no cover - compiled
+    acc[:] = 0
+    i, end = crow[r], crow[r + 1]
+    while i + 4 <= end:  # four dense rows per sweep of the accumulator
+        c0, c1, c2, c3 = cols[i], cols[i + 1], cols[i + 2], cols[i + 3]
+        v0, v1, v2, v3 = values[i], values[i + 1], values[i + 2], values[i + 3]
+        for j in range(acc.size):
+            acc[j] += v0 * dense[c0, j] + v1 * dense[c1, j] + v2 * dense[c2, j] + v3 * dense[c3, j]
+        i += 4
+    while i < end:
+        c, v = cols[i], values[i]
+        for j in range(acc.size):
+            acc[j] += v * dense[c, j]
+        i += 1
+
+
 @njit(parallel=True, fastmath=True, **_OPTIONS)
 def _csr_matmul(crow, cols, values, dense, out):  # pragma: no cover - compiled
-    d = dense.shape[1]
     for r in prange(crow.size - 1):
-        acc = out[r]
-        acc[:] = 0
-        i, end = crow[r], crow[r + 1]
-        while i + 4 <= end:  # four dense rows per sweep of the accumulator
-            c0, c1, c2, c3 = cols[i], cols[i + 1], cols[i + 2], cols[i + 3]
-            v0, v1, v2, v3 = values[i], values[i + 1], values[i + 2], values[i + 3]
+        _csr_row_times_dense(crow, cols, values, dense, r, out[r])
+
+
+_BLOCK = 16  # output rows per block of the transposed product: 64 bytes of each output column
+
+
+@njit(parallel=True, fastmath=True, **_OPTIONS)
+def _csr_matmul_transposed(crow, cols, values, dense, out):  # pragma: no cover - compiled
+    n_rows, d = crow.size - 1, dense.shape[1]
+    for block in prange((n_rows + _BLOCK - 1) // _BLOCK):
+        r0 = block * _BLOCK
+        r1 = min(r0 + _BLOCK, n_rows)
+        acc = np.empty((_BLOCK, d), dense.dtype)
+        for r in range(r0, r1):
+            _csr_row_times_dense(crow, cols, values, dense, r, acc[r - r0])
+        for j in range(d):
+            for r in range(r0, r1):
+                out[j, r] = acc[r - r0, j]
+
+
+@njit(parallel=True, fastmath=True, **_OPTIONS)
+def _remove_parallel(grad, rows):  # pragma: no cover - compiled
+    for i in prange(rows.shape[0]):
+        along = rows.dtype.type(0)
+        norm_sq = rows.dtype.type(0)
+        for j in range(rows.shape[1]):
+            along += grad[i, j] * rows[i, j]
+            norm_sq += rows[i, j] * rows[i, j]
+        factor = along / max(norm_sq, 1e-12)
+        for j in range(rows.shape[1]):
+            grad[i, j] -= factor * rows[i, j]
+
+
+@njit(parallel=True, fastmath=True, **_OPTIONS)
+def _reconstruct(decoded, bias, x, x_hat, residual, rows, column_sums):  # pragma: no cover - compiled
+    n_rows, d = x.shape
+    n_chunks = column_sums.shape[0]
+    per_chunk = (n_rows + n_chunks - 1) // n_chunks
+    for chunk in prange(n_chunks):
+        residual_sum = column_sums[chunk, 0]
+        x_sum = column_sums[chunk, 1]
+        residual_sum[:] = 0
+        x_sum[:] = 0
+        for r in range(chunk * per_chunk, min(n_rows, (chunk + 1) * per_chunk)):
+            x_sq = x_dot = x_hat_sq = error_sq = x.dtype.type(0)
             for j in range(d):
-                acc[j] += v0 * dense[c0, j] + v1 * dense[c1, j] + v2 * dense[c2, j] + v3 * dense[c3, j]
-            i += 4
-        while i < end:
-            c, v = cols[i], values[i]
-            for j in range(d):
-                acc[j] += v * dense[c, j]
-            i += 1
+                h = decoded[r, j] + bias[j]
+                e = x[r, j] - h
+                x_hat[r, j] = h
+                residual[r, j] = e
+                x_sq += x[r, j] * x[r, j]
+                x_dot += x[r, j] * h
+                x_hat_sq += h * h
+                error_sq += e * e
+                residual_sum[j] += e
+                x_sum[j] += x[r, j]
+            rows[r, 0], rows[r, 1], rows[r, 2], rows[r, 3] = x_sq, x_dot, x_hat_sq, error_sq
 
 
 @njit(parallel=True, fastmath=True, **_OPTIONS)
@@ -205,6 +252,35 @@ def _gather_columns(matrix, ids, out):  # pragma: no cover - compiled
             out[r, i] = matrix[r, ids[i]]
 
 
+@njit(parallel=True, fastmath=True, **_OPTIONS)
+def _adam(param, grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2, step_size,
+          inv_bias_correction2_sqrt, eps, tiny, unit_rows):  # pragma: no cover - compiled
+    n_rows, d = param.shape
+    for i in prange(n_rows):
+        if unit_rows:  # drop the gradient along the row: it would only change the row's norm
+            along = norm_sq = param.dtype.type(0)
+            for j in range(d):
+                along += grad[i, j] * param[i, j]
+                norm_sq += param[i, j] * param[i, j]
+            factor = along / max(norm_sq, tiny)
+            for j in range(d):
+                grad[i, j] -= factor * param[i, j]
+        for j in range(d):  # torch's Adam update, element by element
+            g = grad[i, j]
+            m = exp_avg[i, j] + one_minus_beta1 * (g - exp_avg[i, j])
+            v = beta2 * exp_avg_sq[i, j] + one_minus_beta2 * g * g
+            exp_avg[i, j] = m
+            exp_avg_sq[i, j] = v
+            param[i, j] -= step_size * m / (np.sqrt(v) * inv_bias_correction2_sqrt + eps)
+        if unit_rows:
+            norm_sq = param.dtype.type(0)
+            for j in range(d):
+                norm_sq += param[i, j] * param[i, j]
+            scale = 1 / max(np.sqrt(norm_sq), tiny)
+            for j in range(d):
+                param[i, j] *= scale
+
+
 def _threads() -> None:
     import torch
 
@@ -228,14 +304,6 @@ def count_above(values: np.ndarray, threshold: float, bias: np.ndarray | None = 
     else:
         _add_bias_mark_above(values, bias.astype(values.dtype, copy=False), threshold, bits, counts)
     return counts, bits
-
-
-def transposed(matrix: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of matrix.T, in cache-sized blocks (torch's and numpy's copies are 2-8x slower)."""
-    _threads()
-    out = np.empty(matrix.shape[::-1], dtype=matrix.dtype)
-    _transpose(matrix, out)
-    return out
 
 
 def gather_marked(values: np.ndarray, bits: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray,
@@ -266,12 +334,37 @@ def keep_top(crow: np.ndarray, cols: np.ndarray, values: np.ndarray, k_total: in
     return new_crow, new_cols, new_values
 
 
-def csr_matmul(crow: np.ndarray, cols: np.ndarray, values: np.ndarray, dense: np.ndarray) -> np.ndarray:
-    """S @ dense for S in CSR form (row offsets, columns, values): row r sums values x rows of `dense`."""
+def csr_matmul(crow: np.ndarray, cols: np.ndarray, values: np.ndarray, dense: np.ndarray,
+               transpose: bool = False) -> np.ndarray:
+    """S @ dense for S in CSR form (row offsets, columns, values): row r sums values x rows of `dense`.
+
+    With `transpose`, (S @ dense).T, C-contiguous, written directly (no separate transposing copy).
+    """
     _threads()
-    out = np.empty((crow.size - 1, dense.shape[1]), dtype=dense.dtype)
-    _csr_matmul(crow, cols, values, dense, out)
+    n_rows, d = crow.size - 1, dense.shape[1]
+    out = np.empty((d, n_rows) if transpose else (n_rows, d), dtype=dense.dtype)
+    (_csr_matmul_transposed if transpose else _csr_matmul)(crow, cols, values, dense, out)
     return out
+
+
+def remove_parallel(grad: np.ndarray, rows: np.ndarray) -> None:
+    """grad[i] -= (grad[i] . rows[i] / |rows[i]|^2) rows[i], in place, one pass per row."""
+    _threads()
+    _remove_parallel(grad, rows)
+
+
+def reconstruct(decoded: np.ndarray, bias: np.ndarray, x: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x_hat = decoded + bias and x - x_hat, with per-row sums [n, 4] (|x|^2, x . x_hat, |x_hat|^2,
+    |x - x_hat|^2) and column sums [2, d] (of x - x_hat, of x): one pass over the batch."""
+    _threads()
+    x_hat, residual = np.empty_like(x), np.empty_like(x)
+    rows = np.empty((x.shape[0], 4), dtype=x.dtype)
+    n_chunks = max(1, min(numba.get_num_threads(), x.shape[0]))
+    partial = np.empty((n_chunks, 2, x.shape[1]), dtype=x.dtype)  # per-thread column sums, then added
+    _reconstruct(decoded, bias, x, x_hat, residual, rows, partial)
+    return x_hat, residual, rows, partial.sum(0)
+
 
 
 def sampled_dots(crow: np.ndarray, cols: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -288,3 +381,19 @@ def gather_columns(matrix: np.ndarray, ids: np.ndarray) -> np.ndarray:
     out = np.empty((matrix.shape[0], ids.size), dtype=matrix.dtype)
     _gather_columns(matrix, ids, out)
     return out
+
+
+def adam(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, *, lr: float,
+         beta1: float, beta2: float, eps: float, step: int, unit_rows: bool) -> None:
+    """One Adam step in place (torch's update: bias-corrected moments, eps added after the square root).
+
+    With `unit_rows` (a 2-D param), each row's gradient first loses its component along the row and the
+    row is rescaled to unit norm after its update: the SAE decoder's constraint, in the same pass.
+    """
+    _threads()
+    if param.ndim != 2:  # biases: one row
+        param, grad, exp_avg, exp_avg_sq = (a.reshape(1, -1) for a in (param, grad, exp_avg, exp_avg_sq))
+    # In the parameters' own precision: float64 scalars would turn every float32 operation into two casts.
+    constants = np.array([1 - beta1, beta2, 1 - beta2, lr / (1 - beta1**step), 1 / np.sqrt(1 - beta2**step), eps,
+                          1e-12], dtype=param.dtype)
+    _adam(param, grad, exp_avg, exp_avg_sq, *constants, unit_rows)

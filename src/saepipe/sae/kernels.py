@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from saepipe.sae import cpu_kernels
-from saepipe.sae.cpu_kernels import count_above, gather_marked, keep_top, order_by_column, transposed
+from saepipe.sae.cpu_kernels import count_above, gather_marked, keep_top, order_by_column
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -67,11 +67,58 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def csr_matmul(crow: Tensor, cols: Tensor, values: Tensor, dense: Tensor) -> Tensor:
-    """S @ dense for a CSR matrix S with these row offsets, columns and values (S has dense.shape[0] columns)."""
+def csr_matmul(crow: Tensor, cols: Tensor, values: Tensor, dense: Tensor, transpose: bool = False) -> Tensor:
+    """S @ dense for a CSR matrix S with these row offsets, columns and values (S has dense.shape[0] columns);
+    with `transpose`, its contiguous transpose."""
     if _compiled(values, dense):
-        return torch.from_numpy(cpu_kernels.csr_matmul(_np(crow), _np(cols), _np(values), _np(dense)))
-    return _csr(crow, cols, values, (crow.numel() - 1, dense.shape[0])) @ dense
+        return torch.from_numpy(cpu_kernels.csr_matmul(_np(crow), _np(cols), _np(values), _np(dense), transpose))
+    product = _csr(crow, cols, values, (crow.numel() - 1, dense.shape[0])) @ dense
+    return product.t().contiguous() if transpose else product
+
+
+def remove_parallel_(grad: Tensor, rows: Tensor) -> None:
+    """grad[i] -= (grad[i] . rows[i] / |rows[i]|^2) rows[i], in place."""
+    if _compiled(grad, rows) and grad.is_contiguous() and rows.is_contiguous():
+        cpu_kernels.remove_parallel(grad.numpy(), rows.detach().numpy())
+        return
+    along = torch.linalg.vecdot(grad, rows) / torch.linalg.vector_norm(rows, dim=1).square().clamp_min(1e-12)
+    grad.addcmul_(along.unsqueeze(1), rows, value=-1)
+
+
+def normalize_rows_(matrix: Tensor) -> None:
+    """Each row rescaled to unit norm, in place (zero rows stay zero)."""
+    matrix /= torch.linalg.vector_norm(matrix, dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@dataclass(frozen=True)
+class BatchSums:
+    """A batch's reconstruction x_hat = decoded + b_dec, its residual x - x_hat, and the sums every consumer
+    (the loss, its gradient, AuxK, the epoch metrics) needs, all from one pass."""
+
+    x_hat: Tensor
+    residual: Tensor
+    rows: Tensor  # [n, 4] per row: |x|^2, x . x_hat, |x_hat|^2, |x - x_hat|^2
+    residual_sum: Tensor  # [d] column sums of the residual
+    x_sum: Tensor  # [d] column sums of x
+
+    @property
+    def error_sq(self) -> Tensor:
+        return self.rows[:, 3].sum()
+
+
+def batch_sums(decoded: Tensor, bias: Tensor, x: Tensor) -> BatchSums:
+    """`BatchSums` of x_hat = decoded + bias against x (no autograd)."""
+    decoded, bias = decoded.detach(), bias.detach()
+    if _compiled(decoded, bias, x):
+        x_hat, residual, rows, column_sums = (torch.from_numpy(a) for a in cpu_kernels.reconstruct(
+            _np(decoded), _np(bias), _np(x)))
+        return BatchSums(x_hat, residual, rows, column_sums[0], column_sums[1])
+    x_hat = decoded + bias
+    residual = x - x_hat
+    rows = torch.stack([torch.linalg.vecdot(a, b) for a, b in ((x, x), (x, x_hat), (x_hat, x_hat),
+                                                                 (residual, residual))], dim=1)
+    return BatchSums(x_hat, residual, rows, residual.sum(0), x.sum(0))
+
 
 
 def gather_columns(matrix: Tensor, ids: Tensor) -> Tensor:
@@ -106,8 +153,9 @@ class Pattern:
         self.crow = torch._convert_indices_from_coo_to_csr(rows, n_rows) if crow is None else crow
         self._t: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def transposed_matmul(self, values: Tensor, dense: Tensor) -> Tensor:
-        """S^T @ dense [n_latents, d] for S the [n_rows, n_latents] matrix holding `values` (row-major order)."""
+    def transposed_matmul(self, values: Tensor, dense: Tensor, transpose: bool = False) -> Tensor:
+        """S^T @ dense [n_latents, d] for S the [n_rows, n_latents] matrix holding `values` (row-major order);
+        with `transpose`, dense^T @ S [d, n_latents] instead."""
         if self._t is None:  # latent-major order: offsets, the permutation, the rows in that order
             if _on_cpu(self.cols):
                 starts, order = (torch.from_numpy(a) for a in order_by_column(self.cols.numpy(), self.n_latents))
@@ -116,7 +164,7 @@ class Pattern:
                 starts = torch._convert_indices_from_coo_to_csr(self.cols[order], self.n_latents)
             self._t = (starts, order, self.rows[order])
         starts, order, rows = self._t
-        return csr_matmul(starts, rows, values[order], dense)
+        return csr_matmul(starts, rows, values[order], dense, transpose)
 
 
 class EncodeSelected(torch.autograd.Function):
@@ -142,13 +190,11 @@ class EncodeSelected(torch.autograd.Function):
         grad_b_enc.index_add_(0, pattern.cols, grad)
         grad_W_enc = grad_b_dec = None
         if ctx.needs_input_grad[2]:
-            grad_W_enc = pattern.transposed_matmul(grad, x_centered)  # latent-major: the fast sparse product
-            if not W_enc.is_contiguous():
-                grad_W_enc = grad_W_enc.t()
-            elif _on_cpu(grad_W_enc):  # the parameter's own layout, or Adam copies it on every step
-                grad_W_enc = torch.from_numpy(transposed(grad_W_enc.numpy()))
+            # latent-major, the fast sparse product; written in the parameter's own layout, or Adam copies it
+            if W_enc.is_contiguous():
+                grad_W_enc = pattern.transposed_matmul(grad, x_centered, transpose=True)
             else:
-                grad_W_enc = grad_W_enc.t().contiguous()
+                grad_W_enc = pattern.transposed_matmul(grad, x_centered).t()
         if ctx.needs_input_grad[1]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         return None, grad_b_dec, grad_W_enc, grad_b_enc if ctx.needs_input_grad[3] else None, None, None

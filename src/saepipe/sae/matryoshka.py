@@ -14,9 +14,9 @@ import itertools
 import torch
 from torch import Tensor
 
-from saepipe.sae.base import SAEConfig, mse_with_residual, register
+from saepipe.sae.base import SAEConfig, decoded_mse, register
 from saepipe.sae.batch_topk import BatchTopKSAE
-from saepipe.sae.kernels import SparseCodes, decode_sparse
+from saepipe.sae.kernels import BatchSums, SparseCodes, decode_sparse
 
 
 @register
@@ -32,14 +32,14 @@ class MatryoshkaSAE(BatchTopKSAE):
                              f"{cfg.matryoshka_prefixes}")
         self.prefix_ends = [*prefixes, cfg.d_sae]  # exclusive end of each nested dictionary
 
-    def reconstruction(self, x: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor, Tensor]:
-        """Sum of the prefix MSEs; each band [m_{i-1}, m_i) is decoded once and added to the running x_hat."""
+    def reconstruction(self, x: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor, BatchSums]:
+        """Sum of the prefix MSEs; each band [m_{i-1}, m_i) is decoded once and added to the running sum."""
         ends = torch.tensor(self.prefix_ends, device=codes.cols.device)
         band = torch.bucketize(codes.cols, ends, right=True)  # band i holds m_{i-1} <= col < m_i
-        x_hat = self.b_dec.expand_as(x)
+        decoded = torch.zeros_like(x)
         loss = torch.zeros((), dtype=x.dtype, device=x.device)
         for i in range(len(self.prefix_ends)):
-            x_hat = x_hat + decode_sparse(codes.subset(band == i), self.W_dec)
-            prefix_loss, residual = mse_with_residual(x_hat, x)
+            decoded = decoded + decode_sparse(codes.subset(band == i), self.W_dec)
+            x_hat, prefix_loss, sums = decoded_mse(decoded, self.b_dec, x)
             loss = loss + prefix_loss
-        return x_hat, loss, residual
+        return x_hat, loss, sums

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from saepipe.sae.kernels import BatchSums, batch_sums
+
 
 @dataclass
 class EpochMetrics:
@@ -26,26 +28,23 @@ class EpochMetrics:
     x_sum: Tensor | None = None
 
     @torch.no_grad()
-    def add(self, x: Tensor, x_hat: Tensor, nnz: int, terms: dict[str, float], residual: Tensor | None = None
+    def add(self, x: Tensor, x_hat: Tensor, nnz: int, terms: dict[str, float], sums: BatchSums | None = None
             ) -> None:
-        """One batch; `residual` = x - x_hat when the caller has it already (it saves a pass)."""
+        """One batch; `sums` are the forward pass's `BatchSums` when the caller has them (it saves a pass)."""
         n = x.shape[0]
         self.rows += n
         self.steps += 1
         self.active += nnz
         for name, value in terms.items():
             self.sums[name] = self.sums.get(name, 0.0) + value * n
-        # Row reductions in float32 (norms are single fused passes), accumulated in float64.
-        x_hat = x_hat.detach()
-        error = x - x_hat if residual is None else residual
-        x_norm = torch.linalg.vector_norm(x, dim=1)
-        x_hat_norm = torch.linalg.vector_norm(x_hat, dim=1)
-        self.error_sq += float(torch.linalg.vector_norm(error, dim=1).square().sum(dtype=torch.float64))
-        self.x_sq += float(x_norm.square().sum(dtype=torch.float64))
-        batch_sum = x.sum(0).double()  # float32 within a batch, float64 across the epoch
-        self.x_sum = batch_sum if self.x_sum is None else self.x_sum + batch_sum
-        cosine = torch.linalg.vecdot(x, x_hat) / (x_norm * x_hat_norm).clamp_min(1e-8)
-        self.cos_sum += float(cosine.sum(dtype=torch.float64))
+        if sums is None:
+            sums = batch_sums(x_hat, torch.zeros(x.shape[1], dtype=x_hat.dtype, device=x_hat.device), x)
+        # Per-row and per-column sums in float32 within a batch, accumulated across the epoch in float64.
+        x_sq, x_dot_x_hat, x_hat_sq, error_sq = sums.rows.double().unbind(1)
+        self.error_sq += float(error_sq.sum())
+        self.x_sq += float(x_sq.sum())
+        self.x_sum = sums.x_sum.double() if self.x_sum is None else self.x_sum + sums.x_sum.double()
+        self.cos_sum += float((x_dot_x_hat / (x_sq * x_hat_sq).sqrt().clamp_min(1e-8)).sum())
 
     def summary(self, prefix: str = "") -> dict[str, float]:
         if self.rows == 0:

@@ -33,6 +33,7 @@ from saepipe.training.checkpoints import (
 )
 from saepipe.training.data import ActivationData, epoch_order, geometric_median, iter_batches
 from saepipe.training.metrics import EpochMetrics, lr_factor, warmup_factor
+from saepipe.training.optimizer import ConstrainedAdam
 
 DEFAULT_DEAD_WINDOW = 10_000_000
 B_DEC_SAMPLE_ROWS = 32_768
@@ -84,8 +85,10 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.num_epochs
         window = cfg.dead_window_tokens or min(DEFAULT_DEAD_WINDOW, data.train.shape[0])
         self.dead = DeadLatents(sae.d_sae, window, device)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                          **({"fused": True} if device.type in ("cpu", "cuda") else {}))
+        # The decoder's rows stay unit-norm: the optimizer projects their gradients and renormalises them.
+        others = [param for param in self.sae.parameters() if param is not self.sae.W_dec]
+        self.optimizer = ConstrainedAdam([{"params": [self.sae.W_dec], "unit_rows": True}, {"params": others}],
+                                         lr=cfg.lr, betas=tuple(cfg.adam_betas))
         self.step = 0
         self.tokens_seen = 0
         self.epoch = 0
@@ -152,9 +155,7 @@ class Trainer:
         if aux is not None:
             aux.add_grads_(cfg.aux_coefficient)
         total = loss.detach() + cfg.aux_coefficient * aux.loss if aux is not None else loss.detach()
-        self.sae.remove_parallel_grads_()
-        self.optimizer.step()
-        self.sae.normalize_decoder_()
+        self.optimizer.step()  # with the decoder-norm constraint
         self.sae.after_step(out)
         self.tokens_seen += x.shape[0]
         self.dead.update(out.codes.cols, self.tokens_seen)
@@ -166,7 +167,7 @@ class Trainer:
             "weighted_l1_loss": penalty * out.sparsity_loss.item(),
             "aux_loss": aux.loss.item() if aux is not None else 0.0,
             **extra,
-        }, residual=out.residual)
+        }, sums=out.sums)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
