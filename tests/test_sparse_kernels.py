@@ -1,4 +1,4 @@
-"""The sparse training kernels: the compiled CPU selection and its torch twin give the exact batch top-k."""
+"""The sparse training kernels: the compiled CPU paths and their torch twins give the same results."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from saepipe.sae.base import decoded_mse
 from saepipe.sae.cpu_kernels import count_above, gather_marked, keep_top, order_by_column
-from saepipe.sae.kernels import batch_top_k, row_top_k
+from saepipe.sae.kernels import batch_sums, batch_top_k, csr_matmul, gather_columns, row_top_k, sampled_dots
 
 
 def reference_top(pre: torch.Tensor, k_total: int) -> set[tuple[int, int]]:
@@ -103,3 +104,69 @@ def test_row_top_k_keeps_k_positive_entries_per_row_sorted_by_latent():
         assert bool((cols[1:] > cols[:-1]).all())
         if len(cols):
             assert pre[r, cols].min() >= torch.topk(pre[r], 5).values.min()
+
+
+def random_csr(n_rows: int, n_cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_rows, n_cols, generator=generator) < 0.15
+    mask[3] = False  # an empty row
+    mask[5, :7] = True  # a row with more than four entries
+    rows, cols = mask.nonzero(as_tuple=True)
+    crow = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(rows, minlength=n_rows).cumsum(0)])
+    return crow, cols, torch.randn(cols.numel(), generator=generator)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_csr_matmul_and_sampled_dots_match_dense_products(transpose):
+    crow, cols, values = random_csr(23, 37, seed=2)
+    dense_matrix = torch.zeros(23, 37)
+    dense_matrix[torch.repeat_interleave(torch.arange(23), crow.diff()), cols] = values
+    right = torch.randn(37, 9, generator=torch.Generator().manual_seed(3))
+    want = dense_matrix @ right
+    for on_cpu in (True, False):  # float64 values with float32 dense: not compiled, the torch path
+        got = csr_matmul(crow, cols, values if on_cpu else values.double(), right if on_cpu else right.double(),
+                         transpose=transpose)
+        torch.testing.assert_close(got.float(), want.t() if transpose else want, atol=1e-5, rtol=1e-5)
+        assert got.is_contiguous()
+    left = torch.randn(23, 9, generator=torch.Generator().manual_seed(4))
+    rows = torch.repeat_interleave(torch.arange(23), crow.diff())
+    want_dots = (left[rows] * right.t()[cols]).sum(1)
+    torch.testing.assert_close(sampled_dots(crow, cols, left, right.t().contiguous()), want_dots, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sampled_dots(crow, cols, left.double(), right.t().double()), want_dots.double(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_gather_columns_and_batch_sums():
+    generator = torch.Generator().manual_seed(5)
+    matrix = torch.randn(10, 30, generator=generator)
+    ids = torch.tensor([0, 7, 29, 3])
+    assert torch.equal(gather_columns(matrix, ids), matrix[:, ids])
+    decoded, bias, x = (torch.randn(12, 8, generator=generator), torch.randn(8, generator=generator),
+                        torch.randn(12, 8, generator=generator))
+    for args in ((decoded, bias, x), (decoded.double(), bias.double(), x.double())):
+        sums = batch_sums(*args)
+        x_hat = args[0] + args[1]
+        residual = args[2] - x_hat
+        torch.testing.assert_close(sums.x_hat, x_hat)
+        torch.testing.assert_close(sums.residual, residual)
+        want_rows = torch.stack([(args[2] * args[2]).sum(1), (args[2] * x_hat).sum(1), (x_hat * x_hat).sum(1),
+                                 (residual * residual).sum(1)], dim=1)
+        torch.testing.assert_close(sums.rows, want_rows)
+        torch.testing.assert_close(sums.residual_sum, residual.sum(0))
+        torch.testing.assert_close(sums.x_sum, args[2].sum(0))
+
+
+def test_decoded_mse_gradients_match_autograd():
+    generator = torch.Generator().manual_seed(6)
+    decoded = torch.randn(12, 8, generator=generator, requires_grad=True)
+    bias = torch.randn(8, generator=generator, requires_grad=True)
+    x = torch.randn(12, 8, generator=generator)
+    x_hat, loss, _ = decoded_mse(decoded, bias, x)
+    (loss * 3 + (x_hat * x).sum()).backward()  # through the loss and through x_hat itself
+    reference_decoded = decoded.detach().clone().requires_grad_()
+    reference_bias = bias.detach().clone().requires_grad_()
+    reference_x_hat = reference_decoded + reference_bias
+    (torch.nn.functional.mse_loss(reference_x_hat, x) * 3 + (reference_x_hat * x).sum()).backward()
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(reference_x_hat, x).detach())
+    torch.testing.assert_close(decoded.grad, reference_decoded.grad)
+    torch.testing.assert_close(bias.grad, reference_bias.grad)

@@ -213,6 +213,7 @@ class Trainer:
                         last = metrics.summary()
                         bar.set_postfix(loss=f"{last['loss']:.4f}", l0=f"{last['l0']:.1f}",
                                         fvu=f"{last['fvu']:.3f}")
+            train_seconds = time.perf_counter() - epoch_started
             dead = self.dead.mask(self.tokens_seen)
             record = {"epoch": epoch, **metrics.summary(), "dead_features": int(dead.sum()),
                       "dead_feature_percentage": 100.0 * float(dead.float().mean())}
@@ -221,8 +222,8 @@ class Trainer:
                 record["val_dead_features"] = record["dead_features"]
                 record["val_dead_feature_percentage"] = record["dead_feature_percentage"]
             record["lr"] = self.optimizer.param_groups[0]["lr"]
-            record["seconds"] = time.perf_counter() - epoch_started
-            record["activations_per_second"] = metrics.rows / record["seconds"]
+            record["seconds"] = time.perf_counter() - epoch_started  # validation included
+            record["activations_per_second"] = metrics.rows / train_seconds  # training steps and data loading
             self.history.append(record)
             self.epoch = epoch
             self._checkpoint(record)
@@ -260,5 +261,5 @@ class Trainer:
                if "val_loss" in r else "")
         return (f"epoch {int(r['epoch'])}: loss {r['loss']:.4f}, fvu {r['fvu']:.3f}, l0 {r['l0']:.1f}, "
                 f"dead {int(r['dead_features'])} ({r['dead_feature_percentage']:.1f}%){val} "
-                f"[{r['seconds']:.0f} s, {r['activations_per_second']:,.0f} act/s]")
+                f"[{r['seconds']:.0f} s, training {r['activations_per_second']:,.0f} act/s]")
 
