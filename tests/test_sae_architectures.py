@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saepipe.sae import SAEConfig, SparseAutoencoder, build_sae
+from saepipe.sae import SAEConfig, SparseAutoencoder, build_sae, kernels
 from saepipe.sae.batch_topk import BatchTopKSAE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -160,8 +160,11 @@ def test_matryoshka_rejects_prefixes_that_do_not_nest(prefixes):
         make("matryoshka", matryoshka_prefixes=prefixes)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-ops"])
 @pytest.mark.parametrize("arch", [*SPARSE, "standard"])
-def test_training_gradients_match_dense_autograd(arch):
+def test_training_gradients_match_dense_autograd(arch, compiled, monkeypatch):
+    if not compiled:  # the sparse kernels as a GPU runs them: torch operators only
+        monkeypatch.setattr(kernels, "_compiled", lambda *tensors: False)
     sae, x = make(arch), inputs()
     out = sae(x)
     (out.recon_loss + out.sparsity_loss).backward()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from saepipe.sae import kernels
 from saepipe.sae.base import decoded_mse
 from saepipe.sae.cpu_kernels import count_above, gather_marked, keep_top, order_by_column
 from saepipe.sae.kernels import batch_sums, batch_top_k, csr_matmul, gather_columns, row_top_k, sampled_dots
@@ -116,24 +117,23 @@ def random_csr(n_rows: int, n_cols: int, seed: int) -> tuple[torch.Tensor, torch
     return crow, cols, torch.randn(cols.numel(), generator=generator)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_csr_matmul_and_sampled_dots_match_dense_products(transpose):
+def test_csr_matmul_and_sampled_dots_match_dense_products(transpose, compiled, monkeypatch):
+    if not compiled:  # the torch operators a GPU runs
+        monkeypatch.setattr(kernels, "_compiled", lambda *tensors: False)
     crow, cols, values = random_csr(23, 37, seed=2)
+    rows = torch.repeat_interleave(torch.arange(23), crow.diff())
     dense_matrix = torch.zeros(23, 37)
-    dense_matrix[torch.repeat_interleave(torch.arange(23), crow.diff()), cols] = values
+    dense_matrix[rows, cols] = values
     right = torch.randn(37, 9, generator=torch.Generator().manual_seed(3))
     want = dense_matrix @ right
-    for on_cpu in (True, False):  # float64 values with float32 dense: not compiled, the torch path
-        got = csr_matmul(crow, cols, values if on_cpu else values.double(), right if on_cpu else right.double(),
-                         transpose=transpose)
-        torch.testing.assert_close(got.float(), want.t() if transpose else want, atol=1e-5, rtol=1e-5)
-        assert got.is_contiguous()
+    got = csr_matmul(crow, cols, values, right, transpose=transpose)
+    torch.testing.assert_close(got, want.t() if transpose else want, atol=1e-5, rtol=1e-5)
+    assert got.is_contiguous()
     left = torch.randn(23, 9, generator=torch.Generator().manual_seed(4))
-    rows = torch.repeat_interleave(torch.arange(23), crow.diff())
-    want_dots = (left[rows] * right.t()[cols]).sum(1)
-    torch.testing.assert_close(sampled_dots(crow, cols, left, right.t().contiguous()), want_dots, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sampled_dots(crow, cols, left.double(), right.t().double()), want_dots.double(),
-                               atol=1e-5, rtol=1e-5)
+    want_dots = (left[rows] * right[cols]).sum(1)  # left row r . right row c
+    torch.testing.assert_close(sampled_dots(crow, cols, left, right), want_dots, atol=1e-5, rtol=1e-5)
 
 
 def test_gather_columns_and_batch_sums():

@@ -262,7 +262,7 @@ def batch_top_k(pre: Tensor, k_total: int, hint: float | None = None, bias: Tens
     n_rows, n_latents = pre.shape
     k_total = min(k_total, pre.numel())
     flat = pre.reshape(-1)
-    cpu = _on_cpu(pre) and pre.is_contiguous() and pre.dtype in (torch.float32, torch.float64)
+    cpu = _compiled(pre) and pre.is_contiguous()
     if bias is not None and not (cpu and hint is not None and hint > 0):
         pre.add_(bias)  # the sampled thresholds below need the biased values
         bias = None
