@@ -232,6 +232,8 @@ def test_inference_encodes_each_token_on_its_own(arch):
         alone = sae.encode(x[i : i + 1])[0]
         assert torch.equal(alone != 0, enc[i] != 0)
         torch.testing.assert_close(alone, enc[i])
+    codes = sae.inference_codes(sae.pre_activations(x).detach())  # the sparse form validation uses
+    assert torch.equal(codes.to_dense(), enc.detach())
 
 
 @pytest.mark.parametrize("arch", ["batch_topk", "matryoshka"])

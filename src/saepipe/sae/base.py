@@ -171,6 +171,12 @@ class SparseAutoencoder(nn.Module):
         codes = self.activate(row_top_k(pre, self.cfg.k))
         return codes.to_dense()
 
+    def inference_codes(self, pre: Tensor) -> SparseCodes:
+        """`inference_features` as sparse codes (BatchTopK finds them without a dense pass)."""
+        features = self.inference_features(pre)
+        rows, cols = features.nonzero(as_tuple=True)
+        return SparseCodes(rows, cols, features[rows, cols], *features.shape)
+
     def sparsity_loss(self, codes: SparseCodes, pre: Tensor) -> Tensor:
         return torch.zeros((), device=pre.device)
 

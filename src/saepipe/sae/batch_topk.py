@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from saepipe.sae.base import SAEConfig, SAEOutput, SparseAutoencoder, register
-from saepipe.sae.kernels import SparseCodes, batch_top_k
+from saepipe.sae.kernels import SparseCodes, batch_top_k, codes_above
 
 
 @register
@@ -45,6 +45,9 @@ class BatchTopKSAE(SparseAutoencoder):
 
     def inference_features(self, pre: Tensor) -> Tensor:
         return pre * (pre > self.threshold)
+
+    def inference_codes(self, pre: Tensor) -> SparseCodes:
+        return codes_above(pre, float(self.threshold))
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput) -> None:

@@ -288,6 +288,17 @@ def batch_top_k(pre: Tensor, k_total: int, hint: float | None = None, bias: Tens
     return codes_from_csr(torch._convert_indices_from_coo_to_csr(rows, n_rows), cols, values, n_latents)
 
 
+def codes_above(pre: Tensor, threshold: float) -> SparseCodes:
+    """The entries of `pre` above `threshold`, as codes (on the CPU without a dense mask or nonzero pass)."""
+    if _compiled(pre) and pre.is_contiguous():
+        values = pre.detach().numpy()
+        crow, cols, kept = gather_marked(values, *count_above(values, threshold)[::-1])
+        return codes_from_csr(torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(kept), pre.shape[1])
+    rows, cols = (pre > threshold).nonzero(as_tuple=True)
+    return codes_from_csr(torch._convert_indices_from_coo_to_csr(rows, pre.shape[0]), cols, pre[rows, cols],
+                          pre.shape[1])
+
+
 def _falling_thresholds(flat: Tensor, k_total: int, n_latents: int, hint: float | None) -> Iterator[float]:
     """Candidate cuts, each tried only if the one before let fewer than k_total entries through."""
     if hint is not None and hint > 0:

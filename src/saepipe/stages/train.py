@@ -19,7 +19,6 @@ from saepipe.model.loading import load_hooked_model, resolve_device
 from saepipe.sae import SAEConfig, build_sae
 from saepipe.sae.formats import export_sae
 from saepipe.storage import plain, sha256_file
-from saepipe.training.allocator import keep_freed_memory
 from saepipe.training.checkpoints import BEST, load_checkpoint
 from saepipe.training.data import ActivationData, load_activation_data
 from saepipe.training.end_to_end import make_end_to_end_loss
@@ -110,7 +109,6 @@ def end_to_end_loss(params: Params, data: ActivationData, device: torch.device) 
 
 def run(params: Params) -> None:
     cfg = params.train
-    keep_freed_memory()
     device = resolve_device(cfg.device, "train.device")
     cache_path = Path(params.activations.output_dir) / "activations.h5"
     data = load_activation_data(cache_path, include_outliers=cfg.include_outliers,

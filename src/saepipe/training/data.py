@@ -46,13 +46,15 @@ def _load_split(cache: ActivationCache, split: str, include_outliers: bool, max_
         chosen = np.random.default_rng(seed).choice(np.flatnonzero(keep), size=max_rows, replace=False)
         keep = np.zeros_like(keep)
         keep[chosen] = True
-    blocks = []
+    # Filled in place, block by block: concatenating blocks would hold the split twice at its peak.
+    data = torch.empty(int(keep.sum()), cache.d_model, dtype=TORCH_STORAGE[cache.storage_dtype])
+    filled = 0
     for start in range(0, stored.shape[0], READ_BLOCK_ROWS):
         mask = keep[start : start + READ_BLOCK_ROWS]
         if mask.any():
-            block = stored[start : start + len(mask)][mask]
-            blocks.append(from_storage(block, cache.storage_dtype).to(TORCH_STORAGE[cache.storage_dtype]))
-    data = torch.cat(blocks) if blocks else torch.zeros(0, cache.d_model)
+            block = from_storage(stored[start : start + len(mask)][mask], cache.storage_dtype)
+            data[filled : filled + len(block)] = block
+            filled += len(block)
     return data, 0 if include_outliers else int(outlier.sum())
 
 

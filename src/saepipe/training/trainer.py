@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from saepipe.config import TrainConfig
 from saepipe.sae import SAEOutput, SparseAutoencoder
-from saepipe.sae.kernels import SparseCodes
+from saepipe.sae.base import decoded_mse
+from saepipe.sae.kernels import decode_sparse
 from saepipe.storage import write_json
+from saepipe.training.allocator import keep_freed_memory
 from saepipe.training.checkpoints import (
     BEST,
     EPOCH_RE,
@@ -180,17 +182,15 @@ class Trainer:
         dead = self.dead.mask(self.tokens_seen)
         for x in iter_batches(rows, None, self.cfg.batch_size, self.data.scale, self.device):
             pre = self.sae.pre_activations(x)
-            features = self.sae.inference_features(pre)
-            x_hat = self.sae.decode(features)
-            recon = torch.nn.functional.mse_loss(x_hat, x)
-            r, c = features.nonzero(as_tuple=True)
-            sparsity = self.sae.sparsity_loss(SparseCodes(r, c, features[r, c], x.shape[0], self.sae.d_sae), pre)
-            codes = SparseCodes(r, c, features[r, c], x.shape[0], self.sae.d_sae)
-            aux = self.sae.auxk_loss(x, SAEOutput(x_hat, codes, pre, recon, sparsity), dead)
+            codes = self.sae.inference_codes(pre)
+            x_hat, recon, sums = decoded_mse(decode_sparse(codes, self.sae.W_dec), self.sae.b_dec, x)
+            sparsity = self.sae.sparsity_loss(codes, pre)
+            aux = self.sae.auxk_loss(x, SAEOutput(x_hat, codes, pre, recon, sparsity, sums), dead)
             loss = recon + self.cfg.sparsity_penalty * sparsity + self.cfg.aux_coefficient * aux
-            metrics.add(x, x_hat, int(r.numel()), {"loss": loss.item(), "recon_loss": recon.item(),
-                                                    "l1_loss": sparsity.item(), "aux_loss": aux.item(),
-                                                    "weighted_l1_loss": self.cfg.sparsity_penalty * sparsity.item()})
+            metrics.add(x, x_hat, codes.nnz, {"loss": loss.item(), "recon_loss": recon.item(),
+                                               "l1_loss": sparsity.item(), "aux_loss": aux.item(),
+                                               "weighted_l1_loss": self.cfg.sparsity_penalty * sparsity.item()},
+                        sums=sums)
         self.sae.train()
         return metrics.summary("val_")
 
@@ -198,6 +198,9 @@ class Trainer:
         started = time.perf_counter()
         torch.manual_seed(self.cfg.seed)
         self.resume_or_start()
+        # Only now: loading and initialising free their large temporaries back to the OS; the steps below
+        # reuse the same blocks every time, which a heap that is never trimmed serves without page faults.
+        keep_freed_memory()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.sae.train()
         for epoch in range(self.epoch + 1, self.cfg.num_epochs + 1):
