@@ -60,10 +60,13 @@ def test_the_tensor_path_matches_the_compiled_one():
     torch.testing.assert_close(compiled.detach(), plain, atol=1e-6, rtol=1e-5)
 
 
-def test_non_contiguous_parameters_take_the_tensor_path_and_biases_are_updated():
-    weight = torch.nn.Parameter(torch.randn(16, 8).t())  # a transposed view: not contiguous
+@pytest.mark.parametrize("grad_layout", ["same", "other"])
+def test_column_major_parameters_and_biases_are_updated(grad_layout):
+    weight = torch.nn.Parameter(torch.randn(16, 8).t())  # column-major, as the encoder is stored
     bias = torch.nn.Parameter(torch.zeros(8))
-    weight.grad, bias.grad = torch.ones_like(weight), torch.ones_like(bias)
+    # a gradient in the parameter's own layout takes the compiled path; another layout the tensor path
+    weight.grad = torch.ones_like(weight) if grad_layout == "same" else torch.ones(8, 16)
+    bias.grad = torch.ones_like(bias)
     before = weight.detach().clone()
     ConstrainedAdam([weight, bias], lr=0.1).step()
     # Adam's first step moves every entry by lr against the sign of its gradient

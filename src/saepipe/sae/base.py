@@ -149,7 +149,8 @@ class SparseAutoencoder(nn.Module):
         decoder = torch.randn(cfg.d_sae, cfg.d_in)
         decoder /= decoder.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(decoder)
-        self.W_enc = nn.Parameter(decoder.t().contiguous())  # row-major: fused Adam's fast path
+        # [d_in, d_sae] stored latent-major (the decoder's layout): its sparse gradient is formed latent by latent
+        self.W_enc = nn.Parameter(decoder.t().clone())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 

@@ -42,11 +42,26 @@ class ConstrainedAdam(torch.optim.Optimizer):
                 tensors = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
                 options = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"],
                            "step": int(state["step"]), "unit_rows": group["unit_rows"]}
-                if all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in (torch.float32, torch.float64)
-                       and t.dtype == param.dtype for t in tensors):
-                    cpu_kernels.adam(*(t.numpy() for t in tensors), **options)
+                arrays = _compiled_views(tensors, keep_rows=group["unit_rows"])
+                if arrays is not None:
+                    cpu_kernels.adam(*arrays, **options)
                 else:
                     _adam_in_torch(*tensors, **options)
+
+
+def _compiled_views(tensors: tuple[Tensor, ...], keep_rows: bool) -> list | None:
+    """C-contiguous numpy views of CPU float tensors that share one layout (a column-major matrix is
+    viewed transposed: Adam is elementwise, only the unit-row constraint needs the rows), else None."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
+        return None
+    if any(t.dtype != first.dtype or t.device != first.device or t.stride() != first.stride() for t in tensors):
+        return None
+    if first.is_contiguous():
+        return [t.numpy() for t in tensors]
+    if first.dim() == 2 and first.t().is_contiguous() and not keep_rows:
+        return [t.t().numpy() for t in tensors]
+    return None
 
 
 def _adam_in_torch(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, beta1: float,
