@@ -49,10 +49,15 @@ def to_storage(acts: torch.Tensor, storage_dtype: str) -> np.ndarray:
     return acts.to(getattr(torch, storage_dtype)).numpy()
 
 
-def from_storage(stored: np.ndarray, storage_dtype: str) -> torch.Tensor:
+def stored_tensor(stored: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    """The on-disk rows as a tensor of the storage dtype, without a copy."""
     if storage_dtype == "bfloat16":
-        return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.asarray(stored)).float()
+        return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.asarray(stored))
+
+
+def from_storage(stored: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    return stored_tensor(stored, storage_dtype).float()
 
 
 def _numpy_dtype(storage_dtype: str) -> type:
