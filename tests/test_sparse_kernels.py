@@ -131,6 +131,10 @@ def test_csr_matmul_and_sampled_dots_match_dense_products(transpose, compiled, m
     got = csr_matmul(crow, cols, values, right, transpose=transpose)
     torch.testing.assert_close(got, want.t() if transpose else want, atol=1e-5, rtol=1e-5)
     assert got.is_contiguous()
+    order = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(8))  # values kept elsewhere
+    stored = torch.empty_like(values)
+    stored[order] = values
+    torch.testing.assert_close(csr_matmul(crow, cols, stored, right, transpose=transpose, order=order), got)
     left = torch.randn(23, 9, generator=torch.Generator().manual_seed(4))
     want_dots = (left[rows] * right[cols]).sum(1)  # left row r . right row c
     torch.testing.assert_close(sampled_dots(crow, cols, left, right), want_dots, atol=1e-5, rtol=1e-5)

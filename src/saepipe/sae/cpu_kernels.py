@@ -141,40 +141,44 @@ def _keep_above_cut(crow, cols, values, cut, k_total, new_crow, new_cols, new_va
 
 
 @njit(fastmath=True, **_OPTIONS)
-def _csr_row_times_dense(crow, cols, values, dense, r, acc):  # pragma: no cover - compiled
+def _csr_row_times_dense(crow, cols, values, order, dense, r, acc):  # pragma: no cover - compiled
     acc[:] = 0
     i, end = crow[r], crow[r + 1]
+    indirect = order.size > 0  # values[order[i]]: entries stored in another order (no permuted copy)
     while i + 4 <= end:  # four dense rows per sweep of the accumulator
         c0, c1, c2, c3 = cols[i], cols[i + 1], cols[i + 2], cols[i + 3]
-        v0, v1, v2, v3 = values[i], values[i + 1], values[i + 2], values[i + 3]
+        if indirect:
+            v0, v1, v2, v3 = values[order[i]], values[order[i + 1]], values[order[i + 2]], values[order[i + 3]]
+        else:
+            v0, v1, v2, v3 = values[i], values[i + 1], values[i + 2], values[i + 3]
         for j in range(acc.size):
             acc[j] += v0 * dense[c0, j] + v1 * dense[c1, j] + v2 * dense[c2, j] + v3 * dense[c3, j]
         i += 4
     while i < end:
-        c, v = cols[i], values[i]
+        c, v = cols[i], values[order[i]] if indirect else values[i]
         for j in range(acc.size):
             acc[j] += v * dense[c, j]
         i += 1
 
 
 @njit(parallel=True, fastmath=True, **_OPTIONS)
-def _csr_matmul(crow, cols, values, dense, out):  # pragma: no cover - compiled
+def _csr_matmul(crow, cols, values, order, dense, out):  # pragma: no cover - compiled
     for r in prange(crow.size - 1):
-        _csr_row_times_dense(crow, cols, values, dense, r, out[r])
+        _csr_row_times_dense(crow, cols, values, order, dense, r, out[r])
 
 
 _BLOCK = 16  # output rows per block of the transposed product: 64 bytes of each output column
 
 
 @njit(parallel=True, fastmath=True, **_OPTIONS)
-def _csr_matmul_transposed(crow, cols, values, dense, out):  # pragma: no cover - compiled
+def _csr_matmul_transposed(crow, cols, values, order, dense, out):  # pragma: no cover - compiled
     n_rows, d = crow.size - 1, dense.shape[1]
     for block in prange((n_rows + _BLOCK - 1) // _BLOCK):
         r0 = block * _BLOCK
         r1 = min(r0 + _BLOCK, n_rows)
         acc = np.empty((_BLOCK, d), dense.dtype)
         for r in range(r0, r1):
-            _csr_row_times_dense(crow, cols, values, dense, r, acc[r - r0])
+            _csr_row_times_dense(crow, cols, values, order, dense, r, acc[r - r0])
         for j in range(d):
             for r in range(r0, r1):
                 out[j, r] = acc[r - r0, j]
@@ -335,15 +339,17 @@ def keep_top(crow: np.ndarray, cols: np.ndarray, values: np.ndarray, k_total: in
 
 
 def csr_matmul(crow: np.ndarray, cols: np.ndarray, values: np.ndarray, dense: np.ndarray,
-               transpose: bool = False) -> np.ndarray:
+               transpose: bool = False, order: np.ndarray | None = None) -> np.ndarray:
     """S @ dense for S in CSR form (row offsets, columns, values): row r sums values x rows of `dense`.
 
     With `transpose`, (S @ dense).T, C-contiguous, written directly (no separate transposing copy).
+    With `order`, entry i's value is values[order[i]] (values kept in another order, not permuted first).
     """
     _threads()
     n_rows, d = crow.size - 1, dense.shape[1]
     out = np.empty((d, n_rows) if transpose else (n_rows, d), dtype=dense.dtype)
-    (_csr_matmul_transposed if transpose else _csr_matmul)(crow, cols, values, dense, out)
+    order = np.empty(0, np.int64) if order is None else order
+    (_csr_matmul_transposed if transpose else _csr_matmul)(crow, cols, values, order, dense, out)
     return out
 
 

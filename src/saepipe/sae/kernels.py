@@ -67,11 +67,15 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def csr_matmul(crow: Tensor, cols: Tensor, values: Tensor, dense: Tensor, transpose: bool = False) -> Tensor:
+def csr_matmul(crow: Tensor, cols: Tensor, values: Tensor, dense: Tensor, transpose: bool = False,
+               order: Tensor | None = None) -> Tensor:
     """S @ dense for a CSR matrix S with these row offsets, columns and values (S has dense.shape[0] columns);
-    with `transpose`, its contiguous transpose."""
+    with `transpose`, its contiguous transpose; with `order`, entry i's value is values[order[i]]."""
     if _compiled(values, dense):
-        return torch.from_numpy(cpu_kernels.csr_matmul(_np(crow), _np(cols), _np(values), _np(dense), transpose))
+        return torch.from_numpy(cpu_kernels.csr_matmul(_np(crow), _np(cols), _np(values), _np(dense), transpose,
+                                                       None if order is None else _np(order)))
+    if order is not None:
+        values = values[order]
     product = _csr(crow, cols, values, (crow.numel() - 1, dense.shape[0])) @ dense
     return product.t().contiguous() if transpose else product
 
@@ -164,7 +168,7 @@ class Pattern:
                 starts = torch._convert_indices_from_coo_to_csr(self.cols[order], self.n_latents)
             self._t = (starts, order, self.rows[order])
         starts, order, rows = self._t
-        return csr_matmul(starts, rows, values[order], dense, transpose)
+        return csr_matmul(starts, rows, values, dense, transpose, order=order)
 
 
 class EncodeSelected(torch.autograd.Function):
