@@ -1,12 +1,16 @@
-"""Compiled CPU loops (numba) for the steps torch has no fast CPU operator for.
+"""Compiled CPU loops (numba) for the training steps torch has no fast CPU operator for.
 
-Finding the entries above a threshold in a [batch, d_sae] matrix costs torch or numpy several full
-passes (compare, nonzero, gather: ~15 ms for 4096 x 4608 on two cores, a quarter of the encoder
-matmul); here it is one vectorised pass that adds the bias, marks a bit per entry and counts, and one
-that visits only the set bits. Sorting the selected entries by latent is a counting sort, not a comparison sort.
-The sparse-dense products (CSR x dense, and dot products sampled at a pattern) are the same memory-bound
-gathers torch runs, four rows per sweep and without torch's zero-fill and copy of the output: ~20% faster.
-Every function takes and returns numpy arrays; the torch-facing wrappers live in `kernels`.
+- Batch top-k: finding the entries above a threshold in a [batch, d_sae] matrix costs torch or numpy
+  several full passes (compare, nonzero, gather: ~15 ms at 4096 x 4608 on two cores, a quarter of the
+  encoder matmul); here one vectorised pass adds the bias, marks a bit per entry and counts, and a
+  second visits only the set bits. Sorting the kept entries by latent is a counting sort.
+- Sparse-dense products (CSR x dense, dot products sampled at a pattern): the same memory-bound gathers
+  torch runs, four rows per sweep and without torch's zero-fill and copy of the output (~20% faster).
+- `reconstruct`: x_hat, the residual and every sum the loss and the metrics need, in one pass.
+- `adam`: Adam with the decoder's unit-norm constraint in the same pass over each row.
+
+Every function takes and returns numpy arrays; the torch-facing wrappers live in `kernels` and
+`training.optimizer`. The first call compiles (cached in __pycache__, a few seconds).
 """
 
 from __future__ import annotations
@@ -185,19 +189,6 @@ def _csr_matmul_transposed(crow, cols, values, order, dense, out):  # pragma: no
 
 
 @njit(parallel=True, fastmath=True, **_OPTIONS)
-def _remove_parallel(grad, rows):  # pragma: no cover - compiled
-    for i in prange(rows.shape[0]):
-        along = rows.dtype.type(0)
-        norm_sq = rows.dtype.type(0)
-        for j in range(rows.shape[1]):
-            along += grad[i, j] * rows[i, j]
-            norm_sq += rows[i, j] * rows[i, j]
-        factor = along / max(norm_sq, 1e-12)
-        for j in range(rows.shape[1]):
-            grad[i, j] -= factor * rows[i, j]
-
-
-@njit(parallel=True, fastmath=True, **_OPTIONS)
 def _reconstruct(decoded, bias, x, x_hat, residual, rows, column_sums):  # pragma: no cover - compiled
     n_rows, d = x.shape
     n_chunks = column_sums.shape[0]
@@ -351,12 +342,6 @@ def csr_matmul(crow: np.ndarray, cols: np.ndarray, values: np.ndarray, dense: np
     order = np.empty(0, np.int64) if order is None else order
     (_csr_matmul_transposed if transpose else _csr_matmul)(crow, cols, values, order, dense, out)
     return out
-
-
-def remove_parallel(grad: np.ndarray, rows: np.ndarray) -> None:
-    """grad[i] -= (grad[i] . rows[i] / |rows[i]|^2) rows[i], in place, one pass per row."""
-    _threads()
-    _remove_parallel(grad, rows)
 
 
 def reconstruct(decoded: np.ndarray, bias: np.ndarray, x: np.ndarray

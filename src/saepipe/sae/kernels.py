@@ -2,8 +2,9 @@
 
 The dense pre-activations are computed once without autograd. The selected entries then re-enter the
 graph through `EncodeSelected`, whose backward is a sparse-dense product over just those entries
-(not a dense d_in x d_sae one), and are decoded by `DecodeSparse`, an embedding-bag style gather of
-decoder rows whose backward touches only the selected rows.
+(not a dense d_in x d_sae one), and are decoded by `DecodeSparse`, a gather of decoder rows whose
+backward touches only the selected rows. Each operation runs the compiled loops of `cpu_kernels` on
+CPU float tensors and torch operators elsewhere (a GPU); tests check that the two agree.
 """
 
 from __future__ import annotations
@@ -81,10 +82,8 @@ def csr_matmul(crow: Tensor, cols: Tensor, values: Tensor, dense: Tensor, transp
 
 
 def remove_parallel_(grad: Tensor, rows: Tensor) -> None:
-    """grad[i] -= (grad[i] . rows[i] / |rows[i]|^2) rows[i], in place."""
-    if _compiled(grad, rows) and grad.is_contiguous() and rows.is_contiguous():
-        cpu_kernels.remove_parallel(grad.numpy(), rows.detach().numpy())
-        return
+    """grad[i] -= (grad[i] . rows[i] / |rows[i]|^2) rows[i], in place (on the CPU, training does this
+    inside `ConstrainedAdam`'s compiled pass)."""
     along = torch.linalg.vecdot(grad, rows) / torch.linalg.vector_norm(rows, dim=1).square().clamp_min(1e-12)
     grad.addcmul_(along.unsqueeze(1), rows, value=-1)
 
