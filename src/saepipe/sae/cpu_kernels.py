@@ -10,7 +10,7 @@
 - `adam`: Adam with the decoder's unit-norm constraint in the same pass over each row.
 
 Every function takes and returns numpy arrays; the torch-facing wrappers live in `kernels` and
-`training.optimizer`. The first call compiles (cached in __pycache__, a few seconds).
+`training.optimizer`. The first call compiles (cached in __pycache__; about 10 s for all of them).
 """
 
 from __future__ import annotations
