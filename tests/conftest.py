@@ -65,6 +65,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny_model")
 
 
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    """The tiny model loaded as saepipe loads base models (once per test module)."""
+    import torch
+
+    from saepipe.model.loading import load_hooked_model
+
+    return load_hooked_model(tiny_model_dir, device=torch.device("cpu"))
+
+
 @pytest.fixture
 def repo_params():
     """The repo's params.yaml, loaded and validated."""

@@ -25,7 +25,6 @@ from saepipe.analysis.sparsity import (
     sparsity_metrics,
 )
 from saepipe.corpus.tokens import TokenCache
-from saepipe.model.loading import load_hooked_model
 from saepipe.model.splice import splice_hook
 from saepipe.sae import SAEConfig, build_sae
 
@@ -182,11 +181,6 @@ def test_outlier_rows_are_left_out_and_reported() -> None:
 
 
 # ---- ablation ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_hooked_model(tiny_model_dir, device=torch.device("cpu"))
-
-
 @pytest.fixture(scope="module")
 def tokens():
     return torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(0))

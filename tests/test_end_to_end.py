@@ -9,17 +9,11 @@ import torch
 from conftest import identity_sae
 from saepipe.corpus.tokens import TokenCache
 from saepipe.model.hooks import HookSpec
-from saepipe.model.loading import load_hooked_model
 from saepipe.sae import SAEConfig, build_sae
 from saepipe.training.end_to_end import end_to_end_losses, make_end_to_end_loss, sample_windows
 
 HOOK = HookSpec(layer=0, name="hook_resid_post")
 SCALE = 3.0
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_hooked_model(tiny_model_dir, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
