@@ -25,6 +25,7 @@ class BatchTopKSAE(SparseAutoencoder):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long))
+        self._last_cut = math.inf  # the last training batch's smallest kept value (a hint, not state)
 
     def select(self, pre: Tensor) -> SparseCodes:
         return self._select(pre, bias=None)
@@ -37,7 +38,7 @@ class BatchTopKSAE(SparseAutoencoder):
         # selection that holds unless the cut falls >10% in a step (batch_top_k then lowers it itself).
         hint = None
         if int(self.threshold_steps) > 0:
-            hint = 0.9 * min(float(self.threshold), getattr(self, "_last_cut", math.inf))
+            hint = 0.9 * min(float(self.threshold), self._last_cut)
         codes = batch_top_k(pre, self.cfg.k * pre.shape[0], hint=hint, bias=bias)
         if codes.nnz:
             self._last_cut = float(codes.values.min())
