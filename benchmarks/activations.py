@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "src"))
 from saepipe.activations.cache import ActivationCacheWriter  # noqa: E402
 from saepipe.activations.extract import extract, iter_window_batches  # noqa: E402
 from saepipe.activations.windows import batch_windows, padding_fraction, plan_windows  # noqa: E402
-from saepipe.config import SECTIONS, Params, build_section, load_params  # noqa: E402
+from saepipe.config import Params, load_params, replace_values  # noqa: E402
 from saepipe.corpus.tokens import read_token_cache  # noqa: E402
 from saepipe.model.hooks import block_hook_names, resolve_hook  # noqa: E402
 from saepipe.model.loading import load_hooked_model, resolve_device  # noqa: E402
@@ -36,8 +36,7 @@ from saepipe.stages.activations import split_sink  # noqa: E402
 
 
 def replace(params: Params, section: str, **changes) -> Params:
-    values = {**dataclasses.asdict(getattr(params, section)), **changes}
-    return dataclasses.replace(params, **{section: build_section(section, SECTIONS[section], values)})
+    return dataclasses.replace(params, **{section: replace_values(getattr(params, section), **changes)})
 
 
 def ensure_tokens(params: Params, workdir: Path) -> Params:

@@ -33,7 +33,7 @@ from saepipe.config import load_params  # noqa: E402
 from saepipe.corpus.tokens import read_token_cache  # noqa: E402
 from saepipe.model.hooks import block_hook_names, resolve_hook  # noqa: E402
 from saepipe.model.loading import load_hooked_model, resolve_device  # noqa: E402
-from saepipe.sae import SAEConfig, build_sae  # noqa: E402
+from saepipe.sae import build_sae, sae_config  # noqa: E402
 from saepipe.sae.formats import load_sae  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     else:
         torch.manual_seed(0)
         d = int(model.cfg.d_model)
-        sae_cfg = SAEConfig(sae_type="topk", d_in=d, d_sae=params.train.sae_expansion * d, k=params.train.topk)
+        sae_cfg = sae_config("topk", d_in=d, d_sae=params.train.sae.sae_expansion * d, k=params.train.sae.topk)
         sae, sae_name = build_sae(sae_cfg).to(device).eval(), f"random topk {d}->{sae_cfg.d_sae}, k={sae_cfg.k}"
     bos_id = int(model.tokenizer.bos_token_id) if cfg.prepend_bos else None
     plan = ablation_plan(tokens, params.evaluate.split, max_text_length=cfg.max_text_length,

@@ -18,7 +18,6 @@ activation cache when present, else Gaussian rows.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from saepipe.config import load_params  # noqa: E402
-from saepipe.sae import SAEConfig, build_sae  # noqa: E402
+from saepipe.config import load_params, replace_values  # noqa: E402
+from saepipe.sae import build_sae, sae_config  # noqa: E402
 from saepipe.training.allocator import keep_freed_memory  # noqa: E402
 from saepipe.training.data import ActivationData, load_activation_data  # noqa: E402
 from saepipe.training.metrics import EpochMetrics  # noqa: E402
@@ -117,11 +116,12 @@ def main() -> None:
     d_sae = D_IN * EXPANSION
     batches = [rows[torch.randint(0, rows.shape[0], (BATCH,))] for _ in range(args.steps + 2)]
 
-    cfg = dataclasses.replace(load_params(REPO / "params.yaml").train, batch_size=BATCH, topk=K, topk_aux=K_AUX,
-                              sae_type="batch_topk", device="cpu", lr_warmup_steps=0)
-    sae_cfg = SAEConfig(sae_type="batch_topk", d_in=D_IN, d_sae=d_sae, k=K, k_aux=K_AUX)
+    cfg = replace_values(load_params(REPO / "params.yaml").train, batch_size=BATCH, topk=K, topk_aux=K_AUX,
+                         sae_type="batch_topk", device="cpu", lr_warmup_steps=0)
+    sae_cfg = sae_config("batch_topk", d_in=D_IN, d_sae=d_sae, k=K, k_aux=K_AUX)
     data = ActivationData(rows, rows[:BATCH], 1.0, {}, {"train": 0, "validation": 0})
-    trainer = Trainer(build_sae(sae_cfg), data, cfg, Path(tempfile.mkdtemp()), {}, torch.device("cpu"), progress=False)
+    trainer = Trainer(build_sae(sae_cfg), data, cfg, Path(tempfile.mkdtemp()), None, torch.device("cpu"),
+                      progress=False)
     trainer.initialise()
     metrics = EpochMetrics(d_sae)
 

@@ -85,11 +85,9 @@ def repo_params():
 
 def with_section(params, section: str, **changes):
     """A copy of `params` with fields of one section replaced (validated like params.yaml)."""
-    from saepipe.config import SECTIONS, build_section
+    from saepipe.config import replace_values
 
-    current = dataclasses.asdict(getattr(params, section))
-    new = build_section(section, SECTIONS[section], {**current, **changes})
-    return dataclasses.replace(params, **{section: new})
+    return dataclasses.replace(params, **{section: replace_values(getattr(params, section), **changes)})
 
 
 def tiny_documents(n: int = 12) -> list[str]:
@@ -123,9 +121,9 @@ def identity_sae(d: int = 64):
     """An SAE with x_hat == x exactly: features [relu(x), relu(-x)] decoded by [I; -I] (ReLU needs both signs)."""
     import torch
 
-    from saepipe.sae import SAEConfig, build_sae
+    from saepipe.sae import build_sae, sae_config
 
-    sae = build_sae(SAEConfig(sae_type="topk", d_in=d, d_sae=2 * d, k=2 * d))
+    sae = build_sae(sae_config("topk", d_in=d, d_sae=2 * d, k=2 * d))
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -171,7 +170,7 @@ def test_no_bos_token_is_a_clear_error(tokenized, tmp_path) -> None:
 def write_params(params, path: Path) -> Path:
     import yaml
 
-    path.write_text(yaml.safe_dump({k: dataclasses.asdict(v) for k, v in vars(params).items()}))
+    path.write_text(yaml.safe_dump(params.to_dict()))
     return path
 
 

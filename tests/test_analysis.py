@@ -26,7 +26,7 @@ from saepipe.analysis.sparsity import (
 )
 from saepipe.corpus.tokens import TokenCache
 from saepipe.model.splice import splice_hook
-from saepipe.sae import SAEConfig, build_sae
+from saepipe.sae import build_sae, sae_config
 
 D = 64
 HOOK = "blocks.0.hook_resid_post"
@@ -44,7 +44,7 @@ def zero_sae(d: int = D):
 
 def random_sae(d: int = D, k: int = 8, seed: int = 0):
     torch.manual_seed(seed)
-    return build_sae(SAEConfig(sae_type="topk", d_in=d, d_sae=4 * d, k=k)).eval()
+    return build_sae(sae_config("topk", d_in=d, d_sae=4 * d, k=k)).eval()
 
 
 def batches(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -214,7 +214,7 @@ def test_error_term_added_back_equals_clean(model, tokens) -> None:
     mean = torch.randn(D, generator=torch.Generator().manual_seed(4))
     out = ablation_metrics(model, HOOK, random_sae(k=2), tokens, mean=mean)
     assert out["kl_sae"] > 1e-5  # the SAE alone does change the model ...
-    assert out["kl_sae_with_error"] < 1e-9  # ... its reconstruction plus its error does not
+    assert out["kl_sae_with_error"] < 1e-7  # ... its reconstruction plus its error does not (float32 rounding)
     assert out["ce_sae_with_error"] == pytest.approx(out["ce_clean"], abs=1e-6)
     assert out["ce_mean"] != pytest.approx(out["ce_zero"])
     want = (out["ce_mean"] - out["ce_sae"]) / (out["ce_mean"] - out["ce_clean"])

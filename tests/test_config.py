@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-
 import pytest
 import yaml
 
 from conftest import REPO
 from saepipe.cli import STAGES, build_parser, main
-from saepipe.config import SECTIONS, field_docs, load_params
+from saepipe.config import SECTIONS, flat_fields, flat_values, load_params
 from saepipe.errors import UserError
 
 
@@ -27,10 +24,10 @@ def test_repo_params_are_valid_and_complete() -> None:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(raw) == set(SECTIONS)
     for name, cls in SECTIONS.items():
-        assert set(raw[name]) == {f.name for f in dataclasses.fields(cls)}
-        assert dataclasses.asdict(getattr(params, name)) == {
-            k: (float(v) if isinstance(v, int) and typing.get_type_hints(cls)[k] is float else v)
-            for k, v in raw[name].items()
+        hints = {f.name: f.hint for f in flat_fields(cls)}
+        assert set(raw[name]) == set(hints)
+        assert flat_values(getattr(params, name)) == {
+            k: (float(v) if isinstance(v, int) and hints[k] is float else v) for k, v in raw[name].items()
         }
 
 
@@ -56,17 +53,48 @@ def test_repo_params_are_valid_and_complete() -> None:
         (lambda p: p["train"].update(matryoshka_prefix_fractions=[0.5, 0.25]),
          "train.matryoshka_prefix_fractions=[0.5, 0.25]: expected increasing"),
         (lambda p: p["export"].update(hf_repo_id="no-slash"), "export.hf_repo_id='no-slash'"),
+        (lambda p: p["train"].update(run_name="my run"), "train.run_name='my run': expected a folder name"),
+        (lambda p: p["train"].update(run_name="../up"), "train.run_name='../up': expected a folder name"),
+        (lambda p: p.update(trian={"lr": 1.0}), "unknown section 'trian'; did you mean 'train'?"),
+        (lambda p: p["train"].update(toppk=3), "unknown key train.toppk; did you mean 'topk'?"),
         (lambda p: p.pop("train"), "section 'train' is missing"),
     ],
 )
-def test_invalid_params_name_the_field(tmp_path, capsys, mutate, message) -> None:
+def test_invalid_params_name_the_field(tmp_path, capsys, monkeypatch, mutate, message) -> None:
     path = write(tmp_path, mutate)
+    monkeypatch.chdir(tmp_path)  # the file is the project's params.yaml: nothing to fall back on
     with pytest.raises(UserError) as info:
         load_params(path)
     assert message in str(info.value)
-    assert main(["tokenize", "--params", path]) == 2
+    section = next((name for name in SECTIONS if message.startswith(f"{name}.") or f" {name}." in message), "train")
+    stage = next(name for name, spec in STAGES.items() if spec.section == section)
+    assert main([stage, "--params", path]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_partial_params_file_falls_back_key_by_key(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "mine.yaml").write_text("train:\n  topk: 7\nevaluate:\n  split: train\n")
+    monkeypatch.chdir(REPO)  # the project's params.yaml supplies everything mine.yaml leaves out
+    params = load_params(tmp_path / "mine.yaml")
+    repo = load_params(REPO / "params.yaml")
+    assert params.train.sae.topk == 7 and params.evaluate.split == "train"
+    assert flat_values(params.train) == {**flat_values(repo.train), "topk": 7}
+    assert params.activations == repo.activations
+
+
+def test_a_stage_validates_only_the_sections_it_reads(tmp_path, monkeypatch) -> None:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["topk"] = "many"  # broken, but process never reads train
+    del raw["evaluate"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    params = load_params("params.yaml", sections=["process"])
+    assert params.process.min_words == raw["process"]["min_words"]
+    with pytest.raises(AttributeError, match="'train' was not loaded"):
+        _ = params.train.sae
+    with pytest.raises(UserError, match=r"train\.topk='many'"):
+        load_params("params.yaml", sections=["export", "train"])
 
 
 def test_missing_and_malformed_params_files(tmp_path) -> None:
@@ -93,22 +121,21 @@ def test_flags_override_one_value_with_the_same_checks() -> None:
     args = parser.parse_args(["train", "--lr", "1e-3", "--wandb-tags", "a", "b", "--sae-type", "topk"])
     assert overrides_from_args(args) == {"train": {"lr": 1e-3, "wandb_tags": ["a", "b"], "sae_type": "topk"}}
     params = load_params(REPO / "params.yaml", overrides_from_args(args))
-    assert params.train.lr == 1e-3 and params.train.sae_type == "topk"
+    assert params.train.lr == 1e-3 and params.train.sae.sae_type == "topk"
     args = parser.parse_args(["activations", "--hook-layer", "twelve"])
     with pytest.raises(UserError, match=r"activations\.hook_layer='twelve': expected an integer"):
         overrides_from_args(args)
 
 
 def test_every_option_has_help(capsys) -> None:
-    for stage, (_, section) in STAGES.items():
-        docs = field_docs(SECTIONS[section])
+    for stage, spec in STAGES.items():
         with pytest.raises(SystemExit):
             main([stage, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        for field in dataclasses.fields(SECTIONS[section]):
-            assert docs.get(field.name), f"{section}.{field.name} has no docstring"
+        for field in flat_fields(SECTIONS[spec.section]):
+            assert field.doc, f"{spec.section}.{field.name} has no docstring"
             assert "--" + field.name.replace("_", "-") in text
-            assert " ".join(docs[field.name].split()[:4]) in text
+            assert " ".join(field.doc.split()[:4]) in text
 
 
 def test_unknown_flag_is_one_line_exit_2(capsys) -> None:

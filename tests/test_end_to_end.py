@@ -9,7 +9,7 @@ import torch
 from conftest import identity_sae
 from saepipe.corpus.tokens import TokenCache
 from saepipe.model.hooks import HookSpec
-from saepipe.sae import SAEConfig, build_sae
+from saepipe.sae import build_sae, sae_config
 from saepipe.training.end_to_end import end_to_end_losses, make_end_to_end_loss, sample_windows
 
 HOOK = HookSpec(layer=0, name="hook_resid_post")
@@ -54,7 +54,7 @@ def test_zero_decoder_moves_the_model_and_only_the_sae_learns(model, tokens):
 def test_random_sae_gets_gradients_from_each_loss(model, tokens):
     torch.manual_seed(0)
     for kl, mse in [(True, False), (False, True)]:
-        sae = build_sae(SAEConfig(sae_type="topk", d_in=64, d_sae=128, k=8))
+        sae = build_sae(sae_config("topk", d_in=64, d_sae=128, k=8))
         out = end_to_end_losses(model, HOOK, sae, SCALE, tokens, logit_kl=kl, block_mse=mse)
         (out.logit_kl + out.block_mse).backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (sae.W_enc, sae.W_dec, sae.b_dec))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -137,7 +136,7 @@ def test_ablation_can_be_skipped_without_a_model(pipeline, tmp_path) -> None:
 
 
 def params_file(params, path: Path) -> str:
-    path.write_text(yaml.safe_dump({k: dataclasses.asdict(v) for k, v in vars(params).items()}))
+    path.write_text(yaml.safe_dump(params.to_dict()))
     return str(path)
 
 

@@ -17,8 +17,8 @@ from conftest import REPO, with_section
 from saepipe.cli import main
 from saepipe.errors import UserError
 from saepipe.publish import hf
-from saepipe.sae import REGISTRY, SAEConfig, build_sae, formats
-from saepipe.sae.formats import SAELENS_ARCH, check_compatible, export_sae, load_sae
+from saepipe.sae import REGISTRY, build_sae, config_class, formats
+from saepipe.sae.formats import check_compatible, export_sae, load_sae
 from saepipe.stages import export as export_stage
 from saepipe.stages import upload as upload_stage
 from saepipe.training.checkpoints import BEST, epoch_dir, load_checkpoint, save_checkpoint
@@ -38,7 +38,7 @@ HISTORY = [
 def trained_sae(sae_type: str, seed: int = 0):
     """An SAE after two real optimizer steps on scaled inputs, then perturbed so nothing is at its init."""
     torch.manual_seed(seed)
-    cfg = SAEConfig(sae_type=sae_type, d_in=D_IN, d_sae=D_SAE, k=K, k_aux=8, matryoshka_prefixes=[D_SAE // 4])
+    cfg = config_class(sae_type).from_dict(dict(d_in=D_IN, d_sae=D_SAE, k=K, k_aux=8, matryoshka_prefixes=[D_SAE // 4]))
     sae = build_sae(cfg)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for _ in range(2):
@@ -76,11 +76,15 @@ def make_checkpoint(path: Path, sae_type: str, epoch: int = 2, run_name: str = "
     return load_checkpoint(path)
 
 
+def export(ckpt, out: Path) -> None:
+    export_sae(ckpt.sae, ckpt.run_record(), ckpt.history, out, ckpt.identity())
+
+
 @pytest.fixture(params=ARCHS)
 def exported(request, tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt" / BEST, request.param)
     out = tmp_path / "sae" / "r1"
-    export_sae(ckpt, out)
+    export(ckpt, out)
     return ckpt, out
 
 
@@ -110,7 +114,9 @@ def test_round_trip_folds_the_scale(exported, layout, tmp_path) -> None:
     sae = load_sae(path)
     assert not sae.training
     assert type(sae) is type(ckpt.sae)
-    assert (sae.model_name, sae.hook_layer, sae.hook_name, sae.hook_spec) == (MODEL, LAYER, HOOK, HOOK_SPEC)
+    origin = sae.provenance
+    assert (origin.model_name, origin.hook.layer, origin.hook.name, origin.hook.full_name) == (
+        MODEL, LAYER, HOOK, HOOK_SPEC)
     assert_equivalent(ckpt.sae.eval(), sae)
 
 
@@ -130,7 +136,7 @@ def test_files_follow_the_contract(exported) -> None:
     assert json.loads((out / "history.json").read_text()) == HISTORY
 
     cfg = json.loads((out / "cfg.json").read_text())
-    arch = SAELENS_ARCH[ckpt.sae.cfg.sae_type]
+    arch = ckpt.sae.cfg.saelens_architecture
     assert cfg["architecture"] == arch
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (D_IN, D_SAE, "float32")
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
@@ -163,7 +169,7 @@ def test_saelens_loads_our_export_identically(exported) -> None:
 
 def test_foreign_saelens_jumprelu_without_our_metadata(tmp_path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", "batch_topk")
-    export_sae(ckpt, tmp_path / "out")
+    export(ckpt, tmp_path / "out")
     path = saelens_only(tmp_path / "out", tmp_path / "foreign")
     cfg = json.loads((path / "cfg.json").read_text())
     del cfg["metadata"]["saepipe_sae_config"]
@@ -176,7 +182,7 @@ def test_prefers_our_layout_when_both_exist(exported) -> None:
     cfg = json.loads((out / "cfg.json").read_text())
     cfg["metadata"]["hook_name"] = "blocks.9.hook_mlp_out"
     (out / "cfg.json").write_text(json.dumps(cfg))
-    assert load_sae(out).hook_spec == HOOK_SPEC
+    assert load_sae(out).provenance.hook.full_name == HOOK_SPEC
 
 
 def test_load_sae_is_exposed_at_top_level() -> None:
@@ -201,7 +207,7 @@ def test_check_compatible(exported) -> None:
 def test_malformed_exports_are_user_errors(tmp_path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", "topk")
     good = tmp_path / "good"
-    export_sae(ckpt, good)
+    export(ckpt, good)
 
     def variant(name: str) -> Path:
         path = tmp_path / name
@@ -261,7 +267,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch, target) -> Non
         monkeypatch.setattr(formats, "save_file", boom)
     parent = tmp_path / "sae"
     with pytest.raises(OSError, match="disk full"):
-        export_sae(ckpt, parent / "r1")
+        export(ckpt, parent / "r1")
     assert not (parent / "r1").exists()
     assert list(parent.iterdir()) == []
 
@@ -269,11 +275,11 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch, target) -> Non
 def test_interrupted_reexport_keeps_the_previous_one(tmp_path, monkeypatch) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", "topk")
     out = tmp_path / "sae" / "r1"
-    export_sae(ckpt, out)
+    export(ckpt, out)
     before = (out / "weights.pt").read_bytes()
     monkeypatch.setattr(formats, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        export_sae(ckpt, out)
+        export(ckpt, out)
     assert (out / "weights.pt").read_bytes() == before
     assert [p.name for p in out.parent.iterdir()] == ["r1"]
     load_sae(out)
@@ -310,7 +316,7 @@ def hub(monkeypatch):
 def test_upload_sends_the_export_with_a_model_card(tmp_path, hub) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", "batch_topk")
     out = tmp_path / "sae" / "r1"
-    export_sae(ckpt, out)
+    export(ckpt, out)
     url = hf.upload_sae(out, "me/saes", private=True)
     assert hub["create_repo"] == {"repo_id": "me/saes", "private": True, "exist_ok": True, "repo_type": "model"}
     assert hub["upload_folder"]["repo_id"] == "me/saes" and hub["upload_folder"]["path_in_repo"] == "r1"
@@ -332,7 +338,7 @@ def test_upload_errors_never_show_the_token(tmp_path, hub, capsys, caplog) -> No
     caplog.set_level(logging.DEBUG)
     ckpt = make_checkpoint(tmp_path / "ckpt", "topk")
     out = tmp_path / "sae" / "r1"
-    export_sae(ckpt, out)
+    export(ckpt, out)
     request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
     hub["error"] = HfHubHTTPError(f"401 Client Error: bad token {FAKE_TOKEN}\nmore detail {FAKE_TOKEN}",
                                   response=httpx.Response(401, request=request))

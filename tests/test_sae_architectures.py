@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saepipe.sae import SAEConfig, SparseAutoencoder, build_sae, kernels
+from saepipe.sae import REGISTRY, SparseAutoencoder, build_sae, config_class, kernels, sae_config
 from saepipe.sae.batch_topk import BatchTopKSAE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
-ALL = ["batch_topk", "topk", "standard", "jumprelu", "matryoshka"]
-SPARSE = ["batch_topk", "topk", "matryoshka"]
+ALL = sorted(REGISTRY)
+SPARSE = [arch for arch in ALL if REGISTRY[arch].sparse_training]
 D_IN, D_SAE, K, BATCH = 16, 64, 6, 128
 PREFIXES = [8, 24]
 PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
@@ -32,9 +32,8 @@ def _one_thread():
 def make(arch: str, seed: int = 0, **changes) -> SparseAutoencoder:
     """A small SAE with non-trivial biases, non-unit decoder rows and (where it has one) a positive threshold."""
     torch.manual_seed(seed)
-    fields = dict(sae_type=arch, d_in=D_IN, d_sae=D_SAE, k=K, k_aux=8, jumprelu_bandwidth=0.1,
-                  matryoshka_prefixes=PREFIXES if arch == "matryoshka" else [])
-    sae = build_sae(SAEConfig(**{**fields, **changes}))
+    fields = dict(d_in=D_IN, d_sae=D_SAE, k=K, k_aux=8, jumprelu_bandwidth=0.1, matryoshka_prefixes=PREFIXES)
+    sae = build_sae(config_class(arch).from_dict({**fields, **changes}))
     with torch.no_grad():
         sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))
         sae.W_dec.mul_(torch.empty(sae.d_sae, 1).uniform_(0.5, 2.0))
@@ -316,7 +315,7 @@ def test_topk_learns_sparse_structure():
         coefficients = torch.rand(n, 3) + 0.5
         return (coefficients.unsqueeze(2) * directions[active]).sum(1)
 
-    sae = build_sae(SAEConfig(sae_type="topk", d_in=D_IN, d_sae=64, k=3))
+    sae = build_sae(sae_config("topk", d_in=D_IN, d_sae=64, k=3))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for _ in range(300):
         out = sae(sample(256))

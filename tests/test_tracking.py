@@ -20,7 +20,7 @@ EPOCHS = [{"loss": 3.0, "recon_loss": 2.5, "val_loss": 3.5}, {"loss": 2.0, "reco
 
 
 def train_config(repo_params, **changes):
-    return with_section(repo_params, "train", run_name="tiny run", **changes).train
+    return with_section(repo_params, "train", run_name="tiny-run", **changes).train
 
 
 def test_wandb_names():
@@ -130,10 +130,10 @@ def test_wandb_offline_run(tmp_path, repo_params, offline_env, capfd):
     cfg = train_config(repo_params, wandb=True, wandb_mode="offline", wandb_project="saepipe-test",
                        wandb_group="g1", wandb_tags=["tiny", "test"], wandb_notes="offline check",
                        wandb_log_final_artifact=True)
-    run_dir = tmp_path / "checkpoints" / "tiny run"
+    run_dir = tmp_path / "checkpoints" / "tiny-run"
     (run_dir / "checkpoint_epoch1.pt").mkdir(parents=True)
     (run_dir / "checkpoint_epoch1.pt" / "optimizer.pt").write_bytes(b"never uploaded")
-    export = tmp_path / "sae" / "tiny run"
+    export = tmp_path / "sae" / "tiny-run"
     export.mkdir(parents=True)
     (export / "sae.safetensors").write_bytes(b"weights")
     (export / "cfg.json").write_text("{}")

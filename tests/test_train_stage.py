@@ -71,18 +71,17 @@ def test_end_to_end_losses_train_through_the_model(cached) -> None:
 
 
 def test_train_user_errors(cached, tmp_path, capsys) -> None:
-    import dataclasses
 
     import yaml
 
     def params_file(params) -> str:
         path = tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump({k: dataclasses.asdict(v) for k, v in vars(params).items()}))
+        path.write_text(yaml.safe_dump(params.to_dict()))
         return str(path)
 
     path = params_file(cached)
     assert main(["train", "--params", path, "--topk", "1000"]) == 2
-    assert "train.topk=1000: expected at most d_sae = 128" in capsys.readouterr().err
+    assert "train.topk=1000: expected an integer below d_sae = 128" in capsys.readouterr().err
     missing = with_section(cached, "activations", output_dir=str(tmp_path / "none"))
     assert main(["train", "--params", params_file(missing)]) == 2
     err = capsys.readouterr().err

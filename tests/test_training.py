@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 
 import pytest
 import torch
 
-from saepipe.sae import SAEConfig, build_sae
+from saepipe.config import replace_values
+from saepipe.model.hooks import HookSpec
+from saepipe.sae import build_sae, sae_config
+from saepipe.sae.provenance import RunRecord
 from saepipe.training.checkpoints import load_checkpoint, newest_checkpoint
 from saepipe.training.data import ActivationData, epoch_order, geometric_median
 from saepipe.training.metrics import EpochMetrics, lr_factor
@@ -36,10 +38,15 @@ def make_data(rows: torch.Tensor, val_rows: torch.Tensor) -> ActivationData:
                           dropped_outliers={"train": 0, "validation": 0})
 
 
+RECORD = RunRecord(run_name="run", model_name="tiny", hook=HookSpec(1, "hook_resid_post"), d_in=32,
+                   activation_scale=1.0, normalize_activations=False, prepend_bos=False, context_size=64,
+                   train_config={"lr": 3e-3}, data={}, code={})
+
+
 def train_config(repo_params, **changes):
-    return dataclasses.replace(repo_params.train, **{"num_epochs": 3, "batch_size": 256, "lr": 3e-3,
-                                                      "lr_warmup_steps": 5, "topk": 3, "topk_aux": 16,
-                                                      "log_freq": 5, "device": "cpu", **changes})
+    return replace_values(repo_params.train, **{"num_epochs": 3, "batch_size": 256, "lr": 3e-3,
+                                                "lr_warmup_steps": 5, "topk": 3, "topk_aux": 16,
+                                                "log_freq": 5, "device": "cpu", **changes})
 
 
 def test_learns_known_sparse_dictionary(repo_params, tmp_path) -> None:
@@ -47,8 +54,8 @@ def test_learns_known_sparse_dictionary(repo_params, tmp_path) -> None:
     val, _ = synthetic(512, seed=1)
     cfg = train_config(repo_params, num_epochs=12)
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(sae_type="batch_topk", d_in=32, d_sae=96, k=3, k_aux=16))
-    result = Trainer(sae, make_data(rows, val), cfg, tmp_path / "run", {}, torch.device("cpu"),
+    sae = build_sae(sae_config("batch_topk", d_in=32, d_sae=96, k=3, k_aux=16))
+    result = Trainer(sae, make_data(rows, val), cfg, tmp_path / "run", None, torch.device("cpu"),
                      progress=False).fit()
     losses = [r["loss"] for r in result.history]
     assert losses[-1] < 0.5 * losses[0]
@@ -65,10 +72,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(repo_params, tmp_path)
 
     def fresh():
         torch.manual_seed(0)
-        return build_sae(SAEConfig(sae_type="batch_topk", d_in=32, d_sae=64, k=3, k_aux=16))
+        return build_sae(sae_config("batch_topk", d_in=32, d_sae=64, k=3, k_aux=16))
 
     full = fresh()
-    Trainer(full, make_data(rows, val), cfg, tmp_path / "full", {}, torch.device("cpu"), progress=False).fit()
+    Trainer(full, make_data(rows, val), cfg, tmp_path / "full", None, torch.device("cpu"), progress=False).fit()
 
     class Kill:
         def log_epoch(self, epoch, metrics):
@@ -76,11 +83,11 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(repo_params, tmp_path)
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(fresh(), make_data(rows, val), cfg, tmp_path / "killed", {}, torch.device("cpu"),
+        Trainer(fresh(), make_data(rows, val), cfg, tmp_path / "killed", None, torch.device("cpu"),
                 logger=Kill(), progress=False).fit()
     assert newest_checkpoint(tmp_path / "killed").name == "checkpoint_epoch1.pt"
-    resumed = build_sae(SAEConfig(sae_type="batch_topk", d_in=32, d_sae=64, k=3, k_aux=16))  # other init
-    result = Trainer(resumed, make_data(rows, val), dataclasses.replace(cfg, resume=True), tmp_path / "killed", {},
+    resumed = build_sae(sae_config("batch_topk", d_in=32, d_sae=64, k=3, k_aux=16))  # other init
+    result = Trainer(resumed, make_data(rows, val), replace_values(cfg, resume=True), tmp_path / "killed", None,
                      torch.device("cpu"), progress=False).fit()
     assert [int(r["epoch"]) for r in result.history] == [1, 2, 3]
     for name, value in full.state_dict().items():
@@ -90,13 +97,13 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(repo_params, tmp_path)
 def test_checkpoint_layout_and_safe_loading(repo_params, tmp_path) -> None:
     rows, _ = synthetic(1024)
     cfg = train_config(repo_params, num_epochs=2, checkpoint_freq=5)
-    sae = build_sae(SAEConfig(sae_type="topk", d_in=32, d_sae=64, k=3, k_aux=16))
+    sae = build_sae(sae_config("topk", d_in=32, d_sae=64, k=3, k_aux=16))
     run = tmp_path / "run"
-    Trainer(sae, make_data(rows, rows[:128]), cfg, run, {"hook_spec": "x"}, torch.device("cpu"), progress=False).fit()
+    Trainer(sae, make_data(rows, rows[:128]), cfg, run, RECORD, torch.device("cpu"), progress=False).fit()
     names = sorted(p.name for p in run.iterdir())
     assert names == ["best_model.pt", "checkpoint_epoch2.pt", "history.json"]  # freq 5: only the last epoch
     checkpoint = load_checkpoint(run / "checkpoint_epoch2.pt")
-    assert checkpoint.state["epoch"] == 2 and checkpoint.state["run"] == {"hook_spec": "x"}
+    assert checkpoint.state["epoch"] == 2 and checkpoint.run_record() == RECORD
     assert set(checkpoint.tensors) == {"optimizer", "last_fired", "torch_rng"}
     torch.load(run / "best_model.pt" / "optimizer.pt", weights_only=True)
     history = json.loads((run / "history.json").read_text())
@@ -108,15 +115,15 @@ def test_checkpoint_layout_and_safe_loading(repo_params, tmp_path) -> None:
 
 def test_dead_latents_counted_over_the_token_window(repo_params, tmp_path) -> None:
     rows, _ = synthetic(1024)
-    sae = build_sae(SAEConfig(sae_type="topk", d_in=32, d_sae=64, k=3, k_aux=0))
+    sae = build_sae(sae_config("topk", d_in=32, d_sae=64, k=3, k_aux=0))
     with torch.no_grad():
         sae.b_enc[:10] = -1e4  # these ten can never win a top-k slot
     cfg = train_config(repo_params, num_epochs=1, topk_aux=0, dead_window_tokens=512, lr=1e-6)
-    result = Trainer(sae, make_data(rows, rows[:64]), cfg, tmp_path / "run", {}, torch.device("cpu"),
+    result = Trainer(sae, make_data(rows, rows[:64]), cfg, tmp_path / "run", None, torch.device("cpu"),
                      progress=False).fit()
     assert result.history[-1]["dead_features"] >= 10
     cfg = train_config(repo_params, num_epochs=1, topk_aux=0, dead_window_tokens=10**9, lr=1e-6)
-    result = Trainer(sae, make_data(rows, rows[:64]), cfg, tmp_path / "run2", {}, torch.device("cpu"),
+    result = Trainer(sae, make_data(rows, rows[:64]), cfg, tmp_path / "run2", None, torch.device("cpu"),
                      progress=False).fit()
     assert result.history[-1]["dead_features"] == 0  # the window has not passed yet
 
@@ -155,7 +162,7 @@ def test_geometric_median_resists_outliers() -> None:
 @pytest.mark.parametrize("n_dead", [5, 40])  # fewer and more dead latents than k_aux
 def test_auxk_term_matches_autograd(n_dead: int) -> None:
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(sae_type="batch_topk", d_in=16, d_sae=64, k=4, k_aux=12))
+    sae = build_sae(sae_config("batch_topk", d_in=16, d_sae=64, k=4, k_aux=12))
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)

@@ -7,30 +7,42 @@ overriding that value for a one-off run. A UserError becomes exit code 2 and one
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import os
 import signal
 import sys
 import threading
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
 
-from saepipe.config import DEFAULT_PARAMS, SECTIONS, Overrides, coerce, field_docs, load_params
+from saepipe.config import DEFAULT_PARAMS, SECTIONS, Overrides, coerce, flat_fields, load_params
+from saepipe.config.fields import FlatField
 from saepipe.errors import UserError
 
-# subcommand -> (module with `run(params)`, the params.yaml section its flags override)
-STAGES: dict[str, tuple[str, str]] = {
-    "process": ("saepipe.stages.process", "process"),
-    "base-model": ("saepipe.stages.base_model", "base_model"),
-    "tokenize": ("saepipe.stages.tokenize", "tokenize"),
-    "activations": ("saepipe.stages.activations", "activations"),
-    "train": ("saepipe.stages.train", "train"),
-    "export": ("saepipe.stages.export", "export"),
-    "evaluate": ("saepipe.stages.evaluate", "evaluate"),
-    "upload": ("saepipe.stages.upload", "export"),
+
+@dataclass(frozen=True)
+class Stage:
+    module: str
+    """The module with `run(params)`."""
+    section: str
+    """The params.yaml section its flags override."""
+    reads: tuple[str, ...] = ()
+    """Other sections it reads (built and validated along with its own; the rest are never looked at)."""
+
+
+STAGES: dict[str, Stage] = {
+    "process": Stage("saepipe.stages.process", "process"),
+    "base-model": Stage("saepipe.stages.base_model", "base_model"),
+    "tokenize": Stage("saepipe.stages.tokenize", "tokenize", ("process", "base_model")),
+    "activations": Stage("saepipe.stages.activations", "activations", ("tokenize", "base_model")),
+    "train": Stage("saepipe.stages.train", "train", ("activations", "tokenize", "base_model")),
+    "export": Stage("saepipe.stages.export", "export", ("train",)),
+    "evaluate": Stage("saepipe.stages.evaluate", "evaluate",
+                      ("export", "train", "activations", "tokenize", "base_model")),
+    "upload": Stage("saepipe.stages.upload", "export", ("train",)),
 }
 # Subcommands whose purpose is not their params section's (they share it with another stage).
 SUMMARIES = {
@@ -49,11 +61,14 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field, hint: Any, doc: str) -> None:
+def _add_field_flag(group: argparse._ArgumentGroup, field: FlatField) -> None:
+    hint, doc = field.hint, field.doc
     inner = [a for a in typing.get_args(hint) if a is not type(None)]
     base = inner[0] if typing.get_origin(hint) in (typing.Union, typing.types.UnionType) else hint
     kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": doc}
-    if base is bool:
+    if "choices" in field.field.metadata:
+        kwargs["choices"] = field.field.metadata["choices"]()
+    elif base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(base) is list:
         kwargs.update(nargs="+", metavar="VALUE")
@@ -80,34 +95,34 @@ def _parse_flag_value(raw: Any, hint: Any, field: str) -> Any:
     return coerce(value, hint, field)
 
 
-def build_parser() -> OneLineParser:
+def build_parser(only: str | None = None) -> OneLineParser:
+    """The whole CLI; with `only`, the flags of that one subcommand (the others are listed but bare, so
+    that running one stage never imports what another stage's choices need)."""
     parser = OneLineParser(
         prog="saepipe",
         description="Train sparse autoencoders on a language model's activations, one DVC stage at a time. "
         "Every stage reads its section of params.yaml; flags override single values for one run.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True, parser_class=OneLineParser)
-    for name, (_, section) in STAGES.items():
-        cls = SECTIONS[section]
-        summary = SUMMARIES.get(name, cls.__doc__)
+    for name, spec in STAGES.items():
+        summary = SUMMARIES.get(name, SECTIONS[spec.section].__doc__)
         stage = sub.add_parser(name, help=summary, description=f"{summary} Reads params section "
-                               f"'{section}'; each flag overrides one of its values for this run.")
+                               f"'{spec.section}'; each flag overrides one of its values for this run.")
+        if only is not None and name != only:
+            continue
         stage.add_argument("--params", default=DEFAULT_PARAMS, metavar="FILE",
-                           help=f"the params file to read (default: {DEFAULT_PARAMS})")
-        group = stage.add_argument_group(f"{section} params")
-        hints = typing.get_type_hints(cls)
-        docs = field_docs(cls)
-        for field in dataclasses.fields(cls):
-            _add_field_flag(group, field, hints[field.name], docs.get(field.name, ""))
+                           help=f"the params file to read (default: {DEFAULT_PARAMS}); keys it leaves out come "
+                           f"from ./{DEFAULT_PARAMS}")
+        group = stage.add_argument_group(f"{spec.section} params")
+        for field in flat_fields(SECTIONS[spec.section]):
+            _add_field_flag(group, field)
     return parser
 
 
 def overrides_from_args(args: argparse.Namespace) -> Overrides:
-    section = STAGES[args.stage][1]
-    cls = SECTIONS[section]
-    hints = typing.get_type_hints(cls)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return {section: {k: _parse_flag_value(v, hints[k], f"{section}.{k}") for k, v in given.items()}}
+    section = STAGES[args.stage].section
+    fields = {f.name: f for f in flat_fields(SECTIONS[section]) if hasattr(args, f.name)}
+    return {section: {k: _parse_flag_value(getattr(args, k), f.hint, f"{section}.{k}") for k, f in fields.items()}}
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -116,13 +131,15 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=next((a for a in argv if a in STAGES), None))
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        params = load_params(args.params, overrides_from_args(args))
-        module = importlib.import_module(STAGES[args.stage][0])
+        spec = STAGES[args.stage]
+        params = load_params(args.params, overrides_from_args(args), sections=(spec.section, *spec.reads))
+        module = importlib.import_module(spec.module)
         module.run(params)
     except UserError as exc:
         print(f"saepipe {args.stage}: error: {exc}", file=sys.stderr)

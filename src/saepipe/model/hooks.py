@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from saepipe.errors import UserError, field_error
 
+HOOK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
+
 
 @dataclass(frozen=True)
 class HookSpec:
+    """A hook inside a block: `layer` 15 and `name` hook_resid_post is TransformerLens's
+    `blocks.15.hook_resid_post` (the one place that spelling is made and read)."""
+
     layer: int
     name: str
+
+    @classmethod
+    def parse(cls, full_name: str) -> HookSpec:
+        match = HOOK_RE.fullmatch(full_name)
+        if match is None:
+            raise ValueError(f"{full_name!r} is not a hook inside a block (blocks.<layer>.<name>)")
+        return cls(int(match.group(1)), match.group(2))
 
     @property
     def full_name(self) -> str:

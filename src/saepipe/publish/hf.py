@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from saepipe.errors import UserError
-from saepipe.sae.formats import CONFIG, HISTORY, SAELENS_ARCH
+from saepipe.sae import REGISTRY
+from saepipe.sae.formats import CONFIG, HISTORY
 from saepipe.storage import read_json
 
 REPO_ENV = "SAE_HF_REPO_ID"
@@ -49,6 +50,10 @@ def final_metrics(config: dict[str, Any], history: list[dict[str, Any]]) -> dict
     return ordered
 
 
+def saelens_name(sae_type: str) -> str:
+    return REGISTRY[sae_type].config_class.saelens_architecture if sae_type in REGISTRY else "?"
+
+
 def model_card(config: dict[str, Any], history: list[dict[str, Any]], repo_id: str, folder: str) -> str:
     """README.md: what the SAE was trained on, how well it does, and how to load it (saepipe and SAELens)."""
     sae_type = config.get("sae_type", "?")
@@ -62,7 +67,7 @@ def model_card(config: dict[str, Any], history: list[dict[str, Any]], repo_id: s
     rows = [
         f"| base model | `{model}` |\n",
         f"| hook | `{hook}` |\n",
-        f"| architecture | {sae_type} (SAELens: {SAELENS_ARCH.get(sae_type, '?')}) |\n",
+        f"| architecture | {sae_type} (SAELens: {saelens_name(sae_type)}) |\n",
         f"| d_in -> d_sae | {config.get('d_in')} -> {config.get('d_sae')} |\n",
         k_line if sae_type in ("topk", "batch_topk", "matryoshka") else "",
         f"| checkpoint | {ckpt.get('name')} (epoch {ckpt.get('epoch')}, {ckpt.get('tokens_seen')} tokens) |\n",

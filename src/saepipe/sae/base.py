@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 import torch.nn.functional as F
@@ -31,36 +31,49 @@ from saepipe.sae.kernels import (
     gather_columns,
     normalize_rows_,
     remove_parallel_,
-    row_top_k,
 )
+
+if TYPE_CHECKING:
+    from saepipe.config import SAEParams
+    from saepipe.sae.provenance import Provenance
 
 
 @dataclass(frozen=True)
 class SAEConfig:
-    """Everything needed to rebuild an SAE's module; architecture-specific fields are ignored by the rest."""
+    """What every SAE module is built from; each architecture subclasses it with the fields it needs.
 
-    sae_type: str
+    Subclasses say how the user's knobs (`train.*` in params.yaml, as `SAEParams`) become their fields
+    (`from_params`, which also checks them against d_sae) and how SAELens names their inference
+    architecture, so an architecture is added in its own module and nowhere else.
+    """
+
+    arch: ClassVar[str] = ""
+    """The registry name, `sae_type` in params and exports; set by `@register`."""
+    saelens_architecture: ClassVar[str] = ""
+    """SAELens v6's inference architecture that computes what this one does at inference."""
+
     d_in: int
     d_sae: int
-    k: int = 32
-    """Active latents per token (topk), or on average per token (batch_topk, matryoshka)."""
     k_aux: int = 256
-    """Latents AuxK may use to reconstruct the residual error from dead latents."""
-    sparsity_penalty: float = 0.0
-    """Weight of the sparsity loss: L1 (standard) or L0 (jumprelu)."""
-    jumprelu_bandwidth: float = 0.05
-    """Width of the straight-through estimator's window around the JumpReLU threshold."""
-    jumprelu_init_threshold: float = 0.01
-    matryoshka_prefixes: list[int] = field(default_factory=list)
-    """Nested dictionary sizes (increasing, each < d_sae); d_sae itself is always the last prefix."""
-    threshold_momentum: float = 0.05
-    """Update rate of BatchTopK's running inference threshold."""
+    """Dead latents AuxK may use to reconstruct the residual error (0 turns AuxK off)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def sae_type(self) -> str:
+        return self.arch
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SAEConfig:
+    def from_params(cls, sae: SAEParams, d_in: int) -> Self:
+        return cls(d_in=d_in, d_sae=sae.sae_expansion * d_in, k_aux=sae.topk_aux)
+
+    def saelens_fields(self) -> dict[str, Any]:
+        """Architecture-specific keys of SAELens's cfg.json."""
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sae_type": self.arch, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -87,17 +100,48 @@ class AuxKTerm:
 
 
 REGISTRY: dict[str, type[SparseAutoencoder]] = {}
+"""sae_type -> module class: the one list of architectures (params, CLI choices and exports read it)."""
 
 
-def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
-    REGISTRY[cls.arch] = cls
-    return cls
+def register(name: str) -> Callable[[type[SparseAutoencoder]], type[SparseAutoencoder]]:
+    """Class decorator: file the architecture under `name` and name its config class after it."""
+
+    def add(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
+        if name in REGISTRY:
+            raise ValueError(f"sae_type {name!r} is registered twice")
+        config_class = cls.__dict__.get("config_class")
+        if config_class is None or config_class.__dict__.get("arch"):
+            raise TypeError(f"{cls.__name__} needs a config class of its own")
+        cls.arch = config_class.arch = name
+        REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def config_class(sae_type: str) -> type[SAEConfig]:
+    if sae_type not in REGISTRY:
+        raise ValueError(f"unknown sae_type {sae_type!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[sae_type].config_class
+
+
+def sae_config(sae_type: str, **fields: Any) -> SAEConfig:
+    """`sae_config("topk", d_in=64, d_sae=256, k=8)`: the named architecture's config."""
+    return config_class(sae_type)(**fields)
+
+
+def config_from_params(sae: SAEParams, d_in: int) -> SAEConfig:
+    """The `train.sae_type` architecture's config for `d_in`-dimensional inputs, checked against d_sae."""
+    return config_class(sae.sae_type).from_params(sae, d_in)
+
+
+def config_from_dict(values: dict[str, Any]) -> SAEConfig:
+    """A config as `SAEConfig.to_dict` wrote it (keys of other architectures are ignored)."""
+    return config_class(values["sae_type"]).from_dict(values)
 
 
 def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
-    if cfg.sae_type not in REGISTRY:
-        raise ValueError(f"unknown sae_type {cfg.sae_type!r}; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[cfg.sae_type](cfg)
+    return REGISTRY[config_class(cfg.arch).arch](cfg)
 
 
 class _DecodedSquaredError(torch.autograd.Function):
@@ -140,12 +184,14 @@ def decoded_mse(decoded: Tensor, b_dec: Tensor, x: Tensor) -> tuple[Tensor, Tens
 
 class SparseAutoencoder(nn.Module):
     arch: ClassVar[str] = ""
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
     sparse_training: ClassVar[bool] = True
     """True: select active latents without autograd, then train through the sparse kernels only."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
+        self.provenance: Provenance | None = None  # set by `load_sae`: where an exported SAE came from
         decoder = torch.randn(cfg.d_sae, cfg.d_in)
         decoder /= decoder.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(decoder)
@@ -156,8 +202,8 @@ class SparseAutoencoder(nn.Module):
 
     # ---- what an architecture decides -------------------------------------------------------------
     def select(self, pre: Tensor) -> SparseCodes:
-        """The active latents of a training batch (values detached). Default: per-row top-k."""
-        return row_top_k(pre, self.cfg.k)
+        """The active latents of a training batch (values detached), for sparse_training architectures."""
+        raise TypeError(f"{self.arch} trains densely: it selects no latents")
 
     def activate(self, codes: SparseCodes) -> SparseCodes:
         """Selected pre-activations -> feature activations (differentiable). Default: ReLU."""
@@ -169,8 +215,7 @@ class SparseAutoencoder(nn.Module):
 
     def inference_features(self, pre: Tensor) -> Tensor:
         """Features of each row on its own, independent of the rest of the batch."""
-        codes = self.activate(row_top_k(pre, self.cfg.k))
-        return codes.to_dense()
+        raise TypeError(f"{type(self).__name__} defines no inference encoding")
 
     def inference_codes(self, pre: Tensor) -> SparseCodes:
         """`inference_features` as sparse codes (BatchTopK finds them without a dense pass)."""

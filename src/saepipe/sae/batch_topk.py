@@ -9,19 +9,33 @@ JumpReLU with one shared threshold), token by token.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from saepipe.sae.base import SAEConfig, SAEOutput, SparseAutoencoder, register
+from saepipe.sae.base import SAEOutput, register
 from saepipe.sae.kernels import SparseCodes, batch_top_k, codes_above
+from saepipe.sae.topk import TopKConfig, TopKSAE
 
 
-@register
-class BatchTopKSAE(SparseAutoencoder):
-    arch = "batch_topk"
+@dataclass(frozen=True)
+class BatchTopKConfig(TopKConfig):
+    saelens_architecture = "jumprelu"  # as SAELens exports it: one threshold repeated for every latent
 
-    def __init__(self, cfg: SAEConfig):
+    threshold_momentum: float = 0.05
+    """Update rate of the running inference threshold."""
+
+    def saelens_fields(self) -> dict[str, Any]:
+        return {}
+
+
+@register("batch_topk")
+class BatchTopKSAE(TopKSAE):
+    config_class = BatchTopKConfig
+
+    def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long))

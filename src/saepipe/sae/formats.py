@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -43,11 +42,11 @@ from torch import Tensor
 
 import saepipe
 from saepipe.errors import UserError
-from saepipe.sae import REGISTRY, SAEConfig, SparseAutoencoder, build_sae
+from saepipe.model.hooks import HookSpec
+from saepipe.sae import REGISTRY, SAEConfig, SparseAutoencoder, build_sae, config_class
+from saepipe.sae.batch_topk import BatchTopKConfig
+from saepipe.sae.provenance import Provenance, RunRecord
 from saepipe.storage import atomic_dir, read_json, write_json
-
-if TYPE_CHECKING:
-    from saepipe.training.checkpoints import Checkpoint
 
 FORMAT = "saepipe.sae"
 FORMAT_VERSION = 1
@@ -59,77 +58,49 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 """cfg.json follows SAELens >= 6.0 (older configs are rewritten on load; ours must not be)."""
 
-# our architecture -> SAELens inference architecture
-SAELENS_ARCH = {
-    "standard": "standard",
-    "topk": "topk",
-    "jumprelu": "jumprelu",
-    "batch_topk": "jumprelu",
-    "matryoshka": "jumprelu",
-}
-HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
 
 # ---- export ------------------------------------------------------------------------------------------
-def export_sae(checkpoint: Checkpoint, out_dir: str | Path) -> None:
-    """Write `checkpoint` to `out_dir` in both formats, atomically (an interrupted export leaves nothing)."""
-    run = checkpoint.state.get("run")
-    if not isinstance(run, dict):
-        raise UserError(f"{checkpoint.path}: state.json has no run info; retrain with this saepipe version")
-    scale = float(run.get("activation_scale", 1.0))
+def export_sae(sae: SparseAutoencoder, run: RunRecord, history: list[dict[str, Any]], out_dir: str | Path,
+               checkpoint: dict[str, Any]) -> None:
+    """Write a trained `sae` (in training space) to `out_dir` in both formats, atomically (an interrupted
+    export leaves nothing). `checkpoint` names what is exported: name, epoch, step, tokens_seen."""
+    scale = float(run.activation_scale)
     if not math.isfinite(scale) or scale <= 0:
-        raise UserError(f"{checkpoint.path}: activation_scale={scale!r} is not a positive number")
-    sae = copy.deepcopy(checkpoint.sae).cpu().float().eval()
+        raise UserError(f"{checkpoint.get('name')}: activation_scale={scale!r} is not a positive number")
+    sae = copy.deepcopy(sae).cpu().float().eval()
     sae.fold_input_scale_(scale)
     tensors = {name: t.detach().float().contiguous() for name, t in sae.export_tensors().items()}
-    config = _our_config(sae.cfg, checkpoint, run, scale)
+    config = _our_config(sae.cfg, run, checkpoint)
     saelens_cfg, saelens_tensors = _saelens_export(sae.cfg, config, tensors)
     with atomic_dir(out_dir) as tmp:
         torch.save(tensors, tmp / WEIGHTS)
         write_json(tmp / CONFIG, config)
-        write_json(tmp / HISTORY, checkpoint.history)
+        write_json(tmp / HISTORY, history)
         save_file(saelens_tensors, tmp / SAELENS_WEIGHTS, metadata={"format": "pt"})
         write_json(tmp / SAELENS_CFG, saelens_cfg)
         for file in tmp.iterdir():
             file.chmod(0o644)
 
 
-
-def _full_hook(run: dict[str, Any]) -> str | None:
-    if run.get("hook_layer") is not None and run.get("hook_name"):
-        return f"blocks.{int(run['hook_layer'])}.{run['hook_name']}"
-    return run.get("hook_spec")
-
-
-def _our_config(cfg: SAEConfig, checkpoint: Checkpoint, run: dict[str, Any], scale: float) -> dict[str, Any]:
-    state = checkpoint.state
-    train_config = run.get("train_config") or {}
+def _our_config(cfg: SAEConfig, run: RunRecord, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    record = run.to_dict()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **cfg.to_dict(),
-        "model_name": run.get("model_name"),
-        "hook_layer": run.get("hook_layer"),
-        "hook_name": run.get("hook_name"),
-        "hook_spec": _full_hook(run),
-        "prepend_bos": run.get("prepend_bos"),
-        "context_size": run.get("context_size"),
+        **{key: record[key] for key in ("model_name", "hook_layer", "hook_name", "hook_spec", "prepend_bos",
+                                        "context_size")},
         "dtype": "float32",
         "normalization": {
             "folded": True,
-            "activation_scale": scale,
-            "normalize_activations": bool(run.get("normalize_activations", scale != 1.0)),
+            "activation_scale": run.activation_scale,
+            "normalize_activations": run.normalize_activations,
         },
-        "run_name": run.get("run_name") or train_config.get("run_name") or Path(checkpoint.path).parent.name,
-        "checkpoint": {
-            "name": Path(checkpoint.path).name,
-            "epoch": state.get("epoch"),
-            "step": state.get("step"),
-            "tokens_seen": state.get("tokens_seen"),
-        },
-        "training": train_config,
-        "data": run.get("data") or {},
-        "code": run.get("code") or {},
+        "run_name": run.run_name,
+        "checkpoint": {key: checkpoint.get(key) for key in ("name", "epoch", "step", "tokens_seen")},
+        "training": run.train_config,
+        "data": run.data,
+        "code": run.code,
         "exported_with": {"saepipe": saepipe.__version__, "torch": torch.__version__},
     }
 
@@ -137,18 +108,13 @@ def _our_config(cfg: SAEConfig, checkpoint: Checkpoint, run: dict[str, Any], sca
 def _saelens_export(cfg: SAEConfig, config: dict[str, Any], tensors: dict[str, Tensor]
                     ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """cfg.json and the weights as SAELens v6 loads them (see `sae_lens/saes/sae.py`, `load_from_disk`)."""
-    arch = SAELENS_ARCH.get(cfg.sae_type)
-    if arch is None:
-        arch = "jumprelu" if "threshold" in tensors else None
-    if arch is None:
-        raise ValueError(f"no SAELens architecture for sae_type {cfg.sae_type!r}: add it to SAELENS_ARCH")
+    arch = cfg.saelens_architecture
     names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold") if arch == "jumprelu" else (
         "W_enc", "W_dec", "b_enc", "b_dec")
     if arch == "jumprelu" and "threshold" not in tensors:
         raise ValueError(f"{cfg.sae_type} maps to SAELens jumprelu but exports no threshold")
     weights = {name: tensors[name] for name in names}
     data = config["data"]
-    extra: dict[str, Any] = {"k": cfg.k, "rescale_acts_by_decoder_norm": False} if arch == "topk" else {}
     saelens_cfg = {
         "architecture": arch,
         "d_in": cfg.d_in,
@@ -158,7 +124,7 @@ def _saelens_export(cfg: SAEConfig, config: dict[str, Any], tensors: dict[str, T
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",  # the scale is folded into the weights
         "reshape_activations": "none",
-        **extra,
+        **cfg.saelens_fields(),
         "metadata": {
             "sae_lens_version": SAELENS_FORMAT_VERSION,
             "sae_lens_training_version": None,
@@ -185,8 +151,8 @@ def _saelens_export(cfg: SAEConfig, config: dict[str, Any], tensors: dict[str, T
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """An exported SAE in eval mode, from either layout (ours preferred when both are present).
 
-    `encode(x)` takes raw activations [batch, d_in]; the module carries `model_name`, `hook_layer`,
-    `hook_name` (inside the block), `hook_spec` ("blocks.L.name"), `source` and `export_info` (the config).
+    `encode(x)` takes raw activations [batch, d_in]; `sae.provenance` says where it came from (the
+    folder, the model and hook it was trained on, the config as written).
     """
     path = Path(path)
     if not path.is_dir():
@@ -198,7 +164,6 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
     else:
         raise UserError(f"{path} is not an exported SAE: expected {WEIGHTS} + {CONFIG} "
                         f"or {SAELENS_CFG} + {SAELENS_WEIGHTS}")
-    sae.source = path
     return sae.to(device).eval()
 
 
@@ -216,7 +181,7 @@ def _sae_config(values: dict[str, Any], where: Path) -> SAEConfig:
     if not (isinstance(d_in, int) and isinstance(d_sae, int) and d_in > 0 and d_sae > 0):
         raise UserError(f"{where}: d_in={d_in!r}, d_sae={d_sae!r}: expected positive integers")
     try:
-        return SAEConfig.from_dict(values)
+        return config_class(sae_type).from_dict(values)
     except TypeError as exc:
         raise UserError(f"{where}: invalid SAE config ({exc})") from None
 
@@ -241,13 +206,13 @@ def _build(cfg: SAEConfig, tensors: dict[str, Any], where: Path) -> SparseAutoen
     return sae
 
 
-def _attach(sae: SparseAutoencoder, info: dict[str, Any], model_name: Any, hook_spec: Any) -> None:
-    match = HOOK_RE.match(hook_spec) if isinstance(hook_spec, str) else None
-    sae.model_name = model_name
-    sae.hook_spec = hook_spec
-    sae.hook_layer = int(match.group(1)) if match else None
-    sae.hook_name = match.group(2) if match else None
-    sae.export_info = info
+def _provenance(path: Path, config: dict[str, Any], model_name: Any, hook_spec: Any) -> Provenance:
+    try:
+        hook = HookSpec.parse(hook_spec) if isinstance(hook_spec, str) else None
+    except ValueError:
+        hook = None
+    return Provenance(source=path, model_name=model_name if isinstance(model_name, str) else None, hook=hook,
+                      config=config)
 
 
 def _load_ours(path: Path) -> SparseAutoencoder:
@@ -260,10 +225,7 @@ def _load_ours(path: Path) -> SparseAutoencoder:
     if not isinstance(tensors, dict):
         raise UserError(f"{path / WEIGHTS}: expected a dict of tensors, got {type(tensors).__name__}")
     sae = _build(cfg, tensors, path / WEIGHTS)
-    hook_spec = config.get("hook_spec")
-    if config.get("hook_layer") is not None and config.get("hook_name"):
-        hook_spec = f"blocks.{config['hook_layer']}.{config['hook_name']}"
-    _attach(sae, config, config.get("model_name"), hook_spec)
+    sae.provenance = _provenance(path, config, config.get("model_name"), config.get("hook_spec"))
     return sae
 
 
@@ -283,15 +245,16 @@ def _load_saelens(path: Path) -> SparseAutoencoder:
         raise UserError(f"{cfg_path}: rescale_acts_by_decoder_norm=true is not supported")
     arch = config.get("architecture", "standard")
     ours = metadata.get("saepipe_sae_config")
-    if isinstance(ours, dict) and SAELENS_ARCH.get(ours.get("sae_type")) == arch:
+    if (isinstance(ours, dict) and ours.get("sae_type") in REGISTRY
+            and config_class(ours["sae_type"]).saelens_architecture == arch):
         values = {**ours, "d_in": config.get("d_in"), "d_sae": config.get("d_sae")}
     else:
-        values = {"sae_type": _our_arch(arch, tensors, cfg_path), "d_in": config.get("d_in"),
+        values = {"sae_type": _our_arch(arch, cfg_path), "d_in": config.get("d_in"),
                   "d_sae": config.get("d_sae")}
         if arch == "topk":
             values["k"] = config.get("k", 100)
     cfg = _sae_config(values, cfg_path)
-    if cfg.sae_type in ("batch_topk", "matryoshka") and "threshold" in tensors:
+    if isinstance(cfg, BatchTopKConfig) and "threshold" in tensors:
         threshold = tensors["threshold"]
         if threshold.numel() and not torch.all(threshold == threshold.reshape(-1)[0]):
             raise UserError(f"{cfg_path}: a {cfg.sae_type} SAE needs one threshold shared by all latents")
@@ -300,21 +263,14 @@ def _load_saelens(path: Path) -> SparseAutoencoder:
         # our encoder always subtracts b_dec; adding b_dec @ W_enc to b_enc leaves pre-activations unchanged
         with torch.no_grad():
             sae.b_enc += sae.b_dec @ sae.W_enc
-    _attach(sae, config, metadata.get("model_name"), metadata.get("hook_name"))
+    sae.provenance = _provenance(path, config, metadata.get("model_name"), metadata.get("hook_name"))
     return sae
 
 
-def _our_arch(arch: str, tensors: dict[str, Tensor], where: Path) -> str:
-    """The registered architecture that computes what SAELens's `arch` computes."""
-    candidates = {"standard": ["standard"], "topk": ["topk"], "jumprelu": ["jumprelu", "batch_topk"]}.get(arch, [])
-    for name in candidates:
-        if name not in REGISTRY:
-            continue
-        if name == "batch_topk":
-            threshold = tensors.get("threshold")
-            if threshold is None or not torch.all(threshold == threshold.reshape(-1)[0]):
-                continue
-        return name
+def _our_arch(arch: str, where: Path) -> str:
+    """The registered architecture of the same name as SAELens's `arch` (standard, topk, jumprelu)."""
+    if arch in REGISTRY and config_class(arch).saelens_architecture == arch:
+        return arch
     raise UserError(f"{where}: SAELens architecture {arch!r} is not supported by this saepipe "
                     f"(available: {', '.join(sorted(REGISTRY))})")
 
@@ -323,15 +279,16 @@ def _our_arch(arch: str, tensors: dict[str, Tensor], where: Path) -> str:
 def check_compatible(sae: SparseAutoencoder, *, d_model: int | None = None, hook_spec: str | None = None,
                      model_name: str | None = None) -> None:
     """Refuse, in one line, an SAE that was not trained on this model's hook (it would run but mean nothing)."""
-    where = getattr(sae, "source", None) or "(in memory)"
+    origin = sae.provenance or Provenance(None, None, None, {})
+    where = origin.source or "(in memory)"
     if d_model is not None and sae.d_in != d_model:
         raise UserError(f"SAE at {where} takes {sae.d_in}-dimensional activations, "
                         f"but the model's d_model is {d_model}")
-    theirs = getattr(sae, "hook_spec", None)
+    theirs = origin.hook.full_name if origin.hook else None
     if hook_spec is not None and theirs != hook_spec:
         trained = f"was trained on {theirs}" if theirs else "does not record its hook"
         raise UserError(f"SAE at {where} {trained}, not {hook_spec}")
-    theirs = getattr(sae, "model_name", None)
+    theirs = origin.model_name
     if model_name is not None and theirs != model_name:
         trained = f"was trained on model {theirs}" if theirs else "does not record its model"
         raise UserError(f"SAE at {where} {trained}, not {model_name}")

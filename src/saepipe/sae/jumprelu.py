@@ -12,12 +12,32 @@ smears each jump over a window around θ, and only tokens whose pre-activation f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
 
 import torch
 from torch import Tensor, nn
 
 from saepipe.sae.base import SAEConfig, SparseAutoencoder, register
 from saepipe.sae.kernels import SparseCodes
+
+if TYPE_CHECKING:
+    from saepipe.config import SAEParams
+
+
+@dataclass(frozen=True)
+class JumpReLUConfig(SAEConfig):
+    saelens_architecture = "jumprelu"
+
+    jumprelu_bandwidth: float = 0.05
+    """Width of the straight-through estimator's window around the threshold."""
+    jumprelu_init_threshold: float = 0.01
+    """Initial threshold of every latent (in the units the SAE is trained in)."""
+
+    @classmethod
+    def from_params(cls, sae: SAEParams, d_in: int) -> Self:
+        return cls(d_in=d_in, d_sae=sae.sae_expansion * d_in, k_aux=sae.topk_aux,
+                   jumprelu_bandwidth=sae.jumprelu_bandwidth, jumprelu_init_threshold=sae.jumprelu_init_threshold)
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -65,14 +85,14 @@ class StepFunction(torch.autograd.Function):
         return None, grad_threshold, None
 
 
-@register
+@register("jumprelu")
 class JumpReLUSAE(SparseAutoencoder):
     """Trained densely: which latents fire depends on θ, which is itself being learned."""
 
-    arch = "jumprelu"
+    config_class = JumpReLUConfig
     sparse_training = False
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
         if cfg.jumprelu_init_threshold <= 0 or cfg.jumprelu_bandwidth <= 0:
             raise ValueError("jumprelu_init_threshold and jumprelu_bandwidth must be positive")

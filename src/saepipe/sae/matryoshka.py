@@ -10,20 +10,42 @@ absorbing them (feature absorption/splitting). Inference is BatchTopK's: one run
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Self
 
 import torch
 from torch import Tensor
 
-from saepipe.sae.base import SAEConfig, decoded_mse, register
-from saepipe.sae.batch_topk import BatchTopKSAE
+from saepipe.errors import field_error
+from saepipe.sae.base import decoded_mse, register
+from saepipe.sae.batch_topk import BatchTopKConfig, BatchTopKSAE
 from saepipe.sae.kernels import BatchSums, SparseCodes, decode_sparse
 
+if TYPE_CHECKING:
+    from saepipe.config import SAEParams
 
-@register
+
+@dataclass(frozen=True)
+class MatryoshkaConfig(BatchTopKConfig):
+    matryoshka_prefixes: list[int] = field(default_factory=list)
+    """Nested dictionary sizes (increasing, each < d_sae); d_sae itself is always the last prefix."""
+
+    @classmethod
+    def from_params(cls, sae: SAEParams, d_in: int) -> Self:
+        top_k = BatchTopKConfig.from_params(sae, d_in)
+        d_sae = top_k.d_sae
+        prefixes = [round(f * d_sae) for f in sae.matryoshka_prefix_fractions]
+        if not prefixes or prefixes[0] < 1 or len(set(prefixes)) < len(prefixes) or prefixes[-1] >= d_sae:
+            raise field_error("train.matryoshka_prefix_fractions", sae.matryoshka_prefix_fractions,
+                              f"fractions giving distinct prefix sizes in [1, {d_sae - 1}] for d_sae {d_sae}")
+        return cls(d_in=d_in, d_sae=d_sae, k_aux=top_k.k_aux, k=top_k.k, matryoshka_prefixes=prefixes)
+
+
+@register("matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
-    arch = "matryoshka"
+    config_class = MatryoshkaConfig
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: MatryoshkaConfig):
         super().__init__(cfg)
         prefixes = [int(m) for m in cfg.matryoshka_prefixes]
         bounds = [0, *prefixes, cfg.d_sae]

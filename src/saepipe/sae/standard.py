@@ -9,18 +9,25 @@ or not the trainer holds the decoder at unit norm.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from saepipe.sae.base import SparseAutoencoder, register
+from saepipe.sae.base import SAEConfig, SparseAutoencoder, register
 from saepipe.sae.kernels import SparseCodes
 
 
-@register
+@dataclass(frozen=True)
+class StandardConfig(SAEConfig):
+    saelens_architecture = "standard"
+
+
+@register("standard")
 class StandardSAE(SparseAutoencoder):
     """Trained densely: a ReLU code has no fixed sparsity for the sparse kernels to exploit."""
 
-    arch = "standard"
+    config_class = StandardConfig
     sparse_training = False
 
     def dense_features(self, pre: Tensor) -> Tensor:

@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
-from saepipe.sae.base import SparseAutoencoder, register
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
+
+from torch import Tensor
+
+from saepipe.errors import field_error
+from saepipe.sae.base import SAEConfig, SparseAutoencoder, register
+from saepipe.sae.kernels import SparseCodes, row_top_k
+
+if TYPE_CHECKING:
+    from saepipe.config import SAEParams
 
 
-@register
+@dataclass(frozen=True)
+class TopKConfig(SAEConfig):
+    saelens_architecture = "topk"
+
+    k: int = 32
+    """Active latents per token (on average over a batch for BatchTopK and Matryoshka)."""
+
+    @classmethod
+    def from_params(cls, sae: SAEParams, d_in: int) -> Self:
+        d_sae = sae.sae_expansion * d_in
+        if sae.topk >= d_sae:
+            raise field_error("train.topk", sae.topk, f"an integer below d_sae = {d_sae} "
+                              f"(train.sae_expansion {sae.sae_expansion} x d_in {d_in})")
+        return cls(d_in=d_in, d_sae=d_sae, k_aux=sae.topk_aux, k=sae.topk)
+
+    def saelens_fields(self) -> dict[str, Any]:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
+
+
+@register("topk")
 class TopKSAE(SparseAutoencoder):
-    """Per-row top-k selection in training and at inference (the base class's defaults)."""
+    """Per-row top-k selection in training and at inference."""
 
-    arch = "topk"
+    config_class = TopKConfig
+
+    def select(self, pre: Tensor) -> SparseCodes:
+        return row_top_k(pre, self.cfg.k)
+
+    def inference_features(self, pre: Tensor) -> Tensor:
+        return self.activate(row_top_k(pre, self.cfg.k)).to_dense()

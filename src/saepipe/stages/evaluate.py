@@ -28,6 +28,7 @@ from saepipe.corpus.tokens import read_token_cache
 from saepipe.errors import UserError
 from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model, resolve_device
+from saepipe.paths import activation_cache, analysis_dir, evaluated_sae
 from saepipe.sae import SparseAutoencoder
 from saepipe.sae.formats import check_compatible, load_sae
 from saepipe.storage import atomic_dir, write_json
@@ -48,13 +49,8 @@ FORMULAS = {
 }
 
 
-def sae_path(params: Params) -> Path:
-    cfg = params.evaluate
-    return Path(cfg.sae_path) if cfg.sae_path else Path(params.export.output_dir) / params.train.run_name
-
-
 def output_dir(params: Params) -> Path:
-    return Path(params.evaluate.output_dir) / sae_path(params).name / "quick"
+    return analysis_dir(params) / "quick"
 
 
 def _compatible(sae: SparseAutoencoder, what: str, **expected: Any) -> None:
@@ -80,9 +76,9 @@ def run(params: Params) -> None:
     cfg = params.evaluate
     started = time.perf_counter()
     device = resolve_device(cfg.device, "evaluate.device")
-    path = sae_path(params)
+    path = evaluated_sae(params)
     sae = load_sae(path, device)
-    cache_path = Path(params.activations.output_dir) / "activations.h5"
+    cache_path = activation_cache(params)
     with ActivationCache(cache_path) as cache:
         attrs = cache.attrs
         _compatible(sae, f"the activation cache {cache_path} holds {attrs['model_name']} {attrs['hook_spec']}",
@@ -125,7 +121,7 @@ def run(params: Params) -> None:
             raise UserError(f"{params.tokenize.output} has no {cfg.split} document long enough to score a prediction")
         abl_started = time.perf_counter()
         figures["ablation"] = ablation.evaluate_ablation(
-            model, HookSpec(int(attrs["hook_layer"]), attrs["hook_name"]), sae, token_cache, plan,
+            model, HookSpec.parse(attrs["hook_spec"]), sae, token_cache, plan,
             bos_id=int(attrs["bos_token_id"]) if bos else None,
             token_budget=int(attrs.get("batch_token_budget", 8 * int(attrs["max_text_length"]))), mean=mean)
         timing["ablation_tokens_per_second"] = figures["ablation"]["tokens"] / (time.perf_counter() - abl_started)

@@ -7,6 +7,7 @@ from typing import Any
 
 from saepipe.config import Params
 from saepipe.errors import UserError
+from saepipe.paths import checkpoints_dir, export_dir
 from saepipe.publish.hf import final_metrics
 from saepipe.sae.formats import CONFIG, HISTORY, export_sae
 from saepipe.storage import read_json
@@ -36,10 +37,9 @@ def summary_line(config: dict[str, Any], history: list[dict[str, Any]], out_dir:
 
 
 def run(params: Params) -> None:
-    run_name = params.train.run_name
-    checkpoint_path = pick_checkpoint(Path(params.train.output_dir) / run_name, params.export.checkpoint)
-    out_dir = Path(params.export.output_dir) / run_name
-    export_sae(load_checkpoint(checkpoint_path), out_dir)
+    checkpoint = load_checkpoint(pick_checkpoint(checkpoints_dir(params), params.export.checkpoint))
+    out_dir = export_dir(params)
+    export_sae(checkpoint.sae, checkpoint.run_record(), checkpoint.history, out_dir, checkpoint.identity())
     print(summary_line(read_json(out_dir / CONFIG, "exported SAE config"), read_json(out_dir / HISTORY, "history"),
                        out_dir))
     if params.export.upload_to_hf:

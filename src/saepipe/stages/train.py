@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 import saepipe
-from saepipe.config import Params
+from saepipe.config import Params, flat_values
 from saepipe.corpus.tokens import read_token_cache
-from saepipe.errors import UserError, field_error
+from saepipe.errors import UserError
 from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model, resolve_device
-from saepipe.sae import SAEConfig, build_sae
+from saepipe.paths import activation_cache, checkpoints_dir
+from saepipe.sae import build_sae, config_from_params
 from saepipe.sae.formats import export_sae
+from saepipe.sae.provenance import RunRecord
 from saepipe.storage import plain, sha256_file
 from saepipe.training.checkpoints import BEST, load_checkpoint
 from saepipe.training.data import ActivationData, load_activation_data
@@ -30,24 +30,6 @@ CACHE_ATTRS = ("model_name", "hook_layer", "hook_name", "hook_spec", "d_model", 
                "storage_dtype", "outlier_threshold")
 
 
-def sae_config(params: Params, d_in: int) -> SAEConfig:
-    cfg = params.train
-    d_sae = cfg.sae_expansion * d_in
-    if cfg.topk > d_sae:
-        raise field_error("train.topk", cfg.topk, f"at most d_sae = {d_sae}")
-    prefixes = [round(f * d_sae) for f in cfg.matryoshka_prefix_fractions]
-    if cfg.sae_type == "matryoshka" and (not prefixes or prefixes[0] < 1 or len(set(prefixes)) < len(prefixes)
-                                         or prefixes[-1] >= d_sae):
-        raise field_error("train.matryoshka_prefix_fractions", cfg.matryoshka_prefix_fractions,
-                          f"fractions giving distinct prefix sizes in [1, {d_sae - 1}] for d_sae {d_sae}")
-    return SAEConfig(
-        sae_type=cfg.sae_type, d_in=d_in, d_sae=d_sae, k=cfg.topk, k_aux=cfg.topk_aux,
-        sparsity_penalty=cfg.sparsity_penalty, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-        jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-        matryoshka_prefixes=prefixes,
-    )
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -57,23 +39,20 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_info(params: Params, data: ActivationData, cache_path: Path) -> dict[str, Any]:
+def run_record(params: Params, data: ActivationData, cache_path: Path) -> RunRecord:
     """What an exported SAE records about where it came from: model, hook, scale, data and code versions."""
     attrs = data.attrs
-    return {
-        "run_name": params.train.run_name,
-        "model_name": attrs["model_name"],
-        "hook_layer": int(attrs["hook_layer"]),
-        "hook_name": attrs["hook_name"],
-        "hook_spec": attrs["hook_spec"],
-        "d_in": data.d_in,
-        "activation_scale": data.scale,
-        "normalize_activations": params.train.normalize_activations,
-        "dtype": "float32",
-        "prepend_bos": bool(attrs["prepend_bos"]),
-        "context_size": int(attrs["max_text_length"]),
-        "train_config": dataclasses.asdict(params.train),
-        "data": {
+    return RunRecord(
+        run_name=params.train.run_name,
+        model_name=attrs["model_name"],
+        hook=HookSpec(int(attrs["hook_layer"]), attrs["hook_name"]),
+        d_in=data.d_in,
+        activation_scale=data.scale,
+        normalize_activations=params.train.normalize_activations,
+        prepend_bos=bool(attrs["prepend_bos"]),
+        context_size=int(attrs["max_text_length"]),
+        train_config=flat_values(params.train),
+        data={
             "activation_cache": str(cache_path),
             "activation_cache_sha256": sha256_file(cache_path),
             "train_rows": int(data.train.shape[0]),
@@ -81,13 +60,13 @@ def run_info(params: Params, data: ActivationData, cache_path: Path) -> dict[str
             "outliers_left_out": data.dropped_outliers,
             "cache_attrs": {k: plain(attrs[k]) for k in CACHE_ATTRS if k in attrs},
         },
-        "code": {"saepipe": saepipe.__version__, "git_commit": git_commit(), "torch": torch.__version__},
-    }
+        code={"saepipe": saepipe.__version__, "git_commit": git_commit(), "torch": torch.__version__},
+    )
 
 
 def end_to_end_loss(params: Params, data: ActivationData, device: torch.device) -> EndToEndLoss:
     """The model in the loop: splice reconstructions at the cache's hook and score the rest of the run."""
-    cfg = params.train
+    cfg = params.train.end_to_end
     attrs = data.attrs
     tokens = read_token_cache(params.tokenize.output)
     if tokens.attrs["tokenizer_fingerprint"] != attrs["tokenizer_fingerprint"]:
@@ -103,34 +82,35 @@ def end_to_end_loss(params: Params, data: ActivationData, device: torch.device) 
         model, hook, tokens, n_windows=cfg.end_to_end_windows,
         window=int(attrs["max_text_length"]) - int(bos_id is not None), logit_kl=cfg.use_logit_kl,
         block_mse=cfg.use_block_mse, logit_kl_weight=cfg.logit_kl_weight, block_mse_weight=cfg.block_mse_weight,
-        seed=cfg.seed, bos_id=bos_id,
+        seed=params.train.seed, bos_id=bos_id,
     )
 
 
 def run(params: Params) -> None:
     cfg = params.train
     device = resolve_device(cfg.device, "train.device")
-    cache_path = Path(params.activations.output_dir) / "activations.h5"
+    cache_path = activation_cache(params)
     data = load_activation_data(cache_path, include_outliers=cfg.include_outliers,
                                 max_train_rows=cfg.max_train_rows, normalize=cfg.normalize_activations,
                                 seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    sae = build_sae(sae_config(params, data.d_in))
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    info = run_info(params, data, cache_path)
-    print(f"train: {cfg.sae_type} SAE {data.d_in} -> {sae.d_sae} on {info['hook_spec']}, "
+    sae = build_sae(config_from_params(cfg.sae, data.d_in))
+    run_dir = checkpoints_dir(params)
+    record = run_record(params, data, cache_path)
+    print(f"train: {cfg.sae.sae_type} SAE {data.d_in} -> {sae.d_sae} on {record.hook.full_name}, "
           f"{data.train.shape[0]:,} train / {data.validation.shape[0]:,} validation rows "
           f"({sum(data.dropped_outliers.values())} outliers left out), scale {data.scale:.4g}, {device}")
-    e2e = end_to_end_loss(params, data, device) if cfg.use_end_to_end else None
-    with Tracker(cfg, run_dir, info) as tracker:
-        result = Trainer(sae, data, cfg, run_dir, info, device, logger=tracker, end_to_end=e2e).fit()
-        if cfg.wandb and cfg.wandb_log_final_artifact:
+    e2e = end_to_end_loss(params, data, device) if cfg.end_to_end.use_end_to_end else None
+    with Tracker(cfg, run_dir, record.to_dict()) as tracker:
+        result = Trainer(sae, data, cfg, run_dir, record, device, logger=tracker, end_to_end=e2e).fit()
+        if cfg.tracking.enabled and cfg.tracking.wandb_log_final_artifact:
             with tempfile.TemporaryDirectory() as tmp:  # the same export `saepipe export` writes
                 final = Path(tmp) / cfg.run_name
-                export_sae(load_checkpoint(run_dir / BEST), final)
+                best = load_checkpoint(run_dir / BEST)
+                export_sae(best.sae, record, best.history, final, best.identity())
                 tracker.log_final_artifact(final)
     final = result.history[-1]
-    best = result.history[result.best_epoch - 1]
-    print(f"train: {cfg.run_name}: best epoch {result.best_epoch} (val fvu {best.get('val_fvu', float('nan')):.4f}, "
-          f"val l0 {best.get('val_l0', float('nan')):.1f}); final dead {final['dead_feature_percentage']:.1f}% "
-          f"-> {run_dir} [{result.seconds:.0f} s]")
+    best_epoch = result.history[result.best_epoch - 1]
+    print(f"train: {cfg.run_name}: best epoch {result.best_epoch} (val fvu "
+          f"{best_epoch.get('val_fvu', float('nan')):.4f}, val l0 {best_epoch.get('val_l0', float('nan')):.1f}); "
+          f"final dead {final['dead_feature_percentage']:.1f}% -> {run_dir} [{result.seconds:.0f} s]")

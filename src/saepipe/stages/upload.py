@@ -6,6 +6,7 @@ from pathlib import Path
 
 from saepipe.config import Params
 from saepipe.errors import UserError
+from saepipe.paths import export_dir
 from saepipe.publish.hf import resolve_repo_id, upload_sae
 from saepipe.sae.formats import load_sae
 
@@ -18,7 +19,7 @@ def upload(params: Params, sae_dir: Path) -> None:
 
 
 def run(params: Params) -> None:
-    sae_dir = Path(params.export.output_dir) / params.train.run_name
+    sae_dir = export_dir(params)
     if not sae_dir.is_dir():
         raise UserError(f"no exported SAE at {sae_dir}: run `saepipe export` first")
     upload(params, sae_dir)

@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saepipe.errors import UserError
-from saepipe.sae import SAEConfig, SparseAutoencoder, build_sae
+from saepipe.sae import SparseAutoencoder, build_sae, config_from_dict
+from saepipe.sae.provenance import RunRecord
 from saepipe.storage import atomic_dir
 
 BEST = "best_model.pt"
@@ -42,6 +43,16 @@ class Checkpoint:
     history: list[dict[str, float]]
     tensors: dict[str, Any]  # optimizer/scheduler state, RNG, dead-latent counters
     path: Path
+
+    def run_record(self) -> RunRecord:
+        try:
+            return RunRecord.from_dict(self.state["run"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{self.path}: state.json has no run record; retrain with this saepipe version") from None
+
+    def identity(self) -> dict[str, Any]:
+        """What an export records of the checkpoint it came from."""
+        return {"name": self.path.name, **{k: self.state.get(k) for k in ("epoch", "step", "tokens_seen")}}
 
 
 def epoch_dir(run_dir: Path, epoch: int) -> Path:
@@ -67,7 +78,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise UserError(f"{path} is not a complete checkpoint (missing {', '.join(missing)})")
-    cfg = SAEConfig.from_dict(json.loads((path / "sae_config.json").read_text()))
+    cfg = config_from_dict(json.loads((path / "sae_config.json").read_text()))
     sae = build_sae(cfg)
     sae.load_state_dict(load_file(path / "sae.safetensors", device=str(map_location)))
     return Checkpoint(

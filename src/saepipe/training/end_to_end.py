@@ -30,7 +30,7 @@ from saepipe.model.loading import model_device
 from saepipe.model.splice import splice_hook
 from saepipe.sae import SparseAutoencoder
 
-RESID_POST = "blocks.{}.hook_resid_post"
+RESID_POST = "hook_resid_post"
 
 
 @dataclass
@@ -151,14 +151,14 @@ def _run(
         return grab
 
     fwd_hooks = [splice] if splice is not None else []
-    fwd_hooks += [(RESID_POST.format(layer), capture(layer)) for layer in layers]
+    fwd_hooks += [(HookSpec(layer, RESID_POST).full_name, capture(layer)) for layer in layers]
     # stop_at_layer=n_layers stops nothing by itself, but makes the bridge clean up after our early stop
     # (it resets its per-block stop flags and drops a possibly incomplete KV cache).
     output = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, reset_hooks_end=True,
                                   stop_at_layer=n_layers if stop_after is not None else None)
     missing = [layer for layer in layers if layer not in captured]
     if missing:
-        raise RuntimeError(f"hooks {[RESID_POST.format(m) for m in missing]} never fired")
+        raise RuntimeError(f"hooks {[HookSpec(m, RESID_POST).full_name for m in missing]} never fired")
     return (None if stop_after is not None else output), captured
 
 

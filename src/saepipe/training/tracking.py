@@ -12,7 +12,6 @@ With W&B off nothing from wandb is imported, so it needs neither the package nor
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from saepipe.config import TrainConfig
+from saepipe.config import TrainConfig, flat_values
 from saepipe.errors import UserError
 
 DVCLIVE_DIR = "dvclive"
@@ -59,15 +58,15 @@ class Tracker:
 
     @property
     def wandb_enabled(self) -> bool:
-        return self.config.wandb and self.config.wandb_mode != "disabled"
+        return self.config.tracking.enabled
 
     def _init_wandb(self, run_info: dict[str, Any]) -> Any:
         import wandb
 
-        cfg = self.config
+        cfg = self.config.tracking
         wandb_dir = Path(os.environ.get("WANDB_DIR") or self.run_dir)
         wandb_dir.mkdir(parents=True, exist_ok=True)
-        config = _scrub({**run_info, "train": dataclasses.asdict(cfg)})
+        config = _scrub({**run_info, "train": flat_values(self.config)})
         try:
             return wandb.init(
                 project=cfg.wandb_project,
@@ -76,7 +75,7 @@ class Tracker:
                 group=cfg.wandb_group,
                 tags=list(cfg.wandb_tags) or None,
                 notes=cfg.wandb_notes,
-                name=cfg.run_name,
+                name=self.config.run_name,
                 job_type="train",
                 config=config,
                 dir=str(wandb_dir),
@@ -109,7 +108,7 @@ class Tracker:
         """Record where the final SAE is; upload it as a W&B model artifact if `wandb_log_final_artifact`."""
         export_dir = Path(export_dir)
         self._summary["local_model_path"] = str(export_dir.resolve())
-        if self._run is None or not self.config.wandb_log_final_artifact:
+        if self._run is None or not self.config.tracking.wandb_log_final_artifact:
             return
         if self._artifact_logged:
             raise RuntimeError("the final artifact is logged once per run")
@@ -122,7 +121,7 @@ class Tracker:
         name = re.sub(r"[^A-Za-z0-9._-]", "-", f"sae-{self.config.run_name}")
         artifact = wandb.Artifact(name=name, type="model",
                                   description=f"Final exported SAE of run {self.config.run_name}",
-                                  metadata={"run_name": self.config.run_name, "sae_type": self.config.sae_type})
+                                  metadata={"run_name": self.config.run_name, "sae_type": self.config.sae.sae_type})
         artifact.add_dir(str(export_dir))
         self._run.log_artifact(artifact)
         self._artifact_logged = True

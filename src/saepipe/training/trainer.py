@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from saepipe.config import TrainConfig
 from saepipe.sae import SAEOutput, SparseAutoencoder
 from saepipe.sae.base import decoded_mse
 from saepipe.sae.kernels import decode_sparse
+from saepipe.sae.provenance import RunRecord
 from saepipe.storage import write_json
 from saepipe.training.allocator import keep_freed_memory
 from saepipe.training.checkpoints import (
@@ -72,13 +73,13 @@ class DeadLatents:
 
 class Trainer:
     def __init__(self, sae: SparseAutoencoder, data: ActivationData, cfg: TrainConfig, run_dir: Path,
-                 run_info: dict[str, Any], device: torch.device, logger: EpochLogger | None = None,
+                 run: RunRecord | None, device: torch.device, logger: EpochLogger | None = None,
                  end_to_end: EndToEndLoss | None = None, progress: bool = True):
         self.sae = sae.to(device)
         self.data = data
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.run_info = run_info
+        self.run = run
         self.device = device
         self.logger = logger
         self.end_to_end = end_to_end
@@ -147,7 +148,7 @@ class Trainer:
         penalty = cfg.sparsity_penalty * warmup_factor(self.step, cfg.sparsity_warmup_steps)
         loss = out.recon_loss + penalty * out.sparsity_loss
         dead = self.dead.mask(self.tokens_seen)
-        aux = self.sae.auxk_term(x, out, dead) if cfg.topk_aux > 0 and cfg.aux_coefficient > 0 else None
+        aux = self.sae.auxk_term(x, out, dead) if cfg.sae.topk_aux > 0 and cfg.aux_coefficient > 0 else None
         extra: dict[str, float] = {}
         if self.end_to_end is not None:
             e2e_loss, extra = self.end_to_end(self.sae, self.data.scale, self.step)
@@ -247,7 +248,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val_loss,
             "best_epoch": self.best_epoch,
-            "run": self.run_info,
+            "run": self.run.to_dict() if self.run is not None else None,
         }
         tensors = {"optimizer": self.optimizer.state_dict(), "last_fired": self.dead.last_fired.cpu(),
                    "torch_rng": torch.get_rng_state()}
