@@ -16,6 +16,7 @@ from saepipe.analysis.reconstruction import reconstruction_metrics
 from saepipe.analysis.sparsity import sparsity_metrics
 from saepipe.cli import main
 from saepipe.config import load_params
+from saepipe.corpus.tokens import read_token_cache
 from saepipe.sae.formats import load_sae
 from saepipe.stages import activations, evaluate, export, tokenize, train
 
@@ -187,3 +188,17 @@ def test_saelens_computes_the_same_l0_and_reconstruction(pipeline) -> None:
     assert ours_sparsity.density == pytest.approx((features > 0).double().mean(0).numpy())
     assert ours_reconstruction["fvu"] == pytest.approx(fvu, rel=1e-5)
     assert ours_reconstruction["mse"] == pytest.approx(mse, rel=1e-5)
+
+
+def test_ablation_scores_only_the_documents_of_the_evaluated_rows(pipeline, tmp_path) -> None:
+    with ActivationCache(Path(pipeline.activations.output_dir) / "activations.h5") as cache:
+        doc_ids = cache.column("validation", "doc_ids")
+    first = int(np.flatnonzero(doc_ids != doc_ids[0])[0])  # rows of the first cached document only
+    params = with_section(pipeline, "evaluate", max_tokens=first, ablation_max_tokens=None,
+                          output_dir=str(tmp_path / "analysis"))
+    evaluate.run(params)
+    metrics = json.loads((tmp_path / "analysis" / "default" / "quick" / "metrics.json").read_text())
+    assert metrics["evaluated"]["documents"] == 1 and metrics["sparsity"]["tokens"] <= first
+    assert metrics["ablation"]["documents"] == 1
+    doc_length = int(read_token_cache(pipeline.tokenize.output).lengths()[doc_ids[0]])
+    assert 0 < metrics["ablation"]["tokens"] < doc_length  # that document's predictions, not the whole split's

@@ -94,6 +94,23 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(repo_params, tmp_path)
         assert torch.equal(value, resumed.state_dict()[name]), name
 
 
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(repo_params, tmp_path, capsys) -> None:
+    rows, _ = synthetic(1024)
+    cfg = train_config(repo_params, num_epochs=3)
+    Trainer(build_sae(sae_config("topk", d_in=32, d_sae=64, k=3)), make_data(rows, rows[:128]), cfg,
+            tmp_path / "run", None, torch.device("cpu"), progress=False).fit()
+    before = (tmp_path / "run" / "checkpoint_epoch3.pt" / "sae.safetensors").read_bytes()
+    capsys.readouterr()
+    again = build_sae(sae_config("topk", d_in=32, d_sae=64, k=3))
+    result = Trainer(again, make_data(rows, rows[:128]), replace_values(cfg, resume=True, num_epochs=2),
+                     tmp_path / "run", None, torch.device("cpu"), progress=False).fit()
+    out = capsys.readouterr().out
+    assert "run is complete at epoch 3 (train.num_epochs=2)" in out
+    assert "--resume --num-epochs 4" in out
+    assert len(result.history) == 3 and sorted(p.name for p in (tmp_path / "run").iterdir())[-1] == "history.json"
+    assert (tmp_path / "run" / "checkpoint_epoch3.pt" / "sae.safetensors").read_bytes() == before
+
+
 def test_checkpoint_layout_and_safe_loading(repo_params, tmp_path) -> None:
     rows, _ = synthetic(1024)
     cfg = train_config(repo_params, num_epochs=2, checkpoint_freq=5)

@@ -167,12 +167,16 @@ def scored_per_window(plan: WindowPlan, bos: bool) -> np.ndarray:
 
 
 def ablation_plan(token_cache: TokenCache, split: str, *, max_text_length: int, prepend_bos: bool, overlap: int,
-                  max_tokens: int | None) -> WindowPlan:
-    """The activation cache's windows over one split's documents, cut to at most `max_tokens` scored
-    predictions (whole windows, in document order; at least one window)."""
+                  max_tokens: int | None, documents: np.ndarray | None = None) -> WindowPlan:
+    """The activation cache's windows over one split's documents (only `documents`, when given: those the
+    other figures were computed on), cut to at most `max_tokens` scored predictions (whole windows, in
+    document order; at least one window)."""
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {sorted(SPLIT_NAMES)}, got {split!r}")
-    lengths = np.where(token_cache.split == SPLIT_NAMES[split], token_cache.lengths(), 0)
+    chosen = token_cache.split == SPLIT_NAMES[split]
+    if documents is not None:
+        chosen &= np.isin(np.arange(len(chosen)), documents)
+    lengths = np.where(chosen, token_cache.lengths(), 0)
     plan = plan_windows(lengths, max_text_length - int(prepend_bos), overlap, prepend_bos, max_tokens)
     scored = scored_per_window(plan, prepend_bos)
     keep = scored > 0  # a one-token document with BOS: cached, but its only prediction is made at position 0
@@ -216,4 +220,5 @@ def evaluate_ablation(
             bar.update(acc.tokens - before)
     result = acc.result()
     result["windows"] = len(plan)
+    result["documents"] = len(np.unique(plan.doc))
     return result

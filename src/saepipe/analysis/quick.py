@@ -46,7 +46,7 @@ def cache_batches(cache: ActivationCache, split: str, batch_rows: int, max_token
     """(float32 rows, outlier flags) of the split's first `max_tokens` rows (all: None), outliers included."""
     outlier = cache.column(split, "outlier")
     stop = len(outlier) if max_tokens is None else min(max_tokens, len(outlier))
-    with tqdm(total=stop, desc="activations", unit="tok", unit_scale=True, disable=not progress) as bar:
+    with tqdm(total=stop, desc="SAE pass", unit="tok", unit_scale=True, disable=not progress) as bar:
         for start in range(0, stop, batch_rows):
             end = min(start + batch_rows, stop)
             yield cache.read(split, start, end), outlier[start:end]

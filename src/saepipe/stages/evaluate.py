@@ -94,6 +94,8 @@ def run(params: Params) -> None:
                                 "rerun `saepipe tokenize` and `saepipe activations`")
             model = load_model(params, attrs, sae, device)
         mean = cache.mean(cfg.split)
+        # The documents of the rows evaluated below: the ablation scores these same documents, no others.
+        documents = np.unique(cache.column(cfg.split, "doc_ids")[:cfg.max_tokens])
 
         act_started = time.perf_counter()
         try:
@@ -107,7 +109,7 @@ def run(params: Params) -> None:
     figures: dict[str, Any] = {
         "evaluated": {"sae_path": str(path), "sae_type": sae.cfg.sae_type, "d_in": sae.d_in, "d_sae": sae.d_sae,
                       "model_name": attrs["model_name"], "hook_spec": attrs["hook_spec"], "split": cfg.split,
-                      "activation_cache": str(cache_path)},
+                      "activation_cache": str(cache_path), "documents": len(documents)},
         **activations.figures(),
     }
     timing: dict[str, float] = {"activation_tokens_per_second": activations.sparsity.tokens / act_seconds}
@@ -116,7 +118,7 @@ def run(params: Params) -> None:
         bos = bool(attrs["prepend_bos"])
         plan = ablation.ablation_plan(token_cache, cfg.split, max_text_length=int(attrs["max_text_length"]),
                                       prepend_bos=bos, overlap=int(attrs["context_overlap"]),
-                                      max_tokens=cfg.ablation_max_tokens)
+                                      max_tokens=cfg.ablation_max_tokens, documents=documents)
         if len(plan) == 0:
             raise UserError(f"{params.tokenize.output} has no {cfg.split} document long enough to score a prediction")
         abl_started = time.perf_counter()
@@ -178,7 +180,7 @@ def summary(figures: dict[str, Any], out_dir: Path) -> str:
     outliers = rc["outlier_rows"]
     lines = [
         f"evaluate: {ev['sae_type']} SAE {ev['d_in']} -> {ev['d_sae']} on {ev['hook_spec']}, {ev['split']} split",
-        f"  tokens          {sp['tokens']:,} ({outliers} outlier rows "
+        f"  tokens          {sp['tokens']:,} cached rows of {ev['documents']:,} documents ({outliers} outlier rows "
         f"{'included' if rc['outliers_included'] else 'left out'})",
         f"  sparsity        L0 mean {_g(sp['l0_mean'])}, median {_g(sp['l0_median'])}, p90 {_g(sp['l0_p90'])}; "
         f"dead {sp['dead_features']} ({_g(sp['dead_feature_percentage'], '.2f')}%); firing on >1%: "
@@ -190,7 +192,7 @@ def summary(figures: dict[str, Any], out_dir: Path) -> str:
     ab = figures.get("ablation")
     if ab:
         lines += [
-            f"  ablation        {ab['tokens']:,} predictions: CE clean {_g(ab['ce_clean'])}, SAE {_g(ab['ce_sae'])}, "
+            f"  ablation        {ab['tokens']:,} predictions in {ab['documents']:,} of those documents: CE clean {_g(ab['ce_clean'])}, SAE {_g(ab['ce_sae'])}, "
             f"zero {_g(ab['ce_zero'])}, mean {_g(ab['ce_mean'])}",
             f"                  CE loss recovered {_g(ab['ce_loss_recovered'])} (vs mean "
             f"{_g(ab['ce_loss_recovered_vs_mean'])}); KL SAE {_g(ab['kl_sae'])}, zero {_g(ab['kl_zero'])}, "

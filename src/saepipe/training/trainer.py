@@ -199,6 +199,11 @@ class Trainer:
         started = time.perf_counter()
         torch.manual_seed(self.cfg.seed)
         self.resume_or_start()
+        if self.epoch >= self.cfg.num_epochs:
+            print(f"train: {self.run_dir.name}: the run is complete at epoch {self.epoch} "
+                  f"(train.num_epochs={self.cfg.num_epochs}); nothing to do. To train further, pass "
+                  f"--resume --num-epochs {self.epoch + 1} (or more)")
+            return TrainResult(self.history, self.best_epoch, self.run_dir, time.perf_counter() - started)
         # Only now: loading and initialising free their large temporaries back to the OS; the steps below
         # reuse the same blocks every time, which a heap that is never trimmed serves without page faults.
         keep_freed_memory()
