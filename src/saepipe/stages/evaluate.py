@@ -192,7 +192,8 @@ def summary(figures: dict[str, Any], out_dir: Path) -> str:
     ab = figures.get("ablation")
     if ab:
         lines += [
-            f"  ablation        {ab['tokens']:,} predictions in {ab['documents']:,} of those documents: CE clean {_g(ab['ce_clean'])}, SAE {_g(ab['ce_sae'])}, "
+            f"  ablation        {ab['tokens']:,} predictions in {ab['documents']:,} of those documents: "
+            f"CE clean {_g(ab['ce_clean'])}, SAE {_g(ab['ce_sae'])}, "
             f"zero {_g(ab['ce_zero'])}, mean {_g(ab['ce_mean'])}",
             f"                  CE loss recovered {_g(ab['ce_loss_recovered'])} (vs mean "
             f"{_g(ab['ce_loss_recovered_vs_mean'])}); KL SAE {_g(ab['kl_sae'])}, zero {_g(ab['kl_zero'])}, "
