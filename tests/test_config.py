@@ -8,23 +8,22 @@ import typing
 import pytest
 import yaml
 
-from conftest import REPO
 from saepipe.cli import STAGES, build_parser, main
 from saepipe.config import SECTIONS, field_docs, load_params
 from saepipe.errors import UserError
 
 
-def write(tmp_path, mutate) -> str:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+def write(repo_dir, tmp_path, mutate) -> str:
+    params = yaml.safe_load((repo_dir / "params.yaml").read_text())
     mutate(params)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return str(path)
 
 
-def test_repo_params_are_valid_and_complete() -> None:
-    params = load_params(REPO / "params.yaml")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+def test_repo_params_are_valid_and_complete(repo_dir) -> None:
+    params = load_params(repo_dir / "params.yaml")
+    raw = yaml.safe_load((repo_dir / "params.yaml").read_text())
     assert set(raw) == set(SECTIONS)
     for name, cls in SECTIONS.items():
         assert set(raw[name]) == {f.name for f in dataclasses.fields(cls)}
@@ -59,8 +58,8 @@ def test_repo_params_are_valid_and_complete() -> None:
         (lambda p: p.pop("train"), "section 'train' is missing"),
     ],
 )
-def test_invalid_params_name_the_field(tmp_path, capsys, mutate, message) -> None:
-    path = write(tmp_path, mutate)
+def test_invalid_params_name_the_field(repo_dir, tmp_path, capsys, mutate, message) -> None:
+    path = write(repo_dir, tmp_path, mutate)
     with pytest.raises(UserError) as info:
         load_params(path)
     assert message in str(info.value)
@@ -80,7 +79,7 @@ def test_missing_and_malformed_params_files(tmp_path) -> None:
         load_params(tmp_path / "list.yaml")
 
 
-def test_flags_override_one_value_with_the_same_checks() -> None:
+def test_flags_override_one_value_with_the_same_checks(repo_dir) -> None:
     from saepipe.cli import overrides_from_args
 
     parser = build_parser()
@@ -92,7 +91,7 @@ def test_flags_override_one_value_with_the_same_checks() -> None:
     assert overrides_from_args(args) == {"process": {"subjects": ["physics", "biology"], "data_path": "x.json"}}
     args = parser.parse_args(["train", "--lr", "1e-3", "--wandb-tags", "a", "b", "--sae-type", "topk"])
     assert overrides_from_args(args) == {"train": {"lr": 1e-3, "wandb_tags": ["a", "b"], "sae_type": "topk"}}
-    params = load_params(REPO / "params.yaml", overrides_from_args(args))
+    params = load_params(repo_dir / "params.yaml", overrides_from_args(args))
     assert params.train.lr == 1e-3 and params.train.sae_type == "topk"
     args = parser.parse_args(["activations", "--hook-layer", "twelve"])
     with pytest.raises(UserError, match=r"activations\.hook_layer='twelve': expected an integer"):

@@ -17,9 +17,6 @@ import yaml
 
 from saepipe.cli import STAGES
 
-REPO = Path(__file__).resolve().parents[1]
-SRC = REPO / "src"
-
 
 def module_file(name: str, src: Path) -> Path | None:
     """The file that runs when `name` is imported (a package's `__init__.py`), or None if not under `src`."""
@@ -127,40 +124,40 @@ def saepipe_stages(dvc: dict) -> dict[str, dict]:
             if stage["cmd"].split()[0] == "saepipe"}
 
 
-DVC_STAGES = saepipe_stages(yaml.safe_load((REPO / "dvc.yaml").read_text()))
-
-
-def code_deps(stage: dict) -> list[str]:
-    return [dep for dep in stage.get("deps", []) if dep.startswith("src/")]
-
-
-def stage_closure(subcommand: str) -> set[Path]:
-    return set(import_closure(["saepipe.cli", STAGES[subcommand][0]], SRC).values())
-
-
-def test_every_saepipe_stage_is_a_cli_subcommand() -> None:
-    assert DVC_STAGES, "dvc.yaml has no `saepipe <stage>` stages"
-    unknown = sorted(set(DVC_STAGES) - set(STAGES))
+@pytest.fixture
+def dvc_stages(repo_dir: Path) -> dict[str, tuple[list[Path], set[Path]]]:
+    """Per `saepipe` subcommand in dvc.yaml: its code deps (paths under src/) and its import closure's files."""
+    stages = saepipe_stages(yaml.safe_load((repo_dir / "dvc.yaml").read_text()))
+    assert stages, "dvc.yaml has no `saepipe <stage>` stages"
+    unknown = sorted(set(stages) - set(STAGES))
     assert not unknown, f"dvc.yaml runs saepipe subcommands that saepipe.cli.STAGES lacks: {unknown}"
+    return {name: ([repo_dir / dep for dep in stage.get("deps", []) if dep.startswith("src/")],
+                   set(import_closure(["saepipe.cli", STAGES[name][0]], repo_dir / "src").values()))
+            for name, stage in stages.items()}
 
 
-@pytest.mark.parametrize("subcommand", sorted(DVC_STAGES))
-def test_stage_deps_cover_every_module_it_imports(subcommand: str) -> None:
-    deps = [REPO / dep for dep in code_deps(DVC_STAGES[subcommand])]
-    missing = sorted(str(path.relative_to(REPO)) for path in stage_closure(subcommand)
-                     if not any(path == dep or dep in path.parents for dep in deps))
-    assert not missing, (f"dvc.yaml stage running `saepipe {subcommand}` imports modules its deps do not cover; "
-                         f"add to its deps: {', '.join(missing)}")
+def covers(dep: Path, module: Path) -> bool:
+    return module == dep or dep in module.parents
 
 
-@pytest.mark.parametrize("subcommand", sorted(DVC_STAGES))
-def test_stage_code_deps_exist_and_are_imported(subcommand: str) -> None:
+def test_stage_deps_cover_every_module_it_imports(dvc_stages, repo_dir: Path) -> None:
+    problems = []
+    for name, (deps, closure) in sorted(dvc_stages.items()):
+        missing = sorted(str(m.relative_to(repo_dir)) for m in closure if not any(covers(d, m) for d in deps))
+        if missing:
+            problems.append(f"stage running `saepipe {name}` imports modules its deps miss; add: {', '.join(missing)}")
+    assert not problems, "dvc.yaml code deps are incomplete:\n" + "\n".join(problems)
+
+
+def test_stage_code_deps_exist_and_are_imported(dvc_stages, repo_dir: Path) -> None:
     """A dep on a moved or deleted file fails `dvc repro`; one the stage never imports reruns it for nothing."""
-    closure = stage_closure(subcommand)
-    stale = [dep for dep in code_deps(DVC_STAGES[subcommand])
-             if not any(module == REPO / dep or REPO / dep in module.parents for module in closure)]
-    assert not stale, (f"dvc.yaml stage running `saepipe {subcommand}` has code deps that do not exist or that it "
-                       f"never imports; remove or rename them: {', '.join(stale)}")
+    problems = []
+    for name, (deps, closure) in sorted(dvc_stages.items()):
+        stale = [str(d.relative_to(repo_dir)) for d in deps if not any(covers(d, m) for m in closure)]
+        if stale:
+            problems.append(f"stage running `saepipe {name}` has code deps that do not exist or that it never "
+                            f"imports; remove or rename: {', '.join(stale)}")
+    assert not problems, "dvc.yaml has stale code deps:\n" + "\n".join(problems)
 
 
 def write_package(root: Path, files: dict[str, str]) -> None:
