@@ -124,7 +124,7 @@ def saepipe_stages(dvc: dict) -> dict[str, dict]:
             if stage["cmd"].split()[0] == "saepipe"}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def dvc_stages(repo_dir: Path) -> dict[str, tuple[list[Path], set[Path]]]:
     """Per `saepipe` subcommand in dvc.yaml: its code deps (paths under src/) and its import closure's files."""
     stages = saepipe_stages(yaml.safe_load((repo_dir / "dvc.yaml").read_text()))
