@@ -1,12 +1,16 @@
-"""Shared fixtures: a tiny random Llama model saved as a real HF directory, and the repo's params."""
+"""Shared fixtures: a tiny random Llama model saved as a real HF directory, the repo's params and paths.
+
+Test modules take these as fixtures and never import this file; pure helpers live in `helpers.py`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import pytest
+
+from helpers import with_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,7 +26,7 @@ TINY_TRAINING_TEXT = [
 ]
 
 
-def make_tiny_model_dir(path: Path, *, n_layers: int = 2, d_model: int = 64, seed: int = 0) -> Path:
+def _make_tiny_model_dir(path: Path, *, n_layers: int = 2, d_model: int = 64, seed: int = 0) -> Path:
     """Save a random 2-layer Llama (vocab 512) with a trained byte-level BPE tokenizer to `path`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -60,9 +64,35 @@ def make_tiny_model_dir(path: Path, *, n_layers: int = 2, d_model: int = 64, see
 
 
 @pytest.fixture(scope="session")
+def repo_dir() -> Path:
+    """The checkout's root (params.yaml, dvc.yaml, src/, data/)."""
+    return REPO
+
+
+@pytest.fixture
+def shared_corpus() -> Path:
+    """The shared markdown corpus beside the checkout; the test is skipped where it is absent."""
+    if not SHARED_CORPUS.is_dir():
+        pytest.skip("shared corpus not present")
+    return SHARED_CORPUS
+
+
+@pytest.fixture(scope="session")
+def tiny_training_text() -> list[str]:
+    """The sentences the tiny model's tokenizer was trained on (so they tokenize into few, real tokens)."""
+    return list(TINY_TRAINING_TEXT)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model_dir():
+    """`make_tiny_model_dir(path, *, n_layers=2, d_model=64, seed=0)`: build another tiny model directory."""
+    return _make_tiny_model_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random model directory, built once per test session (read-only for tests)."""
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny_model")
+    return _make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny_model")
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +113,11 @@ def repo_params():
     return load_params(REPO / "params.yaml")
 
 
-def with_section(params, section: str, **changes):
-    """A copy of `params` with fields of one section replaced (validated like params.yaml)."""
-    from saepipe.config import replace_values
-
-    return dataclasses.replace(params, **{section: replace_values(getattr(params, section), **changes)})
-
-
-def tiny_documents(n: int = 12) -> list[str]:
+@pytest.fixture(scope="session")
+def tiny_documents() -> list[str]:
     """Documents of varied length (a few tokens to several windows) from the tiny training text."""
     docs = []
-    for i in range(n):
+    for i in range(12):
         sentences = [TINY_TRAINING_TEXT[(i + j) % len(TINY_TRAINING_TEXT)] for j in range(1 + (i * 5) % 17)]
         docs.append(" ".join(sentences))
     docs.append("Short.")
@@ -101,7 +125,7 @@ def tiny_documents(n: int = 12) -> list[str]:
 
 
 @pytest.fixture
-def tiny_params(tmp_path, tiny_model_dir, repo_params, monkeypatch):
+def tiny_params(tmp_path, tiny_model_dir, repo_params, tiny_documents, monkeypatch):
     """Params for running stages in tmp_path (also the working directory) on the tiny model, texts processed."""
     import json
 
@@ -109,25 +133,10 @@ def tiny_params(tmp_path, tiny_model_dir, repo_params, monkeypatch):
 
     processed = tmp_path / "processed"
     processed.mkdir()
-    (processed / "texts.json").write_text(json.dumps(tiny_documents()))
+    (processed / "texts.json").write_text(json.dumps(tiny_documents))
     params = with_section(repo_params, "process", output_dir=str(processed))
     params = with_section(params, "base_model", output_dir=str(tiny_model_dir))
     params = with_section(params, "tokenize", output=str(tmp_path / "tokens.h5"), val_fraction=0.25)
     return with_section(params, "activations", output_dir=str(tmp_path / "activations"), max_text_length=32,
                         hook_layer=0, device="cpu")
 
-
-def identity_sae(d: int = 64):
-    """An SAE with x_hat == x exactly: features [relu(x), relu(-x)] decoded by [I; -I] (ReLU needs both signs)."""
-    import torch
-
-    from saepipe.sae import build_sae, sae_config
-
-    sae = build_sae(sae_config("topk", d_in=d, d_sae=2 * d, k=2 * d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae.eval()

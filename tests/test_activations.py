@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import with_section
+from helpers import with_section
 from saepipe.activations.cache import ActivationCache
 from saepipe.cli import main
 from saepipe.corpus.tokens import VALIDATION, read_token_cache

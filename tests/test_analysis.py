@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import identity_sae
+from helpers import identity_sae
 from saepipe.analysis.ablation import (
     AblationAccumulator,
     ablation_metrics,

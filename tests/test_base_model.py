@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, with_section
+from helpers import with_section
 from saepipe.errors import UserError
 from saepipe.stages import base_model
 from saepipe.storage import sha256_file
@@ -320,10 +320,10 @@ def test_hub_route_turns_hub_errors_into_one_line(repo_params, tmp_path, monkeyp
 
 # --- CLI ---------------------------------------------------------------------------------------------
 
-def test_cli_reports_a_bad_local_path_in_one_line(tmp_path, capsys):
+def test_cli_reports_a_bad_local_path_in_one_line(repo_dir, tmp_path, capsys):
     from saepipe.cli import main
 
-    code = main(["base-model", "--params", str(REPO / "params.yaml"), "--source", "local",
+    code = main(["base-model", "--params", str(repo_dir / "params.yaml"), "--source", "local",
                  "--local-path", "/nonexistent", "--output-dir", str(tmp_path / "base")])
     captured = capsys.readouterr()
     assert code == 2

@@ -5,23 +5,22 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO
 from saepipe.cli import STAGES, build_parser, main
 from saepipe.config import SECTIONS, flat_fields, flat_values, load_params
 from saepipe.errors import UserError
 
 
-def write(tmp_path, mutate) -> str:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+def write(repo_dir, tmp_path, mutate) -> str:
+    params = yaml.safe_load((repo_dir / "params.yaml").read_text())
     mutate(params)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return str(path)
 
 
-def test_repo_params_are_valid_and_complete() -> None:
-    params = load_params(REPO / "params.yaml")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+def test_repo_params_are_valid_and_complete(repo_dir) -> None:
+    params = load_params(repo_dir / "params.yaml")
+    raw = yaml.safe_load((repo_dir / "params.yaml").read_text())
     assert set(raw) == set(SECTIONS)
     for name, cls in SECTIONS.items():
         hints = {f.name: f.hint for f in flat_fields(cls)}
@@ -60,8 +59,8 @@ def test_repo_params_are_valid_and_complete() -> None:
         (lambda p: p.pop("train"), "section 'train' is missing"),
     ],
 )
-def test_invalid_params_name_the_field(tmp_path, capsys, monkeypatch, mutate, message) -> None:
-    path = write(tmp_path, mutate)
+def test_invalid_params_name_the_field(repo_dir, tmp_path, capsys, monkeypatch, mutate, message) -> None:
+    path = write(repo_dir, tmp_path, mutate)
     monkeypatch.chdir(tmp_path)  # the file is the project's params.yaml: nothing to fall back on
     with pytest.raises(UserError) as info:
         load_params(path)
@@ -73,18 +72,18 @@ def test_invalid_params_name_the_field(tmp_path, capsys, monkeypatch, mutate, me
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_partial_params_file_falls_back_key_by_key(tmp_path, monkeypatch, capsys) -> None:
+def test_partial_params_file_falls_back_key_by_key(repo_dir, tmp_path, monkeypatch) -> None:
     (tmp_path / "mine.yaml").write_text("train:\n  topk: 7\nevaluate:\n  split: train\n")
-    monkeypatch.chdir(REPO)  # the project's params.yaml supplies everything mine.yaml leaves out
+    monkeypatch.chdir(repo_dir)  # the project's params.yaml supplies everything mine.yaml leaves out
     params = load_params(tmp_path / "mine.yaml")
-    repo = load_params(REPO / "params.yaml")
+    repo = load_params(repo_dir / "params.yaml")
     assert params.train.sae.topk == 7 and params.evaluate.split == "train"
     assert flat_values(params.train) == {**flat_values(repo.train), "topk": 7}
     assert params.activations == repo.activations
 
 
-def test_a_stage_validates_only_the_sections_it_reads(tmp_path, monkeypatch) -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+def test_a_stage_validates_only_the_sections_it_reads(repo_dir, tmp_path, monkeypatch) -> None:
+    raw = yaml.safe_load((repo_dir / "params.yaml").read_text())
     raw["train"]["topk"] = "many"  # broken, but process never reads train
     del raw["evaluate"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -108,7 +107,7 @@ def test_missing_and_malformed_params_files(tmp_path) -> None:
         load_params(tmp_path / "list.yaml")
 
 
-def test_flags_override_one_value_with_the_same_checks() -> None:
+def test_flags_override_one_value_with_the_same_checks(repo_dir) -> None:
     from saepipe.cli import overrides_from_args
 
     parser = build_parser()
@@ -120,7 +119,7 @@ def test_flags_override_one_value_with_the_same_checks() -> None:
     assert overrides_from_args(args) == {"process": {"subjects": ["physics", "biology"], "data_path": "x.json"}}
     args = parser.parse_args(["train", "--lr", "1e-3", "--wandb-tags", "a", "b", "--sae-type", "topk"])
     assert overrides_from_args(args) == {"train": {"lr": 1e-3, "wandb_tags": ["a", "b"], "sae_type": "topk"}}
-    params = load_params(REPO / "params.yaml", overrides_from_args(args))
+    params = load_params(repo_dir / "params.yaml", overrides_from_args(args))
     assert params.train.lr == 1e-3 and params.train.sae.sae_type == "topk"
     args = parser.parse_args(["activations", "--hook-layer", "twelve"])
     with pytest.raises(UserError, match=r"activations\.hook_layer='twelve': expected an integer"):

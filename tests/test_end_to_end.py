@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import identity_sae
+from helpers import identity_sae
 from saepipe.corpus.tokens import TokenCache
 from saepipe.model.hooks import HookSpec
 from saepipe.sae import build_sae, sae_config

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, identity_sae, make_tiny_model_dir, tiny_documents, with_section
+from helpers import identity_sae, with_section
 from saepipe.activations.cache import ActivationCache
 from saepipe.analysis.reconstruction import reconstruction_metrics
 from saepipe.analysis.sparsity import sparsity_metrics
@@ -25,13 +25,13 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the repo's model_name, recorded
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model_dir):
+def pipeline(tmp_path_factory, tiny_model_dir, tiny_documents, repo_dir):
     """Token cache, activation cache, a trained and exported SAE: built once for this module."""
     root = tmp_path_factory.mktemp("evaluate")
     processed = root / "processed"
     processed.mkdir()
-    (processed / "texts.json").write_text(json.dumps(tiny_documents()))
-    params = load_params(REPO / "params.yaml")
+    (processed / "texts.json").write_text(json.dumps(tiny_documents))
+    params = load_params(repo_dir / "params.yaml")
     params = with_section(params, "process", output_dir=str(processed))
     params = with_section(params, "base_model", output_dir=str(tiny_model_dir))
     params = with_section(params, "tokenize", output=str(root / "tokens.h5"), val_fraction=0.25)
@@ -141,7 +141,7 @@ def params_file(params, path: Path) -> str:
     return str(path)
 
 
-def test_mismatches_exit_2_with_one_line(pipeline, tmp_path, capsys) -> None:
+def test_mismatches_exit_2_with_one_line(pipeline, make_tiny_model_dir, tmp_path, capsys) -> None:
     path = params_file(pipeline, tmp_path / "params.yaml")
     cases = [
         (write_export(tmp_path / "layer1", identity_sae(), hook_spec="blocks.1.hook_resid_post"),

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import saepipe
-from conftest import REPO, with_section
+from helpers import with_section
 from saepipe.cli import main
 from saepipe.errors import UserError
 from saepipe.publish import hf
@@ -404,7 +404,7 @@ def test_upload_stage(tmp_path, stage_params, hub, capsys) -> None:
         upload_stage.run(with_section(params, "export", hf_repo_id=None))
 
 
-def test_cli_export(tmp_path, monkeypatch, capsys) -> None:
+def test_cli_export(repo_dir, tmp_path, monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["export", "--help"])
     assert exit_.value.code == 0
@@ -413,6 +413,6 @@ def test_cli_export(tmp_path, monkeypatch, capsys) -> None:
         main(["upload", "--help"])
     assert "--hf-repo-id" in capsys.readouterr().out
     monkeypatch.chdir(tmp_path)
-    assert main(["export", "--params", str(REPO / "params.yaml")]) == 2
+    assert main(["export", "--params", str(repo_dir / "params.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run `saepipe train` first" in err

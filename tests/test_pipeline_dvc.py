@@ -13,8 +13,6 @@ import h5py
 import pytest
 import yaml
 
-from conftest import REPO, TINY_TRAINING_TEXT
-
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="dvc is not installed")
 
@@ -52,17 +50,17 @@ def ran_stages(output: str) -> list[str]:
 
 
 @pytest.fixture
-def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
+def project(tmp_path: Path, tiny_model_dir: Path, repo_dir: Path, tiny_training_text: list[str]) -> Path:
     root = tmp_path / "project"
     root.mkdir()
-    shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(repo_dir / "dvc.yaml", root)
+    shutil.copytree(repo_dir / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for n, subject in enumerate(["physics", "chemistry", "biology"], start=1):
         folder = root / "data" / "raw" / f"{subject}_chapters"
         folder.mkdir(parents=True)
-        body = " ".join(TINY_TRAINING_TEXT[n - 1 :] * 3)
+        body = " ".join(tiny_training_text[n - 1 :] * 3)
         (folder / f"{subject}_ch01.md").write_text(CHAPTER.format(n=n, subject=subject, body=body))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load((repo_dir / "params.yaml").read_text())
     params["base_model"].update(source="local", local_path=str(tiny_model_dir), model_name="tiny-random-llama")
     params["tokenize"]["val_fraction"] = 0.3
     params["activations"].update(max_text_length=32, device="cpu", hook_layer=1)
@@ -79,7 +77,7 @@ def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return root
 
 
-def test_repro_is_incremental_and_outputs_are_documented(project: Path) -> None:
+def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path) -> None:
     first = run(["dvc", "repro"], project)
     assert ran_stages(first) == ["process", "base-model", "tokenize", "activations", "train", "export", "evaluate"]
 
@@ -107,6 +105,19 @@ def test_repro_is_incremental_and_outputs_are_documented(project: Path) -> None:
     second = run(["dvc", "repro"], project)
     assert ran_stages(second) == []
 
+    # editing a module reruns the stages that import it (dvc.yaml's code deps; tests/test_dvc_deps.py)
+    with (project / "src/saepipe/model/tokenizer.py").open("a") as f:
+        f.write("\n# edited\n")
+    assert set(json.loads(run(["dvc", "status", "--json"], project))) == {"tokenize", "activations"}
+
+
+def repro_once(project: Path) -> None:
+    assert len(ran_stages(run(["dvc", "repro"], project))) == 7
+
+
+@pytest.mark.slow
+def test_param_changes_rerun_their_stage_and_what_reads_its_outputs(project: Path) -> None:
+    repro_once(project)
     set_param(project, "activations", "outlier_factor", 5.0)
     third = run(["dvc", "repro", "activations"], project)
     assert ran_stages(third) == ["activations"]  # nothing upstream of it reruns
@@ -126,7 +137,10 @@ def test_repro_is_incremental_and_outputs_are_documented(project: Path) -> None:
     assert (project / "analysis/default/quick/feature_density.npy").is_file()
     assert "density_histogram.json" in run(["dvc", "plots", "show", "--json"], project)
 
-    # experiments: vary a hyperparameter without editing params.yaml, then compare
+
+@pytest.mark.slow
+def test_experiments_vary_a_param_without_editing_params_yaml(project: Path) -> None:
+    repro_once(project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
     run(["dvc", "exp", "run", "-S", "train.topk=2", "--name", "k2"], project)

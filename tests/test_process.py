@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, SHARED_CORPUS, with_section
+from helpers import with_section
 from saepipe.cli import main
 from saepipe.corpus.texts import load_texts, save_texts
 from saepipe.errors import UserError
@@ -176,8 +176,8 @@ def test_save_then_load_round_trips(tmp_path):
     assert [p.name for p in (tmp_path / "deep").iterdir()] == ["texts.json"]  # no temp file left
 
 
-def write_params_file(tmp_path: Path) -> Path:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+def write_params_file(repo_dir: Path, tmp_path: Path) -> Path:
+    raw = yaml.safe_load((repo_dir / "params.yaml").read_text(encoding="utf-8"))
     raw["process"]["output_dir"] = str(tmp_path / "out")
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -185,9 +185,9 @@ def write_params_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing", "object", "non_string_item", "empty"])
-def test_cli_bad_data_path_exits_2_with_one_line(tmp_path, capsys, case):
+def test_cli_bad_data_path_exits_2_with_one_line(repo_dir, tmp_path, capsys, case):
     bad = write_bad(tmp_path, case)
-    code = main(["process", "--params", str(write_params_file(tmp_path)), "--data-path", str(bad)])
+    code = main(["process", "--params", str(write_params_file(repo_dir, tmp_path)), "--data-path", str(bad)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1
@@ -195,10 +195,10 @@ def test_cli_bad_data_path_exits_2_with_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_good_data_path(tmp_path, capsys):
+def test_cli_good_data_path(repo_dir, tmp_path, capsys):
     good = tmp_path / "good.json"
     good.write_text('["one doc", "two docs"]', encoding="utf-8")
-    assert main(["process", "--params", str(write_params_file(tmp_path)), "--data-path", str(good)]) == 0
+    assert main(["process", "--params", str(write_params_file(repo_dir, tmp_path)), "--data-path", str(good)]) == 0
     assert load_texts(tmp_path / "out" / "texts.json") == ["one doc", "two docs"]
     assert "process: 2 documents" in capsys.readouterr().out
 
@@ -207,12 +207,11 @@ def markdown_files(root: Path, subjects: list[str]) -> dict[str, list[Path]]:
     return {s: sorted((root / f"{s}_chapters").glob("*.md")) for s in subjects}
 
 
-@pytest.mark.skipif(not SHARED_CORPUS.is_dir(), reason="shared corpus not present")
-def test_shared_corpus(repo_params, tmp_path):
+def test_shared_corpus(repo_params, shared_corpus, tmp_path):
     subjects = ["physics", "chemistry", "biology"]
-    files = markdown_files(SHARED_CORPUS, subjects)
+    files = markdown_files(shared_corpus, subjects)
     sources = {s: [p.read_text(encoding="utf-8") for p in paths] for s, paths in files.items()}
-    texts, stats = run_process(repo_params, tmp_path, raw_dir=str(SHARED_CORPUS), subjects=subjects)
+    texts, stats = run_process(repo_params, tmp_path, raw_dir=str(shared_corpus), subjects=subjects)
 
     assert_stats_match(texts, stats)
     assert list(stats["subjects"]) == subjects
@@ -240,11 +239,10 @@ def test_shared_corpus(repo_params, tmp_path):
     assert sum(text.count("$") for text in texts) > 1000
 
 
-@pytest.mark.skipif(
-    len(list((REPO / "data" / "raw").glob("*_chapters/*.md"))) < 15, reason="default corpus not complete yet"
-)
-def test_default_corpus(repo_params, tmp_path):
-    texts, stats = run_process(repo_params, tmp_path, raw_dir=str(REPO / "data" / "raw"),
+def test_default_corpus(repo_dir, repo_params, tmp_path):
+    if len(list((repo_dir / "data" / "raw").glob("*_chapters/*.md"))) < 15:
+        pytest.skip("default corpus not complete yet")
+    texts, stats = run_process(repo_params, tmp_path, raw_dir=str(repo_dir / "data" / "raw"),
                                subjects=repo_params.process.subjects)
     assert_stats_match(texts, stats)
     assert list(stats["subjects"]) == repo_params.process.subjects

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import with_section
+from helpers import with_section
 from saepipe.training.tracking import Tracker, wandb_name
 
 FAKE_KEY = "fakefakefake0123456789abcdefabcdef012345"  # 40 characters, like a real key

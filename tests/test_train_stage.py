@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import with_section
+from helpers import with_section
 from saepipe.activations.cache import ActivationCache
 from saepipe.cli import main
 from saepipe.errors import UserError

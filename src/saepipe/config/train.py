@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -14,9 +15,10 @@ RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 def sae_types() -> list[str]:
-    from saepipe.sae import REGISTRY  # torch: only the stages that build SAEs validate this group
-
-    return list(REGISTRY)
+    """The registered architectures. Looked up by name, only when a stage validates the train section:
+    every such stage imports `saepipe.sae` itself (and dvc.yaml lists it), while the stages before
+    training must neither import torch's SAE code nor rerun when it changes."""
+    return list(importlib.import_module("saepipe.sae").REGISTRY)
 
 
 def check_positive(section: str, values: dict[str, int]) -> None:
