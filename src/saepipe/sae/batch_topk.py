@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from saepipe.kernels import SparseCodes, batch_top_k, codes_above
 from saepipe.sae.base import SAEConfig, SAEOutput, SparseAutoencoder, register
-from saepipe.sae.kernels import SparseCodes, batch_top_k, codes_above
 
 
 @register

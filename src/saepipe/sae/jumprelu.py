@@ -16,8 +16,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from saepipe.kernels import SparseCodes
 from saepipe.sae.base import SAEConfig, SparseAutoencoder, register
-from saepipe.sae.kernels import SparseCodes
 
 
 def _rectangle(u: Tensor) -> Tensor:

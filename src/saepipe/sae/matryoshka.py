@@ -14,9 +14,9 @@ import itertools
 import torch
 from torch import Tensor
 
+from saepipe.kernels import BatchSums, SparseCodes, decode_sparse
 from saepipe.sae.base import SAEConfig, decoded_mse, register
 from saepipe.sae.batch_topk import BatchTopKSAE
-from saepipe.sae.kernels import BatchSums, SparseCodes, decode_sparse
 
 
 @register

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from saepipe.kernels import SparseCodes
 from saepipe.sae.base import SparseAutoencoder, register
-from saepipe.sae.kernels import SparseCodes
 
 
 @register
