@@ -242,6 +242,5 @@ def codes_from_csr(crow: Tensor, cols: Tensor, values: Tensor, n_latents: int) -
     """Codes from row offsets and (row-major, latent-sorted) columns; the pattern comes with them."""
     n_rows = crow.numel() - 1
     rows = torch.repeat_interleave(torch.arange(n_rows, device=cols.device), crow.diff())
-    codes = SparseCodes(rows, cols, values, n_rows, n_latents)
-    object.__setattr__(codes, "_pattern", Pattern(rows, cols, n_rows, n_latents, crow=crow))
-    return codes
+    pattern = Pattern(rows, cols, n_rows, n_latents, crow=crow)
+    return SparseCodes(rows, cols, values, n_rows, n_latents, _pattern=pattern)

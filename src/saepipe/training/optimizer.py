@@ -4,8 +4,8 @@ The update and the state are torch.optim.Adam's (step, exp_avg, exp_avg_sq; no w
 amsgrad), so checkpoints hold the same state dict. A parameter group with `unit_rows=True` (the
 decoder) also has each row's gradient component along the row removed before the update and each row
 rescaled to unit norm after it. On the CPU the three run in one compiled pass per row, with each row in
-cache (torch's fused Adam plus the two separate passes cost about twice as much); elsewhere they run as
-the same three steps in tensor operations.
+cache (`training.adam_kernel`; torch's fused Adam plus the two separate passes cost about twice as much);
+elsewhere they run as the same three steps in tensor operations.
 """
 
 from __future__ import annotations
