@@ -36,6 +36,7 @@ from saepipe.sae import build_sae, sae_config  # noqa: E402
 from saepipe.training.allocator import keep_freed_memory  # noqa: E402
 from saepipe.training.data import ActivationData, load_activation_data  # noqa: E402
 from saepipe.training.metrics import EpochMetrics  # noqa: E402
+from saepipe.training.optimizer import normalize_rows_, remove_parallel_  # noqa: E402
 from saepipe.training.trainer import Trainer  # noqa: E402
 
 D_IN, EXPANSION, K, BATCH, K_AUX = 576, 8, 32, 4096, 256
@@ -80,9 +81,10 @@ def dense_step(sae, optimizer, x: torch.Tensor, dead: torch.Tensor) -> None:
     aux = (residual_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
     optimizer.zero_grad(set_to_none=True)
     (loss + aux / 32).backward()
-    sae.remove_parallel_grads_()
-    optimizer.step()
-    sae.normalize_decoder_()
+    with torch.no_grad():
+        remove_parallel_(sae.W_dec.grad, sae.W_dec)
+        optimizer.step()
+        normalize_rows_(sae.W_dec)
 
 
 def time_steps(step, batches: list[torch.Tensor], weight: torch.Tensor, warmup: int) -> tuple[float, float]:

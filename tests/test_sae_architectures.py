@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saepipe.sae import REGISTRY, SparseAutoencoder, build_sae, config_class, kernels, sae_config
+from saepipe.kernels import sparse
+from saepipe.sae import REGISTRY, SparseAutoencoder, build_sae, config_class, sae_config
 from saepipe.sae.batch_topk import BatchTopKSAE
+from saepipe.training.optimizer import ConstrainedAdam
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
@@ -163,7 +165,7 @@ def test_matryoshka_rejects_prefixes_that_do_not_nest(prefixes):
 @pytest.mark.parametrize("arch", [*SPARSE, "standard"])
 def test_training_gradients_match_dense_autograd(arch, compiled, monkeypatch):
     if not compiled:  # the sparse kernels as a GPU runs them: torch operators only
-        monkeypatch.setattr(kernels, "_compiled", lambda *tensors: False)
+        monkeypatch.setattr(sparse, "compiled", lambda *tensors: False)
     sae, x = make(arch), inputs()
     out = sae(x)
     (out.recon_loss + out.sparsity_loss).backward()
@@ -292,16 +294,16 @@ def test_export_round_trip(arch):
 
 
 @pytest.mark.parametrize("arch", ALL)
-def test_auxk_loss_trains_only_dead_latents(arch):
+def test_auxk_trains_only_dead_latents(arch):
     sae, x = make(arch), inputs()
     out = sae(x)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
-    assert float(sae.auxk_loss(x, out, dead)) == 0.0
+    assert sae.auxk_term(x, out, dead) is None
     dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(3))[:16]] = True
-    loss = sae.auxk_loss(x, out, dead)
-    assert loss.item() > 0
+    term = sae.auxk_term(x, out, dead)
+    assert term.loss.item() > 0
     sae.zero_grad()
-    loss.backward()
+    term.add_grads_(1.0)
     for grad in (sae.W_enc.grad.abs().sum(0), sae.W_dec.grad.abs().sum(1), sae.b_enc.grad.abs()):
         assert not bool(grad[~dead].any()) and bool(grad[dead].any())
 
@@ -316,14 +318,13 @@ def test_topk_learns_sparse_structure():
         return (coefficients.unsqueeze(2) * directions[active]).sum(1)
 
     sae = build_sae(sae_config("topk", d_in=D_IN, d_sae=64, k=3))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    others = [param for param in sae.parameters() if param is not sae.W_dec]
+    opt = ConstrainedAdam([{"params": [sae.W_dec], "unit_rows": True}, {"params": others}], lr=1e-2)
     for _ in range(300):
         out = sae(sample(256))
         out.recon_loss.backward()
-        sae.remove_parallel_grads_()
         opt.step()
         opt.zero_grad()
-        sae.normalize_decoder_()
     x = sample(1024)
     with torch.no_grad():
         x_hat = sae.decode(sae.encode(x))

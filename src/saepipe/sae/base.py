@@ -3,9 +3,9 @@
 An architecture is a subclass that says which latents are active (`select`, or `dense_features` for
 architectures trained densely), how active values become features (`activate`), what sparsity
 penalty it pays (`sparsity_loss`) and how it encodes at inference (`inference_features`, which must
-not depend on the rest of the batch). Everything else — parameters, the sparse training forward, the
-decoder-norm constraint, AuxK, folding an input scale into the weights — lives here, so the trainer
-knows nothing of any one architecture.
+not depend on the rest of the batch). Everything else — parameters, the sparse training forward, AuxK,
+folding an input scale into the weights — lives here, so the trainer knows nothing of any one
+architecture. The decoder's unit-norm constraint is the optimizer's (`training.optimizer`).
 
 Conventions (those of SAELens): W_enc [d_in, d_sae], W_dec [d_sae, d_in], the encoder subtracts b_dec
 from its input: pre = (x - b_dec) @ W_enc + b_enc, x_hat = f @ W_dec + b_dec.
@@ -22,15 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saepipe.sae.kernels import (
+from saepipe.kernels import (
     BatchSums,
     SparseCodes,
     batch_sums,
     decode_sparse,
     encode_selected,
     gather_columns,
-    normalize_rows_,
-    remove_parallel_,
 )
 
 if TYPE_CHECKING:
@@ -280,34 +278,17 @@ class SparseAutoencoder(nn.Module):
         x_hat, recon, sums = self.reconstruction(x, codes)
         return SAEOutput(x_hat, codes, pre, recon, self.sparsity_loss(codes, pre), sums, x_centered)
 
-    def auxk_loss(self, x: Tensor, out: SAEOutput, dead: Tensor) -> Tensor:
-        """AuxK (Gao et al. 2024): dead latents' top-k_aux reconstruct the residual error.
-
-        Normalised by the residual's variance, and scaled by min(1, dead / k_aux) so that a handful of
-        dead latents do not get the full weight. Dead latents are few once training works, so their
-        columns are handled densely: a [batch, n_dead] product costs little and needs no sort.
-        """
-        n_dead = int(dead.sum())
-        if n_dead == 0 or self.cfg.k_aux == 0:
-            return torch.zeros((), device=x.device)
-        dead_ids = dead.nonzero().squeeze(1)
-        pre = torch.addmm(self.b_enc[dead_ids], x - self.b_dec, self.W_enc[:, dead_ids])
-        if n_dead > self.cfg.k_aux:
-            keep = torch.topk(out.pre[:, dead_ids], self.cfg.k_aux, dim=1, sorted=False).indices
-            pre = pre * torch.zeros_like(pre, dtype=torch.bool).scatter_(1, keep, True)
-        residual = (x - out.x_hat).detach()
-        residual_hat = F.relu(pre) @ self.W_dec[dead_ids]
-        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return (residual_hat - residual).pow(2).sum() / variance * min(1.0, n_dead / self.cfg.k_aux)
-
     @torch.no_grad()
     def auxk_term(self, x: Tensor, out: SAEOutput, dead: Tensor) -> AuxKTerm | None:
-        """`auxk_loss` for the training loop: the same loss and gradients, without autograd.
+        """AuxK (Gao et al. 2024): dead latents' top-k_aux reconstruct the residual error; None if none is dead.
 
-        Autograd would hand back full-size gradients of W_enc and W_dec, zeros outside the dead
-        latents, to be added to the main ones; here the few dead rows and columns are added in place
-        (`add_grads_`, after the main backward), which saves two dense passes per step. The dead
-        latents' pre-activations, the residual and x - b_dec all come from the forward pass.
+        Normalised by the residual's variance, and scaled by min(1, dead / k_aux) so that a handful of
+        dead latents do not get the full weight. Computed without autograd: autograd would hand back
+        full-size gradients of W_enc and W_dec, zeros outside the dead latents, to be added to the main
+        ones; here the few dead rows and columns are added in place (`add_grads_`, after the main
+        backward), which saves two dense passes per step. The dead latents' pre-activations, the residual
+        and x - b_dec all come from the forward pass (`out`); tests check loss and gradients against
+        the same loss written for autograd.
         """
         n_dead = int(dead.sum())
         if n_dead == 0 or self.cfg.k_aux == 0:
@@ -349,17 +330,6 @@ class SparseAutoencoder(nn.Module):
             self.b_dec.grad.sub_(self.W_enc[:, dead_ids] @ column_sums, alpha=alpha)
 
         return AuxKTerm(loss, add_grads_)
-
-    @torch.no_grad()
-    def normalize_decoder_(self) -> None:
-        normalize_rows_(self.W_dec)
-
-    @torch.no_grad()
-    def remove_parallel_grads_(self) -> None:
-        """Drop the gradient component along each (unit) decoder row: it would only change the row's norm."""
-        if self.W_dec.grad is None:
-            return
-        remove_parallel_(self.W_dec.grad, self.W_dec.detach())
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:

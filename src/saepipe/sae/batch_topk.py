@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saepipe.kernels import SparseCodes, batch_top_k, codes_above
 from saepipe.sae.base import SAEOutput, register
-from saepipe.sae.kernels import SparseCodes, batch_top_k, codes_above
 from saepipe.sae.topk import TopKConfig, TopKSAE
 
 

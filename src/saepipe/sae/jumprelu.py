@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Self
 import torch
 from torch import Tensor, nn
 
+from saepipe.kernels import SparseCodes
 from saepipe.sae.base import SAEConfig, SparseAutoencoder, register
-from saepipe.sae.kernels import SparseCodes
 
 if TYPE_CHECKING:
     from saepipe.config import SAEParams

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from saepipe.errors import field_error
+from saepipe.kernels import BatchSums, SparseCodes, decode_sparse
 from saepipe.sae.base import decoded_mse, register
 from saepipe.sae.batch_topk import BatchTopKConfig, BatchTopKSAE
-from saepipe.sae.kernels import BatchSums, SparseCodes, decode_sparse
 
 if TYPE_CHECKING:
     from saepipe.config import SAEParams

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from saepipe.kernels import SparseCodes
 from saepipe.sae.base import SAEConfig, SparseAutoencoder, register
-from saepipe.sae.kernels import SparseCodes
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, Self
 from torch import Tensor
 
 from saepipe.errors import field_error
+from saepipe.kernels import SparseCodes, row_top_k
 from saepipe.sae.base import SAEConfig, SparseAutoencoder, register
-from saepipe.sae.kernels import SparseCodes, row_top_k
 
 if TYPE_CHECKING:
     from saepipe.config import SAEParams

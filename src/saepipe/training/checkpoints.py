@@ -8,10 +8,11 @@
 Each checkpoint directory holds:
     sae.safetensors        the module's parameters and buffers (training space: normalised inputs)
     sae_config.json        SAEConfig, enough to rebuild the module
-    state.json             epoch, step, tokens seen, best validation loss, run info (model, hook, scale,
-                           data and code versions), the numpy RNG state
-    optimizer.pt           optimizer and scheduler state dicts, torch RNG state, dead-latent counters:
-                           plain tensors and numbers, loadable with torch.load(weights_only=True)
+    state.json             epoch, step, tokens seen, best validation loss and its epoch, run info (model,
+                           hook, scale, data and code versions)
+    optimizer.pt           the optimizer's state dict, the dead-latent counters (tokens seen when each
+                           latent last fired) and torch's RNG state: plain tensors and numbers, loadable
+                           with torch.load(weights_only=True)
     history.json           metrics up to that epoch
 No pickle anywhere: a checkpoint from someone else cannot run code on load.
 """
@@ -41,7 +42,7 @@ class Checkpoint:
     sae: SparseAutoencoder
     state: dict[str, Any]
     history: list[dict[str, float]]
-    tensors: dict[str, Any]  # optimizer/scheduler state, RNG, dead-latent counters
+    tensors: dict[str, Any]  # optimizer.pt: optimizer state, dead-latent counters, torch RNG state
     path: Path
 
     def run_record(self) -> RunRecord:

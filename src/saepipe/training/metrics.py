@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from saepipe.sae.kernels import BatchSums, batch_sums
+from saepipe.kernels import BatchSums, batch_sums
 
 
 @dataclass

@@ -4,8 +4,8 @@ The update and the state are torch.optim.Adam's (step, exp_avg, exp_avg_sq; no w
 amsgrad), so checkpoints hold the same state dict. A parameter group with `unit_rows=True` (the
 decoder) also has each row's gradient component along the row removed before the update and each row
 rescaled to unit norm after it. On the CPU the three run in one compiled pass per row, with each row in
-cache (torch's fused Adam plus the two separate passes cost about twice as much); elsewhere they run as
-the same three steps in tensor operations.
+cache (`training.adam_kernel`; torch's fused Adam plus the two separate passes cost about twice as much);
+elsewhere they run as the same three steps in tensor operations.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saepipe.sae import cpu_kernels
-from saepipe.sae.kernels import normalize_rows_, remove_parallel_
+from saepipe.training import adam_kernel
 
 
 class ConstrainedAdam(torch.optim.Optimizer):
@@ -44,7 +43,7 @@ class ConstrainedAdam(torch.optim.Optimizer):
                            "step": int(state["step"]), "unit_rows": group["unit_rows"]}
                 arrays = _compiled_views(tensors, keep_rows=group["unit_rows"])
                 if arrays is not None:
-                    cpu_kernels.adam(*arrays, **options)
+                    adam_kernel.adam(*arrays, **options)
                 else:
                     _adam_in_torch(*tensors, **options)
 
@@ -74,3 +73,15 @@ def _adam_in_torch(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
     if unit_rows:
         normalize_rows_(param)
+
+
+def remove_parallel_(grad: Tensor, rows: Tensor) -> None:
+    """grad[i] -= (grad[i] . rows[i] / |rows[i]|^2) rows[i], in place: the part of each row's gradient
+    that would only change the row's norm."""
+    along = torch.linalg.vecdot(grad, rows) / torch.linalg.vector_norm(rows, dim=1).square().clamp_min(1e-12)
+    grad.addcmul_(along.unsqueeze(1), rows, value=-1)
+
+
+def normalize_rows_(matrix: Tensor) -> None:
+    """Each row rescaled to unit norm, in place (zero rows stay zero)."""
+    matrix /= torch.linalg.vector_norm(matrix, dim=1, keepdim=True).clamp_min(1e-12)

@@ -1,7 +1,8 @@
 """The SAE training loop: activations in, a trained SAE and its checkpoints out.
 
-It knows the SAE only through the base class (forward -> SAEOutput, auxk_loss, the decoder-norm
-constraint, after_step), so every architecture trains the same way, and it knows no language model:
+It knows the SAE only through the base class (forward -> SAEOutput, auxk_term, after_step, and for
+validation the inference path: pre_activations, inference_codes, sparsity_loss), so every architecture
+trains the same way; the decoder's unit-norm constraint is ConstrainedAdam's. It knows no language model:
 end-to-end losses arrive as a callable that returns an extra loss term.
 """
 
@@ -20,9 +21,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from saepipe.config import TrainConfig
+from saepipe.kernels import decode_sparse
 from saepipe.sae import SAEOutput, SparseAutoencoder
 from saepipe.sae.base import decoded_mse
-from saepipe.sae.kernels import decode_sparse
 from saepipe.sae.provenance import RunRecord
 from saepipe.storage import write_json
 from saepipe.training.allocator import keep_freed_memory
@@ -186,10 +187,11 @@ class Trainer:
             codes = self.sae.inference_codes(pre)
             x_hat, recon, sums = decoded_mse(decode_sparse(codes, self.sae.W_dec), self.sae.b_dec, x)
             sparsity = self.sae.sparsity_loss(codes, pre)
-            aux = self.sae.auxk_loss(x, SAEOutput(x_hat, codes, pre, recon, sparsity, sums), dead)
-            loss = recon + self.cfg.sparsity_penalty * sparsity + self.cfg.aux_coefficient * aux
+            aux = self.sae.auxk_term(x, SAEOutput(x_hat, codes, pre, recon, sparsity, sums), dead)
+            aux_loss = float(aux.loss) if aux is not None else 0.0
+            loss = recon + self.cfg.sparsity_penalty * sparsity + self.cfg.aux_coefficient * aux_loss
             metrics.add(x, x_hat, codes.nnz, {"loss": loss.item(), "recon_loss": recon.item(),
-                                               "l1_loss": sparsity.item(), "aux_loss": aux.item(),
+                                               "l1_loss": sparsity.item(), "aux_loss": aux_loss,
                                                "weighted_l1_loss": self.cfg.sparsity_penalty * sparsity.item()},
                         sums=sums)
         self.sae.train()

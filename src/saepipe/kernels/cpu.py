@@ -7,10 +7,9 @@
 - Sparse-dense products (CSR x dense, dot products sampled at a pattern): the same memory-bound gathers
   torch runs, four rows per sweep and without torch's zero-fill and copy of the output (~20% faster).
 - `reconstruct`: x_hat, the residual and every sum the loss and the metrics need, in one pass.
-- `adam`: Adam with the decoder's unit-norm constraint in the same pass over each row.
 
-Every function takes and returns numpy arrays; the torch-facing wrappers live in `kernels` and
-`training.optimizer`. The first call compiles (cached in __pycache__; about 10 s for all of them).
+Every function takes and returns numpy arrays; the torch-facing wrappers live in `kernels.sparse` and
+`kernels.select`. The first call compiles (cached in __pycache__; about 10 s for all of them).
 """
 
 from __future__ import annotations
@@ -247,35 +246,6 @@ def _gather_columns(matrix, ids, out):  # pragma: no cover - compiled
             out[r, i] = matrix[r, ids[i]]
 
 
-@njit(parallel=True, fastmath=True, **_OPTIONS)
-def _adam(param, grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2, step_size,
-          inv_bias_correction2_sqrt, eps, tiny, unit_rows):  # pragma: no cover - compiled
-    n_rows, d = param.shape
-    for i in prange(n_rows):
-        if unit_rows:  # drop the gradient along the row: it would only change the row's norm
-            along = norm_sq = param.dtype.type(0)
-            for j in range(d):
-                along += grad[i, j] * param[i, j]
-                norm_sq += param[i, j] * param[i, j]
-            factor = along / max(norm_sq, tiny)
-            for j in range(d):
-                grad[i, j] -= factor * param[i, j]
-        for j in range(d):  # torch's Adam update, element by element
-            g = grad[i, j]
-            m = exp_avg[i, j] + one_minus_beta1 * (g - exp_avg[i, j])
-            v = beta2 * exp_avg_sq[i, j] + one_minus_beta2 * g * g
-            exp_avg[i, j] = m
-            exp_avg_sq[i, j] = v
-            param[i, j] -= step_size * m / (np.sqrt(v) * inv_bias_correction2_sqrt + eps)
-        if unit_rows:
-            norm_sq = param.dtype.type(0)
-            for j in range(d):
-                norm_sq += param[i, j] * param[i, j]
-            scale = 1 / max(np.sqrt(norm_sq), tiny)
-            for j in range(d):
-                param[i, j] *= scale
-
-
 def _threads() -> None:
     import torch
 
@@ -357,7 +327,6 @@ def reconstruct(decoded: np.ndarray, bias: np.ndarray, x: np.ndarray
     return x_hat, residual, rows, partial.sum(0)
 
 
-
 def sampled_dots(crow: np.ndarray, cols: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """left[r] . right[c] for every entry (r, c) of a CSR pattern, in its order."""
     _threads()
@@ -372,19 +341,3 @@ def gather_columns(matrix: np.ndarray, ids: np.ndarray) -> np.ndarray:
     out = np.empty((matrix.shape[0], ids.size), dtype=matrix.dtype)
     _gather_columns(matrix, ids, out)
     return out
-
-
-def adam(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, *, lr: float,
-         beta1: float, beta2: float, eps: float, step: int, unit_rows: bool) -> None:
-    """One Adam step in place (torch's update: bias-corrected moments, eps added after the square root).
-
-    With `unit_rows` (a 2-D param), each row's gradient first loses its component along the row and the
-    row is rescaled to unit norm after its update: the SAE decoder's constraint, in the same pass.
-    """
-    _threads()
-    if param.ndim != 2:  # biases: one row
-        param, grad, exp_avg, exp_avg_sq = (a.reshape(1, -1) for a in (param, grad, exp_avg, exp_avg_sq))
-    # In the parameters' own precision: float64 scalars would turn every float32 operation into two casts.
-    constants = np.array([1 - beta1, beta2, 1 - beta2, lr / (1 - beta1**step), 1 / np.sqrt(1 - beta2**step), eps,
-                          1e-12], dtype=param.dtype)
-    _adam(param, grad, exp_avg, exp_avg_sq, *constants, unit_rows)

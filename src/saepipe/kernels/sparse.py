@@ -1,24 +1,22 @@
-"""Sparse kernels for SAE training: only the selected latents cost anything beyond the encoder matmul.
+"""Sparse products for SAE training: only the selected latents cost anything beyond the encoder matmul.
 
 The dense pre-activations are computed once without autograd. The selected entries then re-enter the
 graph through `EncodeSelected`, whose backward is a sparse-dense product over just those entries
 (not a dense d_in x d_sae one), and are decoded by `DecodeSparse`, a gather of decoder rows whose
-backward touches only the selected rows. Each operation runs the compiled loops of `cpu_kernels` on
+backward touches only the selected rows. Each operation runs the compiled loops of `kernels.cpu` on
 CPU float tensors and torch operators elsewhere (a GPU); tests check that the two agree.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from saepipe.sae import cpu_kernels
-from saepipe.sae.cpu_kernels import count_above, gather_marked, keep_top, order_by_column
+from saepipe.kernels import cpu
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -54,14 +52,24 @@ class SparseCodes:
         return SparseCodes(self.rows[keep], self.cols[keep], self.values[keep], self.n_rows, self.n_latents)
 
 
-def _on_cpu(t: Tensor) -> bool:
+def on_cpu(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _compiled(*tensors: Tensor) -> bool:
-    """Whether the compiled CPU kernels take these: CPU, one float dtype (float32 or float64)."""
+def compiled(*tensors: Tensor) -> bool:
+    """Whether the compiled CPU kernels take these: CPU, one float dtype (float32 or float64).
+
+    Every kernel module asks through this one name, so tests can send all of them down the torch path.
+    """
     dtype = tensors[0].dtype
-    return dtype in (torch.float32, torch.float64) and all(_on_cpu(t) and t.dtype == dtype for t in tensors)
+    return dtype in (torch.float32, torch.float64) and all(on_cpu(t) and t.dtype == dtype for t in tensors)
+
+
+def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
+    """CSR row offsets [n_rows + 1] of entries sorted by row."""
+    offsets = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=offsets[1:])
+    return offsets
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -72,25 +80,13 @@ def csr_matmul(crow: Tensor, cols: Tensor, values: Tensor, dense: Tensor, transp
                order: Tensor | None = None) -> Tensor:
     """S @ dense for a CSR matrix S with these row offsets, columns and values (S has dense.shape[0] columns);
     with `transpose`, its contiguous transpose; with `order`, entry i's value is values[order[i]]."""
-    if _compiled(values, dense):
-        return torch.from_numpy(cpu_kernels.csr_matmul(_np(crow), _np(cols), _np(values), _np(dense), transpose,
+    if compiled(values, dense):
+        return torch.from_numpy(cpu.csr_matmul(_np(crow), _np(cols), _np(values), _np(dense), transpose,
                                                        None if order is None else _np(order)))
     if order is not None:
         values = values[order]
     product = _csr(crow, cols, values, (crow.numel() - 1, dense.shape[0])) @ dense
     return product.t().contiguous() if transpose else product
-
-
-def remove_parallel_(grad: Tensor, rows: Tensor) -> None:
-    """grad[i] -= (grad[i] . rows[i] / |rows[i]|^2) rows[i], in place (on the CPU, training does this
-    inside `ConstrainedAdam`'s compiled pass)."""
-    along = torch.linalg.vecdot(grad, rows) / torch.linalg.vector_norm(rows, dim=1).square().clamp_min(1e-12)
-    grad.addcmul_(along.unsqueeze(1), rows, value=-1)
-
-
-def normalize_rows_(matrix: Tensor) -> None:
-    """Each row rescaled to unit norm, in place (zero rows stay zero)."""
-    matrix /= torch.linalg.vector_norm(matrix, dim=1, keepdim=True).clamp_min(1e-12)
 
 
 @dataclass(frozen=True)
@@ -112,8 +108,8 @@ class BatchSums:
 def batch_sums(decoded: Tensor, bias: Tensor, x: Tensor) -> BatchSums:
     """`BatchSums` of x_hat = decoded + bias against x (no autograd)."""
     decoded, bias = decoded.detach(), bias.detach()
-    if _compiled(decoded, bias, x):
-        x_hat, residual, rows, column_sums = (torch.from_numpy(a) for a in cpu_kernels.reconstruct(
+    if compiled(decoded, bias, x):
+        x_hat, residual, rows, column_sums = (torch.from_numpy(a) for a in cpu.reconstruct(
             _np(decoded), _np(bias), _np(x)))
         return BatchSums(x_hat, residual, rows, column_sums[0], column_sums[1])
     x_hat = decoded + bias
@@ -123,18 +119,17 @@ def batch_sums(decoded: Tensor, bias: Tensor, x: Tensor) -> BatchSums:
     return BatchSums(x_hat, residual, rows, residual.sum(0), x.sum(0))
 
 
-
 def gather_columns(matrix: Tensor, ids: Tensor) -> Tensor:
     """matrix[:, ids], a new contiguous tensor."""
-    if _compiled(matrix) and matrix.is_contiguous():
-        return torch.from_numpy(cpu_kernels.gather_columns(matrix.detach().numpy(), _np(ids)))
+    if compiled(matrix) and matrix.is_contiguous():
+        return torch.from_numpy(cpu.gather_columns(matrix.detach().numpy(), _np(ids)))
     return matrix[:, ids]
 
 
 def sampled_dots(crow: Tensor, cols: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """left[r] . right[c] for each entry (r, c) of a CSR pattern, in the pattern's order."""
-    if _compiled(left, right):
-        return torch.from_numpy(cpu_kernels.sampled_dots(_np(crow), _np(cols), _np(left), _np(right)))
+    if compiled(left, right):
+        return torch.from_numpy(cpu.sampled_dots(_np(crow), _np(cols), _np(left), _np(right)))
     sampled = _csr(crow, cols, torch.zeros(cols.numel(), dtype=left.dtype, device=left.device),
                    (crow.numel() - 1, right.shape[0]))
     return torch.sparse.sampled_addmm(sampled, left.contiguous(), right.t()).values()
@@ -153,18 +148,18 @@ class Pattern:
 
     def __init__(self, rows: Tensor, cols: Tensor, n_rows: int, n_latents: int, crow: Tensor | None = None):
         self.rows, self.cols, self.n_rows, self.n_latents = rows, cols, n_rows, n_latents
-        self.crow = torch._convert_indices_from_coo_to_csr(rows, n_rows) if crow is None else crow
+        self.crow = row_offsets(rows, n_rows) if crow is None else crow
         self._t: tuple[Tensor, Tensor, Tensor] | None = None
 
     def transposed_matmul(self, values: Tensor, dense: Tensor, transpose: bool = False) -> Tensor:
         """S^T @ dense [n_latents, d] for S the [n_rows, n_latents] matrix holding `values` (row-major order);
         with `transpose`, dense^T @ S [d, n_latents] instead."""
         if self._t is None:  # latent-major order: offsets, the permutation, the rows in that order
-            if _on_cpu(self.cols):
-                starts, order = (torch.from_numpy(a) for a in order_by_column(self.cols.numpy(), self.n_latents))
+            if on_cpu(self.cols):
+                starts, order = (torch.from_numpy(a) for a in cpu.order_by_column(self.cols.numpy(), self.n_latents))
             else:
                 order = torch.argsort(self.cols, stable=True)
-                starts = torch._convert_indices_from_coo_to_csr(self.cols[order], self.n_latents)
+                starts = row_offsets(self.cols[order], self.n_latents)
             self._t = (starts, order, self.rows[order])
         starts, order, rows = self._t
         return csr_matmul(starts, rows, values, dense, transpose, order=order)
@@ -210,7 +205,7 @@ class DecodeSparse(torch.autograd.Function):
     def forward(ctx, values: Tensor, W_dec: Tensor, pattern: Pattern) -> Tensor:
         ctx.save_for_backward(values, W_dec)
         ctx.pattern = pattern
-        if _compiled(values, W_dec):
+        if compiled(values, W_dec):
             return csr_matmul(pattern.crow, pattern.cols, values, W_dec)
         return torch.nn.functional.embedding_bag(pattern.cols, W_dec, pattern.crow[:-1], mode="sum",
                                                  per_sample_weights=values)
@@ -247,83 +242,5 @@ def codes_from_csr(crow: Tensor, cols: Tensor, values: Tensor, n_latents: int) -
     """Codes from row offsets and (row-major, latent-sorted) columns; the pattern comes with them."""
     n_rows = crow.numel() - 1
     rows = torch.repeat_interleave(torch.arange(n_rows, device=cols.device), crow.diff())
-    codes = SparseCodes(rows, cols, values, n_rows, n_latents)
-    object.__setattr__(codes, "_pattern", Pattern(rows, cols, n_rows, n_latents, crow=crow))
-    return codes
-
-
-def batch_top_k(pre: Tensor, k_total: int, hint: float | None = None, bias: Tensor | None = None) -> SparseCodes:
-    """The k_total largest positive entries of `pre` over the whole batch, exactly.
-
-    A full top-k over rows x latents values costs as much as the encoder matmul, so it is found among
-    candidates above a threshold: `hint` (a threshold believed a little below the k_total-th value, e.g.
-    the running estimate from earlier steps) or else a quantile of a strided sample. If too few entries
-    pass, the threshold is lowered until enough do; the result is the same as a full top-k (ties at the
-    cut are kept in row-major order). `bias`, if given, is first added to `pre` in place (on the CPU in
-    the same pass as the first count).
-    """
-    n_rows, n_latents = pre.shape
-    k_total = min(k_total, pre.numel())
-    flat = pre.reshape(-1)
-    cpu = _compiled(pre) and pre.is_contiguous()
-    if bias is not None and not (cpu and hint is not None and hint > 0):
-        pre.add_(bias)  # the sampled thresholds below need the biased values
-        bias = None
-    for threshold in _falling_thresholds(flat, k_total, n_latents, hint):
-        if cpu:
-            counts, mask = count_above(pre.detach().numpy(), threshold,
-                                       None if bias is None else bias.detach().numpy())
-            bias = None
-            found = int(counts.sum())
-        else:
-            candidates = (flat > threshold).nonzero().squeeze(1)
-            found = candidates.numel()
-        if found >= k_total:
-            break
-    if cpu:
-        crow, cols, values = keep_top(*gather_marked(pre.detach().numpy(), mask, counts), k_total)
-        return codes_from_csr(torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(values), n_latents)
-    values = flat[candidates]
-    if candidates.numel() > k_total:
-        keep = torch.topk(values, k_total, sorted=False).indices.sort().values
-        candidates, values = candidates[keep], values[keep]
-    rows, cols = candidates // n_latents, candidates % n_latents
-    return codes_from_csr(torch._convert_indices_from_coo_to_csr(rows, n_rows), cols, values, n_latents)
-
-
-def codes_above(pre: Tensor, threshold: float) -> SparseCodes:
-    """The entries of `pre` above `threshold`, as codes (on the CPU without a dense mask or nonzero pass)."""
-    if _compiled(pre) and pre.is_contiguous():
-        values = pre.detach().numpy()
-        crow, cols, kept = gather_marked(values, *count_above(values, threshold)[::-1])
-        return codes_from_csr(torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(kept), pre.shape[1])
-    rows, cols = (pre > threshold).nonzero(as_tuple=True)
-    return codes_from_csr(torch._convert_indices_from_coo_to_csr(rows, pre.shape[0]), cols, pre[rows, cols],
-                          pre.shape[1])
-
-
-def _falling_thresholds(flat: Tensor, k_total: int, n_latents: int, hint: float | None) -> Iterator[float]:
-    """Candidate cuts, each tried only if the one before let fewer than k_total entries through."""
-    if hint is not None and hint > 0:
-        yield from (hint, 0.85 * hint, 0.7 * hint)
-    stride = 17 if n_latents % 17 else 19  # co-prime with the row length: every latent gets sampled
-    sample = flat[::stride]
-    want = min(sample.numel(), int(k_total / stride * 1.5) + 16)
-    if _on_cpu(sample):  # numpy's selection is ~3x faster than torch's top-k here
-        cut = float(np.partition(sample.contiguous().numpy(), sample.numel() - want)[sample.numel() - want])
-    else:
-        cut = float(torch.topk(sample, want, sorted=False).values.min())
-    yield max(cut, 0.0)
-    yield 0.0  # every positive entry: fewer than k_total of them is all there is
-
-
-def row_top_k(pre: Tensor, k: int) -> SparseCodes:
-    """The k largest positive entries of each row."""
-    n_rows, n_latents = pre.shape
-    values, cols = torch.topk(pre, min(k, n_latents), dim=1, sorted=False)
-    cols, order = cols.sort(dim=1)
-    values = values.gather(1, order)
-    positive = values > 0
-    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=pre.device)
-    torch.cumsum(positive.sum(1), 0, out=crow[1:])
-    return codes_from_csr(crow, cols[positive], values[positive], n_latents)
+    pattern = Pattern(rows, cols, n_rows, n_latents, crow=crow)
+    return SparseCodes(rows, cols, values, n_rows, n_latents, _pattern=pattern)
