@@ -55,7 +55,7 @@ def test_text_before_any_heading_is_its_own_document():
 
 def test_heading_without_body_gives_no_document():
     text = "# Chapter 9: T\n\n## 9.1 Empty\n\n\n## 9.2 Only Subheadings\n### Sub A\n#### Sub B\n\n## 9.3 Full\n\nText."
-    assert chapter_documents(text) == ["9.3 Full\n\nText."]
+    assert chapter_documents(text) == ["Chapter 9: T\n\n9.3 Full\n\nText."]
     assert clean_section("## 9.1 Empty\n\n   \n") == ""
     # markup that cleans away to nothing is no body either
     assert clean_section("## 9.4 Pictures\n\n![a figure](fig.png)\n<!-- note -->\n") == ""
@@ -181,7 +181,7 @@ def test_lists_blockquotes_and_rules():
     section = (
         "## 1.9 Steps\n\n"
         "- First bullet\n* Second *bullet*\n  + Nested bullet\n"
-        "1. Ordered stays numbered\n"
+        "1. Ordered item\n2) Second item\n"
         "> Quoted line\n\n---\n\n* * *\n\nAfter the rules."
     )
     doc = clean_section(section)
@@ -189,7 +189,8 @@ def test_lists_blockquotes_and_rules():
         "First bullet",
         "Second bullet",
         "Nested bullet",
-        "1. Ordered stays numbered",
+        "Ordered item",
+        "Second item",
         "Quoted line",
         "",
         "After the rules.",

@@ -66,14 +66,15 @@ def assert_stats_match(texts: list[str], stats: dict) -> None:
 def test_chapters_become_section_documents_in_subject_then_file_order(repo_params, tmp_path, capsys):
     write_chapters(tmp_path / "raw", SMALL_CORPUS)
     texts, stats = run_process(repo_params, tmp_path, min_words=8)
-    assert [t.split("\n")[0] for t in texts] == ["2.1 Early", "10.1 Late", "1.1 Atoms"]
-    assert texts[0] == f"2.1 Early\n\n{PROSE}"
+    # each chapter's title is the first line of its first document
+    assert [t.split("\n")[0] for t in texts] == ["Chapter 2: Title 2", "Chapter 10: Title 10", "Chapter 1: Title 1"]
+    assert texts[0] == f"Chapter 2: Title 2\n\n2.1 Early\n\n{PROSE}"
     assert texts[2].endswith("$E = mc^{2}$")
     assert list(stats["subjects"]) == ["physics", "chemistry"]
     physics = stats["subjects"]["physics"]
     assert (physics["chapters"], physics["documents"], physics["dropped_sections"]) == (2, 2, 1)
-    # two chapter headings without intro text + the "Empty" section
-    assert physics["empty_sections"] == 3
+    # only the "Empty" section: a title-only section is folded into the next, not counted as empty
+    assert physics["empty_sections"] == 1
     assert stats["subjects"]["chemistry"]["documents"] == 1
     assert_stats_match(texts, stats)
     out = capsys.readouterr().out.strip().splitlines()
@@ -88,14 +89,32 @@ def test_min_words_filters_short_sections(repo_params, tmp_path):
     kept_all, stats_all = run_process(repo_params, tmp_path, out="a", min_words=0)
     assert "2.2 Short\n\nToo few words." in kept_all
     assert stats_all["dropped_sections"] == 0
-    kept_some, stats_some = run_process(repo_params, tmp_path, out="b", min_words=10)  # exactly 10 is kept
-    # words include the heading: Early/Late have 2 + 8, Atoms 2 + 8 + 3 (formula), Short 2 + 3
-    assert [t.split("\n")[0] for t in kept_some] == ["2.1 Early", "10.1 Late", "1.1 Atoms"]
+    # words include the title and heading: Early/Late have 4 + 2 + 8, Atoms 4 + 2 + 8 + 3 (formula), Short 2 + 3
+    kept_some, stats_some = run_process(repo_params, tmp_path, out="b", min_words=14)  # exactly 14 is kept
+    assert [t.split("\n")[2] for t in kept_some] == ["2.1 Early", "10.1 Late", "1.1 Atoms"]
     assert stats_some["dropped_sections"] == 1
-    kept_few, stats_few = run_process(repo_params, tmp_path, out="c", min_words=11)
-    assert [t.split("\n")[0] for t in kept_few] == ["1.1 Atoms"]
+    kept_few, stats_few = run_process(repo_params, tmp_path, out="c", min_words=15)
+    assert kept_few == [f"Chapter 1: Title 1\n\n1.1 Atoms\n\n{PROSE} $E = mc^{{2}}$"]
     assert stats_few["dropped_sections"] == 3
     assert_stats_match(kept_few, stats_few)
+
+
+def test_title_moves_past_a_section_too_short_to_keep(repo_params, tmp_path):
+    long_prose = f"{PROSE} {PROSE}"
+    corpus = {"physics": {"physics_ch04.md": chapter(4, ("Intro", "Just a few words."), ("Forces", long_prose))}}
+    write_chapters(tmp_path / "raw", corpus)
+    texts, stats = run_process(repo_params, tmp_path, subjects=["physics"], min_words=12)
+    assert texts == [f"Chapter 4: Title 4\n\n4.2 Forces\n\n{long_prose}"]
+    assert stats["dropped_sections"] == 1
+
+
+def test_nul_bytes_are_removed_with_a_warning_naming_the_file(repo_params, tmp_path, capsys):
+    corpus = {"physics": {"physics_ch05.md": chapter(5, ("Waves", PROSE.replace("exactly", "exa\x00\x00ctly")))}}
+    write_chapters(tmp_path / "raw", corpus)
+    texts, _ = run_process(repo_params, tmp_path, subjects=["physics"], min_words=8)
+    assert texts == [f"Chapter 5: Title 5\n\n5.1 Waves\n\n{PROSE}"]
+    err = capsys.readouterr().err
+    assert "physics_ch05.md: removed 2 NUL bytes" in err
 
 
 def test_no_section_long_enough_is_an_error(repo_params, tmp_path):
@@ -131,12 +150,33 @@ def test_data_path_list_is_copied_as_is(repo_params, tmp_path, capsys):
     texts = ["First document, ünïcode and $x_1$.", "  second  ", "short"]
     source = tmp_path / "mine.json"
     source.write_text(json.dumps(texts), encoding="utf-8")
-    copied, stats = run_process(repo_params, tmp_path, data_path=str(source), raw_dir=str(tmp_path / "nowhere"))
+    copied, stats = run_process(repo_params, tmp_path, data_path=str(source), raw_dir=str(tmp_path / "nowhere"),
+                                min_words=1)
     assert copied == texts
     assert list(stats["subjects"]) == ["data_path"]
     assert stats["subjects"]["data_path"]["chapters"] == 0
     assert_stats_match(copied, stats)
     assert capsys.readouterr().out.strip().endswith(f"from data_path {source} -> {tmp_path / 'out' / 'texts.json'}")
+
+
+def test_data_path_texts_pass_the_min_words_filter(repo_params, tmp_path):
+    source = tmp_path / "mine.json"
+    source.write_text(json.dumps(["", "two words", PROSE, "   "]), encoding="utf-8")
+    kept, stats = run_process(repo_params, tmp_path, data_path=str(source), min_words=8)
+    assert kept == [PROSE]
+    data = stats["subjects"]["data_path"]
+    assert (data["documents"], data["dropped_sections"], data["empty_sections"]) == (1, 1, 2)
+    assert stats["min_words"] == 8
+
+
+def test_data_path_with_nothing_long_enough_is_an_error(repo_dir, tmp_path, capsys):
+    source = tmp_path / "blank.json"
+    source.write_text('["", "   "]', encoding="utf-8")
+    params = write_params_file(repo_dir, tmp_path)
+    assert main(["process", "--params", str(params), "--data-path", str(source)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "process.min_words=" in err and str(source) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 BAD_DATA = {
@@ -197,9 +237,9 @@ def test_cli_bad_data_path_exits_2_with_one_line(repo_dir, tmp_path, capsys, cas
 
 def test_cli_good_data_path(repo_dir, tmp_path, capsys):
     good = tmp_path / "good.json"
-    good.write_text('["one doc", "two docs"]', encoding="utf-8")
+    good.write_text(json.dumps([PROSE, f"Another. {PROSE}"]), encoding="utf-8")
     assert main(["process", "--params", str(write_params_file(repo_dir, tmp_path)), "--data-path", str(good)]) == 0
-    assert load_texts(tmp_path / "out" / "texts.json") == ["one doc", "two docs"]
+    assert load_texts(tmp_path / "out" / "texts.json") == [PROSE, f"Another. {PROSE}"]
     assert "process: 2 documents" in capsys.readouterr().out
 
 

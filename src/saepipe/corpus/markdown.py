@@ -55,12 +55,13 @@ _BLOCK_TAGS = frozenset({
 _SPACE_TAGS = frozenset({"br", "td", "th", "wbr"})
 _ENTITY_RE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 
+_TITLE_RE = re.compile(r"[ ]{0,3}#[ \t]+([^\n]*?)(?:[ \t]+#+)?[ \t]*")  # a lone level-1 heading
 _HEADING_RE = re.compile(r"^[ ]{0,3}#{1,6}(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$", re.M)
 _RULE_RE = re.compile(r"^[ \t]*([-*_])(?:[ \t]*\1){2,}[ \t]*$", re.M)
 _TABLE_SEPARATOR_RE = re.compile(r"^(?=[^\n]*\|)(?=[^\n]*-)[ \t|:-]+(?:\n|$)", re.M)
 _TABLE_ROW_RE = re.compile(r"^[ \t]*\|(.*)$", re.M)
 _FENCE_RE = re.compile(r"^[ \t]*(?:```|~~~).*$", re.M)
-_BULLET_RE = re.compile(r"^[ \t]*(?:>[ \t]?)*[ \t]*(?:[-*+](?:[ \t]+|$))?", re.M)
+_BULLET_RE = re.compile(r"^[ \t]*(?:>[ \t]?)*[ \t]*(?:(?:[-*+]|\d{1,9}[.)])(?:[ \t]+|$))?", re.M)
 
 # Spaced star runs (`* * *` glued to a line) and star-only lines are leftover rules or emphasis.
 _STRAY_STARS_RE = re.compile(r"\*+(?:[ \t]+\*+)+|^[ \t]*\*+[ \t]*$", re.M)
@@ -103,9 +104,30 @@ def clean_section(section: str) -> str:
     return _HOLD_RE.sub(lambda m: held[int(m.group(1))], text)
 
 
+def clean_sections(markdown: str, long_enough: Callable[[str], bool] = bool) -> list[str]:
+    """Each section of a chapter cleaned, in order ("" for one without a body).
+
+    A section that is only the chapter's `# Title` is not a document of its own: the title becomes the
+    first line of the first later section that `long_enough` keeps with it, so the chapter's first
+    document names the chapter even when its opening section is too short to keep.
+    """
+    out: list[str] = []
+    title = ""
+    for section in split_sections(markdown):
+        text = clean_section(section)
+        heading = _TITLE_RE.fullmatch(section.strip())
+        if not text and heading:
+            title = _strip_emphasis(_LINK_RE.sub(r"\1", heading.group(1))).strip()
+            continue
+        if text and title and long_enough(titled := f"{title}\n\n{text}"):
+            text, title = titled, ""
+        out.append(text)
+    return out
+
+
 def chapter_documents(markdown: str) -> list[str]:
     """A chapter's non-empty sections, cleaned, in order."""
-    return [doc for doc in map(clean_section, split_sections(markdown)) if doc]
+    return [doc for doc in clean_sections(markdown) if doc]
 
 
 def _holder(held: list[str]) -> Callable[[re.Match[str]], str]:
@@ -147,7 +169,7 @@ def _entity_replacement(match: re.Match[str]) -> str:
 
 def _strip_blocks(text: str) -> str:
     """Line markup: headings -> marked plain lines, rules and table separators dropped, table rows
-    -> `cell | cell`, list bullets and blockquote markers removed (ordered-list numbers stay)."""
+    -> `cell | cell`, list markers (bullets and ordered-list numbers alike) and blockquote markers removed."""
     text = _FENCE_RE.sub("", text)
     text = _TABLE_SEPARATOR_RE.sub("", text)
     text = _RULE_RE.sub("", text)

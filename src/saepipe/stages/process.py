@@ -7,6 +7,7 @@ and writes. Every subject folder is checked before any file is read, so a typo i
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from saepipe.config import Params, ProcessConfig
-from saepipe.corpus.markdown import clean_section, split_sections
+from saepipe.corpus.markdown import clean_sections
 from saepipe.corpus.texts import load_texts, save_texts
 from saepipe.errors import UserError
 from saepipe.storage import write_json
@@ -36,6 +37,16 @@ class SubjectStats:
         self.documents += 1
         self.characters += len(text)
         self.words += len(text.split())
+
+    def offer(self, text: str, min_words: int, texts: list[str]) -> None:
+        """Keep `text` as a document when it has at least `min_words` words, counting what is dropped."""
+        if not text.strip():
+            self.empty_sections += 1
+        elif len(text.split()) < min_words:
+            self.dropped_sections += 1
+        else:
+            texts.append(text)
+            self.add_document(text)
 
 
 @dataclass
@@ -70,28 +81,24 @@ def read_chapters(files: dict[str, list[Path]], min_words: int) -> Corpus:
             markdown = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text (expected a Markdown chapter)") from None
+        if "\x00" in markdown:
+            tqdm.write(f"process: warning: {path}: removed {markdown.count(chr(0)):,} NUL bytes", file=sys.stderr)
+            markdown = markdown.replace("\x00", "")
         stats.chapters += 1
         stats.source_characters += len(markdown)
-        for section in split_sections(markdown):
-            text = clean_section(section)
-            if not text:
-                stats.empty_sections += 1
-            elif len(text.split()) < min_words:
-                stats.dropped_sections += 1
-            else:
-                corpus.texts.append(text)
-                stats.add_document(text)
+        for text in clean_sections(markdown, lambda doc: len(doc.split()) >= min_words):
+            stats.offer(text, min_words, corpus.texts)
     return corpus
 
 
-def read_data_path(path: str) -> Corpus:
-    """An existing document list, taken as-is (it is already the user's chosen documents)."""
-    texts = load_texts(path)
+def read_data_path(path: str, min_words: int) -> Corpus:
+    """An existing document list, through the same `min_words` filter as the chapters' sections."""
     stats = SubjectStats()
-    for text in texts:
-        stats.add_document(text)
-    stats.source_characters = stats.characters
-    return Corpus(texts=texts, subjects={"data_path": stats})
+    corpus = Corpus(subjects={"data_path": stats})
+    for text in load_texts(path):
+        stats.source_characters += len(text)
+        stats.offer(text, min_words, corpus.texts)
+    return corpus
 
 
 def corpus_stats(corpus: Corpus, config: ProcessConfig) -> dict[str, Any]:
@@ -121,12 +128,13 @@ def summary_line(stats: dict[str, Any], texts_path: Path) -> str:
 def run(params: Params) -> None:
     config = params.process
     if config.data_path:
-        corpus = read_data_path(config.data_path)
+        corpus = read_data_path(config.data_path, config.min_words)
     else:
         corpus = read_chapters(chapter_files(Path(config.raw_dir), config.subjects), config.min_words)
-        if not corpus.texts:
-            raise UserError(f"process.min_words={config.min_words}: no section of {config.raw_dir} has that "
-                            "many words; nothing to write")
+    if not corpus.texts:
+        source = config.data_path or config.raw_dir
+        raise UserError(f"process.min_words={config.min_words}: no document of {source} has that many words; "
+                        "nothing to write")
     output_dir = Path(config.output_dir)
     texts_path = output_dir / "texts.json"
     stats = corpus_stats(corpus, config)
