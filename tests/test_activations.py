@@ -12,7 +12,7 @@ import torch
 from helpers import with_section
 from saepipe.activations.cache import ActivationCache
 from saepipe.cli import main
-from saepipe.corpus.tokens import VALIDATION, read_token_cache
+from saepipe.corpus.tokens import VALIDATION, read_token_cache, write_token_cache
 from saepipe.errors import UserError
 from saepipe.model.loading import load_hooked_model
 from saepipe.stages import activations, tokenize
@@ -110,14 +110,38 @@ def test_storage_dtypes_round_trip(tokenized, dtype, bound) -> None:
         assert np.allclose(torch.linalg.vector_norm(rows, dim=1).numpy(), norms, rtol=max(bound, 1e-6))
 
 
-def test_max_tokens_caps_the_cache(tokenized) -> None:
+def test_max_tokens_samples_whole_documents_from_both_splits(tokenized, capsys) -> None:
+    tokens = read_token_cache(tokenized.tokenize.output)
     params = with_section(tokenized, "activations", max_tokens=100)
     activations.run(params)
     with ActivationCache(cache_path(params)) as cache:
-        total = cache.n_rows("train") + cache.n_rows("validation")
-        docs = set(cache.column("train", "doc_ids")) | set(cache.column("validation", "doc_ids"))
-    assert total >= 100
-    assert docs == set(range(max(docs) + 1))  # whole documents, in order, then stop
+        rows = {s: cache.n_rows(s) for s in ("train", "validation")}
+        docs = {s: set(cache.column(s, "doc_ids").tolist()) for s in ("train", "validation")}
+        assert cache.attrs["documents"] == len(docs["train"] | docs["validation"])
+    assert 100 <= sum(rows.values()) < 100 + 2 * int(tokens.lengths().max())
+    assert rows["validation"] > 0 and docs["validation"]
+    with ActivationCache(cache_path(params)) as cache:
+        all_docs = np.concatenate([cache.column(s, "doc_ids") for s in ("train", "validation")])
+    counts = np.bincount(all_docs, minlength=tokens.n_documents)
+    assert np.array_equal(counts[counts > 0], tokens.lengths()[counts > 0] - 1)  # whole documents: all but position 0
+    assert "sampled of" in capsys.readouterr().out
+    resampled = with_section(params, "activations", seed=1, output_dir=str(Path(params.activations.output_dir) / "b"))
+    activations.run(resampled)
+    with ActivationCache(cache_path(resampled)) as cache:
+        other = set(cache.column("train", "doc_ids").tolist()) | set(cache.column("validation", "doc_ids").tolist())
+    assert other != docs["train"] | docs["validation"]  # the seed draws the sample
+
+
+def test_a_split_without_a_cacheable_document_is_an_error(tokenized) -> None:
+    tokens = read_token_cache(tokenized.tokenize.output)
+    # one-token validation documents have no row to cache without BOS (position 0 never is)
+    documents = [tokens.document(d)[:1] if tokens.split[d] == VALIDATION else tokens.document(d)
+                 for d in range(tokens.n_documents)]
+    attrs = {k: v for k, v in tokens.attrs.items() if k not in ("format", "format_version", "n_documents", "n_tokens")}
+    write_token_cache(tokenized.tokenize.output, documents, tokens.split, attrs)
+    with pytest.raises(UserError, match=r"no validation document .*\(tokenize\.val_fraction=0\.25\)"):
+        activations.run(tokenized)
+    assert not cache_path(tokenized).exists()
 
 
 def test_interrupted_stage_leaves_nothing_that_looks_finished(tokenized, monkeypatch) -> None:

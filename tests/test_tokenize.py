@@ -41,6 +41,14 @@ def test_stage_writes_documents_in_order_with_tokenizer_identity(tiny_params) ->
     assert cache.tokens.dtype == np.int32
 
 
+def test_one_document_is_refused_naming_val_fraction(tiny_params) -> None:
+    texts = Path(tiny_params.process.output_dir) / "texts.json"
+    texts.write_text(json.dumps(["The only document of this corpus."]))
+    with pytest.raises(UserError, match=r"tokenize\.val_fraction=0\.25: .* validation split empty"):
+        tokenize.run(tiny_params)
+    assert not Path(tiny_params.tokenize.output).exists()
+
+
 def test_reader_refuses_foreign_and_damaged_files(tmp_path) -> None:
     with pytest.raises(UserError, match="run `saepipe tokenize` first"):
         read_token_cache(tmp_path / "missing.h5")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from saepipe.activations.windows import batch_windows, document_windows, padding_fraction, plan_windows
+from saepipe.activations.windows import (
+    batch_windows,
+    document_windows,
+    padding_fraction,
+    plan_windows,
+    sample_documents,
+)
 
 
 def kept_positions(length: int, n: int, overlap: int, bos: bool) -> dict[int, int]:
@@ -60,6 +66,38 @@ def test_plan_counts_and_max_rows() -> None:
     assert plan.model_tokens > plan.cached_rows  # overlap costs recomputation
     capped = plan_windows(lengths, 16, 4, bos=False, max_rows=20)
     assert set(capped.doc.tolist()) == {0, 1}  # stops after the document that reaches 20 rows
+
+
+def test_document_rows_and_select() -> None:
+    lengths = np.array([10, 50, 1, 100])
+    plan = plan_windows(lengths, 16, 4, bos=False)
+    assert plan.document_rows(5).tolist() == [9, 49, 0, 99, 0]
+    kept = plan.select(plan.doc != 1)
+    assert set(kept.doc.tolist()) == {0, 3} and kept.cached_rows == 9 + 99
+
+
+def test_sample_keeps_both_splits_in_proportion_and_spreads_over_the_corpus() -> None:
+    rng = np.random.default_rng(0)
+    doc_rows = rng.integers(50, 150, 1000)
+    split = (rng.random(1000) < 0.1).astype(np.int8)  # ~10% validation documents
+    chosen = sample_documents(doc_rows, split, max_rows=20_000, seed=0)
+    assert np.array_equal(chosen, np.sort(np.unique(chosen)))
+    assert np.array_equal(chosen, sample_documents(doc_rows, split, 20_000, seed=0))
+    assert not np.array_equal(chosen, sample_documents(doc_rows, split, 20_000, seed=1))
+    rows = doc_rows[chosen]
+    assert 20_000 <= rows.sum() <= 20_000 + 2 * 150  # each split overshoots by less than one document
+    val_share = rows[split[chosen] == 1].sum() / rows.sum()
+    full_share = doc_rows[split == 1].sum() / doc_rows.sum()
+    assert abs(val_share - full_share) < 0.01
+    assert chosen.min() < 100 and chosen.max() > 900  # not the corpus's first documents only
+
+
+def test_sample_keeps_a_document_of_each_split_on_a_tiny_budget() -> None:
+    doc_rows = np.array([100, 100, 0, 100, 100])
+    split = np.array([0, 0, 1, 1, 0], dtype=np.int8)
+    chosen = sample_documents(doc_rows, split, max_rows=1, seed=0)
+    assert len(chosen) == 2 and set(split[chosen].tolist()) == {0, 1}
+    assert 2 not in chosen  # a document without a cacheable row is never drawn
 
 
 def test_batches_respect_token_budget_and_cover_each_window_once() -> None:

@@ -39,6 +39,15 @@ class WindowPlan:
     def cached_rows(self) -> int:
         return int((self.length - self.keep_from).sum())
 
+    def select(self, mask: np.ndarray) -> WindowPlan:
+        """The windows where `mask` is true, in order."""
+        return WindowPlan(doc=self.doc[mask], start=self.start[mask], length=self.length[mask],
+                          keep_from=self.keep_from[mask])
+
+    def document_rows(self, n_documents: int) -> np.ndarray:
+        """Cached rows per document (int64, one entry per document id)."""
+        return np.bincount(self.doc, weights=self.length - self.keep_from, minlength=n_documents).astype(np.int64)
+
 
 def document_windows(length: int, n: int, overlap: int, bos: bool) -> list[tuple[int, int, int]]:
     """(start, length, keep_from) for the windows of one document of `length` tokens."""
@@ -71,6 +80,28 @@ def plan_windows(
             break
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
     return WindowPlan(doc=table[:, 0], start=table[:, 1], length=table[:, 2], keep_from=table[:, 3])
+
+
+def sample_documents(doc_rows: np.ndarray, split: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+    """Ascending ids of a seeded sample of documents holding about `max_rows` cached rows in all.
+
+    Each split gets its share of the budget (its share of all cacheable rows) and draws its documents in a
+    seeded random order until that share is reached (the document that crosses it is kept whole, and every
+    split with a cacheable document keeps at least one), so the sample keeps the splits in proportion and
+    spreads over the whole corpus rather than its first chapters.
+    """
+    rng = np.random.default_rng(seed)
+    total = int(doc_rows.sum())
+    chosen: list[np.ndarray] = []
+    for value in np.unique(split):
+        candidates = np.flatnonzero((split == value) & (doc_rows > 0))
+        if not len(candidates):
+            continue
+        order = rng.permutation(candidates)
+        budget = max_rows * int(doc_rows[candidates].sum()) / total
+        take = int(np.searchsorted(np.cumsum(doc_rows[order]), budget)) + 1
+        chosen.append(order[:take])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
 def batch_windows(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:

@@ -182,8 +182,7 @@ def ablation_plan(token_cache: TokenCache, split: str, *, max_text_length: int, 
     keep = scored > 0  # a one-token document with BOS: cached, but its only prediction is made at position 0
     if max_tokens is not None:
         keep &= np.cumsum(scored) <= max(max_tokens, int(scored[keep][:1].sum()))  # at least one window
-    return WindowPlan(doc=plan.doc[keep], start=plan.start[keep], length=plan.length[keep],
-                      keep_from=plan.keep_from[keep])
+    return plan.select(keep)
 
 
 def evaluate_ablation(

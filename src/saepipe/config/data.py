@@ -102,7 +102,9 @@ class ActivationsConfig:
     outlier_factor: float
     """Rows whose norm exceeds this multiple of the median norm are flagged as massive-activation outliers."""
     max_tokens: int | None
-    """Stop after caching this many rows (documents in order); null caches the whole corpus."""
+    """Cache about this many rows: a seeded sample of whole documents, each split in proportion; null: all."""
+    seed: int
+    """Seed of the document sample that `max_tokens` draws."""
     device: str
     """auto (CUDA when available), cpu, cuda or cuda:N."""
     load_in_4bit: bool

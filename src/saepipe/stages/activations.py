@@ -11,9 +11,9 @@ import torch
 
 from saepipe.activations.cache import ActivationCacheWriter
 from saepipe.activations.extract import WindowBatch, extract
-from saepipe.activations.windows import batch_windows, padding_fraction, plan_windows
-from saepipe.config import Params
-from saepipe.corpus.tokens import VALIDATION, read_token_cache
+from saepipe.activations.windows import WindowPlan, batch_windows, padding_fraction, plan_windows, sample_documents
+from saepipe.config import ActivationsConfig, Params
+from saepipe.corpus.tokens import TRAIN, VALIDATION, TokenCache, read_token_cache
 from saepipe.errors import UserError, field_error
 from saepipe.model.hooks import block_hook_names, resolve_hook
 from saepipe.model.loading import check_4bit, load_hooked_model, resolve_device
@@ -35,6 +35,21 @@ def split_sink(writer: ActivationCacheWriter, doc_split: np.ndarray) -> Callable
                 writer.append(split, rows[select], wb.token_ids[mask], wb.doc_ids[mask], wb.positions[mask])
 
     return sink
+
+
+def plan_documents(tokens: TokenCache, cfg: ActivationsConfig, tokens_path: str) -> WindowPlan:
+    """Windows over every document, or over the seeded `max_tokens` sample; both splits must keep a row."""
+    plan = plan_windows(tokens.lengths(), cfg.max_text_length - int(cfg.prepend_bos), cfg.overlap(),
+                        cfg.prepend_bos)
+    doc_rows = plan.document_rows(tokens.n_documents)
+    if cfg.max_tokens is not None:
+        plan = plan.select(np.isin(plan.doc, sample_documents(doc_rows, tokens.split, cfg.max_tokens, cfg.seed)))
+    for value, name in ((TRAIN, "train"), (VALIDATION, "validation")):
+        if not doc_rows[tokens.split == value].any():
+            raise UserError(f"{tokens_path}: no {name} document is long enough to cache a row "
+                            f"(tokenize.val_fraction={tokens.attrs['val_fraction']:g}); "
+                            "change the split or add longer documents")
+    return plan
 
 
 def run(params: Params) -> None:
@@ -66,10 +81,7 @@ def run(params: Params) -> None:
         raise field_error("activations.max_text_length", cfg.max_text_length,
                           f"at most the model's context length {n_ctx}")
 
-    plan = plan_windows(tokens.lengths(), cfg.max_text_length - int(cfg.prepend_bos), cfg.overlap(),
-                        cfg.prepend_bos, cfg.max_tokens)
-    if len(plan) == 0:
-        raise UserError(f"{params.tokenize.output}: no document is long enough to cache a single row")
+    plan = plan_documents(tokens, cfg, params.tokenize.output)
     model_lengths = plan.length + int(cfg.prepend_bos)
     budget = cfg.activation_batch_size * cfg.max_text_length
     batches = batch_windows(model_lengths, budget)
@@ -88,6 +100,9 @@ def run(params: Params) -> None:
         "context_overlap": cfg.overlap(),
         "forward_dtype": cfg.forward_dtype,
         "windows": len(plan),
+        "documents": len(np.unique(plan.doc)),
+        "max_tokens": -1 if cfg.max_tokens is None else cfg.max_tokens,
+        "sample_seed": cfg.seed,
         "batch_token_budget": budget,
         "model_tokens": int(model_lengths.sum()),
         "cached_rows": plan.cached_rows,
@@ -109,8 +124,9 @@ def run(params: Params) -> None:
     stats = {
         "hook_spec": hook.full_name,
         "d_model": d_model,
-        **{k: attrs[k] for k in ("windows", "model_tokens", "cached_rows", "recompute_factor",
+        **{k: attrs[k] for k in ("windows", "documents", "model_tokens", "cached_rows", "recompute_factor",
                                  "padding_fraction")},
+        "max_tokens": cfg.max_tokens,
         "tokens_per_second": model_tokens / forward_seconds,
         **summary,
         "storage_dtype": cfg.storage_dtype,
@@ -122,7 +138,8 @@ def run(params: Params) -> None:
     outliers = summary["train"]["outliers"] + summary["validation"]["outliers"]
     print(
         f"activations: {hook.full_name}, {summary['train']['rows']:,} train + "
-        f"{summary['validation']['rows']:,} validation rows x {d_model} ({cfg.storage_dtype}, "
+        f"{summary['validation']['rows']:,} validation rows x {d_model} from {attrs['documents']:,}"
+        f"{'' if cfg.max_tokens is None else ' sampled'} of {tokens.n_documents:,} documents ({cfg.storage_dtype}, "
         f"{size / 2**20:,.0f} MiB); {outliers} outlier rows above {summary['outlier_threshold']:.4g} "
         f"(= {cfg.outlier_factor:g} x median norm {summary['median_norm']:.4g}); "
         f"{stats['tokens_per_second']:,.0f} tok/s, recompute x{attrs['recompute_factor']:.2f} "

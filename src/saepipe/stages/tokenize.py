@@ -13,6 +13,7 @@ from tqdm import tqdm
 from saepipe.config import Params
 from saepipe.corpus.texts import load_texts
 from saepipe.corpus.tokens import VALIDATION, split_documents, write_token_cache
+from saepipe.errors import UserError
 from saepipe.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 BATCH_DOCUMENTS = 256
@@ -39,6 +40,9 @@ def run(params: Params) -> None:
     tokenizer = load_tokenizer(model_dir)
     documents = tokenize_documents(tokenizer, texts)
     split = split_documents(len(documents), cfg.val_fraction, cfg.seed)
+    if not (split == VALIDATION).any():
+        raise UserError(f"tokenize.val_fraction={cfg.val_fraction:g}: {texts_path} holds {len(documents)} "
+                        "document, which leaves the validation split empty; at least 2 documents are needed")
     texts_digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8")).hexdigest()
     cache = write_token_cache(
         cfg.output,
