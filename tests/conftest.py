@@ -140,3 +140,10 @@ def tiny_params(tmp_path, tiny_model_dir, repo_params, tiny_documents, monkeypat
     return with_section(params, "activations", output_dir=str(tmp_path / "activations"), max_text_length=32,
                         hook_layer=0, device="cpu")
 
+
+@pytest.fixture
+def export_params(tmp_path, repo_params):
+    """Params whose train run `r1` checkpoints under tmp_path/ckpts and exports to tmp_path/sae (no upload)."""
+    params = with_section(repo_params, "train", run_name="r1", output_dir=str(tmp_path / "ckpts"))
+    return with_section(params, "export", output_dir=str(tmp_path / "sae"), checkpoint="best", upload_to_hf=False,
+                        hf_repo_id=None, hf_private=False)

@@ -1,11 +1,9 @@
-"""Exported SAEs: both on-disk formats, scale folding, loading, compatibility checks, the export/upload stages."""
+"""Exported SAEs: both on-disk formats, scale folding, loading, compatibility checks, the export stage."""
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import traceback
 from pathlib import Path
 
 import pytest
@@ -16,68 +14,11 @@ import saepipe
 from helpers import with_section
 from saepipe.cli import main
 from saepipe.errors import UserError
-from saepipe.publish import hf
-from saepipe.sae import REGISTRY, build_sae, config_class, formats
-from saepipe.sae.formats import check_compatible, export_sae, load_sae
+from saepipe.sae import formats
+from saepipe.sae.formats import check_compatible, load_sae
 from saepipe.stages import export as export_stage
-from saepipe.stages import upload as upload_stage
-from saepipe.training.checkpoints import BEST, epoch_dir, load_checkpoint, save_checkpoint
-
-SCALE = 0.37
-D_IN, D_SAE, K = 16, 64, 4
-LAYER, HOOK = 1, "hook_resid_post"
-HOOK_SPEC = f"blocks.{LAYER}.{HOOK}"
-MODEL = "tiny/model"
-ARCHS = sorted(REGISTRY)
-HISTORY = [
-    {"epoch": 1, "loss": 0.5, "fvu": 0.4, "l0": 5.0, "val_loss": 0.45, "val_fvu": 0.31234, "val_l0": 4.5},
-    {"epoch": 2, "loss": 0.3, "fvu": 0.2, "l0": 4.2, "val_loss": 0.25, "val_fvu": 0.12345, "val_l0": 3.875},
-]
-
-
-def trained_sae(sae_type: str, seed: int = 0):
-    """An SAE after two real optimizer steps on scaled inputs, then perturbed so nothing is at its init."""
-    torch.manual_seed(seed)
-    cfg = config_class(sae_type).from_dict(dict(d_in=D_IN, d_sae=D_SAE, k=K, k_aux=8, matryoshka_prefixes=[D_SAE // 4]))
-    sae = build_sae(cfg)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    for _ in range(2):
-        x = SCALE * torch.randn(64, D_IN) * 3
-        out = sae(x)
-        (out.recon_loss + 0.01 * out.sparsity_loss).backward()
-        opt.step()
-        opt.zero_grad()
-        sae.after_step(out)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        if "threshold" in dict(sae.named_buffers()):  # BatchTopK's running threshold, as after_step would set it
-            sae.threshold.copy_(0.05 + 0.2 * torch.rand_like(sae.threshold))
-    return sae
-
-
-def run_state(epoch: int = 2, run_name: str = "r1") -> dict:
-    return {
-        "epoch": epoch, "step": 10 * epoch, "tokens_seen": 640 * epoch, "best_val_loss": 0.25, "best_epoch": epoch,
-        "run": {
-            "run_name": run_name, "model_name": MODEL, "hook_layer": LAYER, "hook_name": HOOK, "hook_spec": HOOK_SPEC,
-            "d_in": D_IN, "activation_scale": SCALE, "normalize_activations": True, "dtype": "float32",
-            "prepend_bos": True, "context_size": 128,
-            "train_config": {"run_name": run_name, "num_epochs": 2, "lr": 5e-4},
-            "data": {"activation_cache": "data/activations/activations.h5", "train_rows": 1000},
-            "code": {"saepipe": "0.1.0", "git_commit": None},
-        },
-    }
-
-
-def make_checkpoint(path: Path, sae_type: str, epoch: int = 2, run_name: str = "r1"):
-    save_checkpoint(path, trained_sae(sae_type), run_state(epoch, run_name), HISTORY[:epoch],
-                    {"last_fired": torch.zeros(D_SAE)})
-    return load_checkpoint(path)
-
-
-def export(ckpt, out: Path) -> None:
-    export_sae(ckpt.sae, ckpt.run_record(), ckpt.history, out, ckpt.identity())
+from saepipe.training.checkpoints import BEST, epoch_dir
+from saved_saes import ARCHS, D_IN, D_SAE, HISTORY, HOOK, HOOK_SPEC, LAYER, MODEL, SCALE, K, export, make_checkpoint
 
 
 @pytest.fixture(params=ARCHS)
@@ -285,123 +226,21 @@ def test_interrupted_reexport_keeps_the_previous_one(tmp_path, monkeypatch) -> N
     load_sae(out)
 
 
-# ---- Hugging Face ---------------------------------------------------------------------------------------------
-FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """Mock HfApi.create_repo / upload_folder; records calls and the uploaded folder's files."""
-    import huggingface_hub
-
-    calls: dict = {"error": None}
-
-    def create_repo(self, repo_id, **kwargs):
-        calls["create_repo"] = {"repo_id": repo_id, **kwargs}
-
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        calls["upload_folder"] = kwargs
-        calls["files"] = {p.name: p.read_bytes() for p in folder.iterdir()}
-        if calls["error"] is not None:
-            raise calls["error"]
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.delenv("SAE_HF_REPO_ID", raising=False)
-    return calls
-
-
-def test_upload_sends_the_export_with_a_model_card(tmp_path, hub) -> None:
-    ckpt = make_checkpoint(tmp_path / "ckpt", "batch_topk")
-    out = tmp_path / "sae" / "r1"
-    export(ckpt, out)
-    url = hf.upload_sae(out, "me/saes", private=True)
-    assert hub["create_repo"] == {"repo_id": "me/saes", "private": True, "exist_ok": True, "repo_type": "model"}
-    assert hub["upload_folder"]["repo_id"] == "me/saes" and hub["upload_folder"]["path_in_repo"] == "r1"
-    assert set(hub["files"]) == {"README.md", "weights.pt", "config.json", "history.json", "cfg.json",
-                                 "sae_weights.safetensors"}
-    card = hub["files"]["README.md"].decode()
-    for text in (MODEL, HOOK_SPEC, "batch_topk", "jumprelu", f"{D_IN} -> {D_SAE}", "| val_fvu | 0.1235 |",
-                 "| val_l0 | 3.875 |", "saepipe.load_sae", "SAE.from_pretrained", "SAE.load_from_disk",
-                 f"| k (active latents per token, batch average) | {K} |"):
-        assert text in card, text
-    assert not (out / "README.md").exists()  # the export itself is untouched
-    assert url.endswith("me/saes/tree/main/r1")
-
-
-def test_upload_errors_never_show_the_token(tmp_path, hub, capsys, caplog) -> None:
-    import httpx
-    from huggingface_hub.errors import HfHubHTTPError
-
-    caplog.set_level(logging.DEBUG)
-    ckpt = make_checkpoint(tmp_path / "ckpt", "topk")
-    out = tmp_path / "sae" / "r1"
-    export(ckpt, out)
-    request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
-    hub["error"] = HfHubHTTPError(f"401 Client Error: bad token {FAKE_TOKEN}\nmore detail {FAKE_TOKEN}",
-                                  response=httpx.Response(401, request=request))
-    with pytest.raises(UserError) as err:
-        hf.upload_sae(out, "me/saes", private=False)
-    message = str(err.value)
-    assert "me/saes" in message and "401" in message and "\n" not in message
-    everything = [message, "".join(traceback.format_exception(err.value)), *capsys.readouterr(),
-                  *(r.getMessage() for r in caplog.records)]
-    assert not any(FAKE_TOKEN in text for text in everything)
-    hub["error"] = RuntimeError(f"connection reset while sending Authorization: Bearer {FAKE_TOKEN}")
-    with pytest.raises(UserError) as err:
-        hf.upload_sae(out, "me/saes", private=False, token=FAKE_TOKEN)
-    assert FAKE_TOKEN not in str(err.value) and "***" in str(err.value)
-
-
-def test_upload_needs_a_repo_id(tmp_path, hub, monkeypatch) -> None:
-    with pytest.raises(UserError, match=r"export\.hf_repo_id"):
-        hf.upload_sae(tmp_path, None, private=False)
-    monkeypatch.setenv("SAE_HF_REPO_ID", "env/repo")
-    assert hf.resolve_repo_id(None) == "env/repo"
-    with pytest.raises(UserError, match="expected 'user/name'"):
-        hf.resolve_repo_id("no-slash")
-
-
 # ---- stages and CLI ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def stage_params(tmp_path, repo_params):
-    params = with_section(repo_params, "train", run_name="r1", output_dir=str(tmp_path / "ckpts"))
-    return with_section(params, "export", output_dir=str(tmp_path / "sae"), checkpoint="best", upload_to_hf=False,
-                        hf_repo_id=None, hf_private=False)
-
-
-def test_export_stage_best_and_last(tmp_path, stage_params, capsys) -> None:
+def test_export_stage_best_and_last(tmp_path, export_params, capsys) -> None:
     run_dir = tmp_path / "ckpts" / "r1"
     with pytest.raises(UserError, match="run `saepipe train` first"):
-        export_stage.run(stage_params)
+        export_stage.run(export_params)
     make_checkpoint(epoch_dir(run_dir, 1), "topk", epoch=1)
     make_checkpoint(run_dir / BEST, "topk", epoch=1)
     make_checkpoint(epoch_dir(run_dir, 2), "topk", epoch=2)
-    export_stage.run(stage_params)
+    export_stage.run(export_params)
     line = capsys.readouterr().out.strip()
     assert line == (f"exported topk SAE {D_IN}->{D_SAE} on {HOOK_SPEC} (epoch 1, val FVU 0.3123, val L0 4.5) "
                     f"to {tmp_path / 'sae' / 'r1'}")
-    export_stage.run(with_section(stage_params, "export", checkpoint="last"))
+    export_stage.run(with_section(export_params, "export", checkpoint="last"))
     assert "(epoch 2, val FVU 0.1235, val L0 3.875)" in capsys.readouterr().out
     assert json.loads((tmp_path / "sae" / "r1" / "config.json").read_text())["checkpoint"]["epoch"] == 2
-
-
-def test_upload_stage(tmp_path, stage_params, hub, capsys) -> None:
-    with pytest.raises(UserError, match="run `saepipe export` first"):
-        upload_stage.run(with_section(stage_params, "export", hf_repo_id="me/saes"))
-    make_checkpoint(tmp_path / "ckpts" / "r1" / BEST, "batch_topk")
-    params = with_section(stage_params, "export", upload_to_hf=True, hf_repo_id="me/saes", hf_private=True)
-    export_stage.run(params)
-    assert hub["create_repo"]["private"] is True and hub["upload_folder"]["path_in_repo"] == "r1"
-    hub.clear()
-    hub["error"] = None
-    upload_stage.run(params)
-    assert hub["upload_folder"]["repo_id"] == "me/saes"
-    assert FAKE_TOKEN not in capsys.readouterr().out
-    with pytest.raises(UserError, match=r"export\.hf_repo_id"):
-        upload_stage.run(with_section(params, "export", hf_repo_id=None))
 
 
 def test_cli_export(repo_dir, tmp_path, monkeypatch, capsys) -> None:
