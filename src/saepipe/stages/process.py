@@ -82,7 +82,8 @@ def read_chapters(files: dict[str, list[Path]], min_words: int) -> Corpus:
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text (expected a Markdown chapter)") from None
         if "\x00" in markdown:
-            tqdm.write(f"process: warning: {path}: removed {markdown.count(chr(0)):,} NUL bytes", file=sys.stderr)
+            nul = markdown.count("\x00")
+            tqdm.write(f"process: warning: {path}: removed {nul:,} NUL byte{'s' * (nul != 1)}", file=sys.stderr)
             markdown = markdown.replace("\x00", "")
         stats.chapters += 1
         stats.source_characters += len(markdown)
