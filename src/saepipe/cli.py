@@ -31,6 +31,8 @@ class Stage:
     """The params.yaml section its flags override."""
     reads: tuple[str, ...] = ()
     """Other sections it reads (built and validated along with its own; the rest are never looked at)."""
+    arguments: bool = False
+    """The module adds arguments of its own (`add_arguments(parser)`) and runs as `run(params, args)`."""
 
 
 STAGES: dict[str, Stage] = {
@@ -42,11 +44,19 @@ STAGES: dict[str, Stage] = {
     "export": Stage("saepipe.stages.export", "export", ("train",)),
     "evaluate": Stage("saepipe.stages.evaluate", "evaluate",
                       ("export", "train", "activations", "tokenize", "base_model")),
+    "activation-db": Stage("saepipe.stages.activation_db", "activation_db",
+                           ("evaluate", "export", "train", "activations", "tokenize")),
+    "matrices": Stage("saepipe.stages.matrices", "matrices", ("evaluate", "export", "train")),
+    "summarize": Stage("saepipe.stages.summarize", "summarize",
+                       ("matrices", "evaluate", "export", "train", "tokenize", "base_model")),
     "upload": Stage("saepipe.stages.upload", "export", ("train",)),
+    "show-feature": Stage("saepipe.stages.show_feature", "summarize",
+                          ("evaluate", "export", "train", "tokenize", "base_model"), arguments=True),
 }
 # Subcommands whose purpose is not their params section's (they share it with another stage).
 SUMMARIES = {
     "upload": "Upload models/sae/<run_name>/ with a generated model card to the Hugging Face hub (not a DVC stage).",
+    "show-feature": "Print one feature's stats and top examples, or the features of a token (not a DVC stage).",
 }
 
 
@@ -113,6 +123,8 @@ def build_parser(only: str | None = None) -> OneLineParser:
         stage.add_argument("--params", default=DEFAULT_PARAMS, metavar="FILE",
                            help=f"the params file to read (default: {DEFAULT_PARAMS}); keys it leaves out come "
                            f"from ./{DEFAULT_PARAMS}")
+        if spec.arguments:
+            importlib.import_module(spec.module).add_arguments(stage)
         group = stage.add_argument_group(f"{spec.section} params")
         for field in flat_fields(SECTIONS[spec.section]):
             _add_field_flag(group, field)
@@ -140,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = STAGES[args.stage]
         params = load_params(args.params, overrides_from_args(args), sections=(spec.section, *spec.reads))
         module = importlib.import_module(spec.module)
-        module.run(params)
+        if spec.arguments:
+            module.run(params, args)
+        else:
+            module.run(params)
     except UserError as exc:
         print(f"saepipe {args.stage}: error: {exc}", file=sys.stderr)
         return 2

@@ -36,3 +36,11 @@ def evaluated_sae(params: Params) -> Path:
 def analysis_dir(params: Params) -> Path:
     """`<evaluate.output_dir>/<the evaluated SAE's folder name>/`: every analysis of that SAE."""
     return run_path(params.evaluate.output_dir, evaluated_sae(params).name)
+
+
+def activation_db(params: Params) -> Path:
+    return analysis_dir(params) / "activation_db.h5"
+
+
+def matrices_dir(params: Params) -> Path:
+    return analysis_dir(params) / "matrices"

@@ -17,7 +17,13 @@ from typing import Any
 
 import yaml
 
-from saepipe.config.analysis import EvaluateConfig, ExportConfig
+from saepipe.config.analysis import (
+    ActivationDBConfig,
+    EvaluateConfig,
+    ExportConfig,
+    MatricesConfig,
+    SummarizeConfig,
+)
 from saepipe.config.data import ActivationsConfig, BaseModelConfig, ProcessConfig, TokenizeConfig
 from saepipe.config.fields import build_section, coerce, did_you_mean, field_docs, flat_fields, flat_values
 from saepipe.config.train import EndToEndParams, SAEParams, TrainConfig, WandbParams
@@ -33,6 +39,9 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "export": ExportConfig,
     "evaluate": EvaluateConfig,
+    "activation_db": ActivationDBConfig,
+    "matrices": MatricesConfig,
+    "summarize": SummarizeConfig,
 }
 
 
@@ -58,6 +67,9 @@ class Params:
     train: TrainConfig
     export: ExportConfig
     evaluate: EvaluateConfig
+    activation_db: ActivationDBConfig
+    matrices: MatricesConfig
+    summarize: SummarizeConfig
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The loaded sections as params.yaml holds them (flat keys): what `params_from_dict` reads back."""
@@ -132,8 +144,9 @@ def replace_values(section: Any, **changes: Any) -> Any:
 
 
 __all__ = [
-    "DEFAULT_PARAMS", "SECTIONS", "ActivationsConfig", "BaseModelConfig", "EndToEndParams", "EvaluateConfig",
-    "ExportConfig", "Overrides", "Params", "ProcessConfig", "SAEParams", "TokenizeConfig", "TrainConfig",
+    "DEFAULT_PARAMS", "SECTIONS", "ActivationDBConfig", "ActivationsConfig", "BaseModelConfig", "EndToEndParams",
+    "EvaluateConfig", "ExportConfig", "MatricesConfig", "Overrides", "Params", "ProcessConfig", "SAEParams",
+    "SummarizeConfig", "TokenizeConfig", "TrainConfig",
     "WandbParams", "build_section", "coerce", "field_docs", "flat_fields", "flat_values", "load_params",
     "params_from_dict", "replace_values",
 ]

@@ -62,3 +62,91 @@ class EvaluateConfig:
         if self.batch_size < 1:
             raise field_error("evaluate.batch_size", self.batch_size, "an integer >= 1")
         check_device("evaluate.device", self.device)
+
+
+@dataclass(frozen=True)
+class ActivationDBConfig:
+    """The evaluated SAE's features on every cached token -> <analysis>/activation_db.h5 (CSR + sorted CSC)."""
+
+    splits: list[Literal["train", "validation"]]
+    """Splits of the activation cache to encode (rows keep their split)."""
+    values_dtype: Literal["float16", "float32"]
+    """dtype of the stored feature activations."""
+    quantiles: list[float]
+    """Activation quantiles per feature, over the tokens it fires on."""
+    batch_size: int
+    """Activation rows per SAE encode."""
+    max_memory_mb: int
+    """Bound on the build's working memory: the reverse index is built in feature blocks that fit it."""
+    device: str
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+
+    def validate(self) -> None:
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise field_error("activation_db.splits", self.splits, "a non-empty list of distinct splits")
+        if any(not 0.0 <= q <= 1.0 for q in self.quantiles) or self.quantiles != sorted(set(self.quantiles)):
+            raise field_error("activation_db.quantiles", self.quantiles, "increasing distinct numbers in [0, 1]")
+        if self.batch_size < 1:
+            raise field_error("activation_db.batch_size", self.batch_size, "an integer >= 1")
+        if self.max_memory_mb < 16:
+            raise field_error("activation_db.max_memory_mb", self.max_memory_mb, "an integer >= 16")
+        check_device("activation_db.device", self.device)
+
+
+@dataclass(frozen=True)
+class MatricesConfig:
+    """Decoder similarity and co-occurrence between features -> <analysis>/matrices/."""
+
+    top_k: int
+    """Nearest features (decoder cosine) and top co-occurring features kept per feature."""
+    dense_max_features: int
+    """Write the dense d_sae x d_sae matrices only up to this many features; above it, only the top-k files."""
+    block_size: int
+    """Features per block of the decoder-similarity product."""
+    chunk_rows: int
+    """Activation-DB rows per co-occurrence chunk."""
+    similarity_threshold: float
+    """Decoder cosine above which a pair counts as near-duplicate in the metrics."""
+    histogram_bins: int
+    """Bins of the decoder-similarity histogram (each feature's max cosine to any other)."""
+
+    def validate(self) -> None:
+        for name in ("top_k", "dense_max_features", "block_size", "chunk_rows", "histogram_bins"):
+            if getattr(self, name) < 1:
+                raise field_error(f"matrices.{name}", getattr(self, name), "an integer >= 1")
+        if not -1.0 < self.similarity_threshold < 1.0:
+            raise field_error("matrices.similarity_threshold", self.similarity_threshold, "a number in (-1, 1)")
+
+
+@dataclass(frozen=True)
+class SummarizeConfig:
+    """One JSON line per feature: stats, examples, logit lens, neighbours -> <analysis>/feature_summaries.jsonl."""
+
+    top_k: int
+    """Top-activating examples per feature."""
+    context_before: int
+    """Tokens of context before the activating token in each example."""
+    context_after: int
+    """Tokens of context after it."""
+    quantile_bands: list[float]
+    """Activation quantiles (over the tokens a feature fires on) around which lower-band examples are drawn."""
+    quantile_examples: int
+    """Examples per quantile band."""
+    logit_tokens: int
+    """Tokens listed as promoted and as suppressed by each feature's decoder direction (logit lens)."""
+    top_tokens: int
+    """Most frequent activating tokens listed per feature."""
+    neighbours: int
+    """Nearest features (decoder cosine) and co-occurring features listed per feature (at most matrices.top_k)."""
+    index_tokens: int
+    """Top token strings per feature in summary_index.json."""
+
+    def validate(self) -> None:
+        for name in ("top_k", "quantile_examples", "logit_tokens", "top_tokens", "index_tokens"):
+            if getattr(self, name) < 1:
+                raise field_error(f"summarize.{name}", getattr(self, name), "an integer >= 1")
+        for name in ("context_before", "context_after", "neighbours"):
+            if getattr(self, name) < 0:
+                raise field_error(f"summarize.{name}", getattr(self, name), "an integer >= 0")
+        if any(not 0.0 < q < 1.0 for q in self.quantile_bands):
+            raise field_error("summarize.quantile_bands", self.quantile_bands, "numbers strictly between 0 and 1")
