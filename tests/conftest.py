@@ -147,3 +147,37 @@ def export_params(tmp_path, repo_params):
     params = with_section(repo_params, "train", run_name="r1", output_dir=str(tmp_path / "ckpts"))
     return with_section(params, "export", output_dir=str(tmp_path / "sae"), checkpoint="best", upload_to_hf=False,
                         hf_repo_id=None, hf_private=False)
+
+
+@pytest.fixture(scope="session")
+def trained_pipeline(tmp_path_factory, tiny_model_dir, tiny_documents):
+    """Params of a tiny-model run through export (token cache, activation cache, a trained and exported
+    SAE in a temp dir), built once per session: the analysis stages' tests share it and write beside it."""
+    import json
+
+    from saepipe.config import load_params
+    from saepipe.stages import activations, export, tokenize, train
+
+    root = tmp_path_factory.mktemp("pipeline")
+    processed = root / "processed"
+    processed.mkdir()
+    (processed / "texts.json").write_text(json.dumps(tiny_documents))
+    params = load_params(REPO / "params.yaml")
+    params = with_section(params, "process", output_dir=str(processed))
+    params = with_section(params, "base_model", output_dir=str(tiny_model_dir))
+    params = with_section(params, "tokenize", output=str(root / "tokens.h5"), val_fraction=0.25)
+    params = with_section(params, "activations", output_dir=str(root / "activations"), max_text_length=32,
+                          hook_layer=0, device="cpu")
+    params = with_section(params, "train", sae_expansion=2, topk=4, topk_aux=8, batch_size=64, num_epochs=1,
+                          lr_warmup_steps=2, device="cpu", output_dir=str(root / "checkpoints"))
+    params = with_section(params, "export", output_dir=str(root / "sae"))
+    params = with_section(params, "evaluate", output_dir=str(root / "analysis"), device="cpu", batch_size=50,
+                          ablation_max_tokens=200)
+    params = with_section(params, "activation_db", device="cpu", batch_size=100, values_dtype="float32")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # train writes dvclive/ relative to the working directory
+        tokenize.run(params)
+        activations.run(params)
+        train.run(params)
+        export.run(params)
+    return params

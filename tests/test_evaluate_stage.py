@@ -15,40 +15,17 @@ from saepipe.activations.cache import ActivationCache
 from saepipe.analysis.reconstruction import reconstruction_metrics
 from saepipe.analysis.sparsity import sparsity_metrics
 from saepipe.cli import main
-from saepipe.config import load_params
 from saepipe.corpus.tokens import read_token_cache
 from saepipe.sae.formats import load_sae
-from saepipe.stages import activations, evaluate, export, tokenize, train
+from saepipe.stages import evaluate
 
 HOOK_SPEC = "blocks.0.hook_resid_post"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the repo's model_name, recorded for the tiny model
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model_dir, tiny_documents, repo_dir):
-    """Token cache, activation cache, a trained and exported SAE: built once for this module."""
-    root = tmp_path_factory.mktemp("evaluate")
-    processed = root / "processed"
-    processed.mkdir()
-    (processed / "texts.json").write_text(json.dumps(tiny_documents))
-    params = load_params(repo_dir / "params.yaml")
-    params = with_section(params, "process", output_dir=str(processed))
-    params = with_section(params, "base_model", output_dir=str(tiny_model_dir))
-    params = with_section(params, "tokenize", output=str(root / "tokens.h5"), val_fraction=0.25)
-    params = with_section(params, "activations", output_dir=str(root / "activations"), max_text_length=32,
-                          hook_layer=0, device="cpu")
-    params = with_section(params, "train", sae_expansion=2, topk=4, topk_aux=8, batch_size=64, num_epochs=1,
-                          lr_warmup_steps=2, device="cpu", output_dir=str(root / "checkpoints"))
-    params = with_section(params, "export", output_dir=str(root / "sae"))
-    params = with_section(params, "evaluate", output_dir=str(root / "analysis"), device="cpu", batch_size=50,
-                          ablation_max_tokens=200)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)  # train writes dvclive/ relative to the working directory
-        tokenize.run(params)
-        activations.run(params)
-        train.run(params)
-        export.run(params)
-    return params
+def pipeline(trained_pipeline):
+    return trained_pipeline
 
 
 def write_export(path: Path, sae, *, model_name: str = MODEL, hook_spec: str = HOOK_SPEC) -> Path:

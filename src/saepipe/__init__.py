@@ -6,13 +6,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_sae"]
+__all__ = ["ActivationDB", "__version__", "load_sae"]
 
 
 def __getattr__(name: str) -> Any:
-    """`saepipe.load_sae` on first use: `import saepipe` stays cheap (no torch) for the CLI and DVC."""
+    """`saepipe.load_sae` and `saepipe.ActivationDB` on first use: `import saepipe` stays cheap (no torch)
+    for the CLI and DVC."""
     if name == "load_sae":
         from saepipe.sae.formats import load_sae
 
         return load_sae
+    if name == "ActivationDB":
+        from saepipe.analysis.activation_db import ActivationDB
+
+        return ActivationDB
     raise AttributeError(f"module 'saepipe' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""What a person reads: the terminal view of a feature (and, later, plots, the run report and the browser)."""

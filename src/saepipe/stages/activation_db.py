@@ -1,0 +1,55 @@
+"""Stage `activation-db`: the evaluated SAE + the activation cache -> <analysis>/activation_db.h5 (no model run)."""
+
+from __future__ import annotations
+
+import time
+
+import saepipe
+from saepipe.activations.cache import ActivationCache
+from saepipe.analysis.activation_db import sae_weights_sha256
+from saepipe.analysis.db_build import build_activation_db
+from saepipe.config import Params
+from saepipe.corpus.tokens import read_token_cache
+from saepipe.errors import UserError
+from saepipe.model.loading import resolve_device
+from saepipe.paths import activation_cache, activation_db, evaluated_sae
+from saepipe.sae.formats import check_compatible, load_sae
+
+
+def run(params: Params) -> None:
+    cfg = params.activation_db
+    started = time.perf_counter()
+    sae_path = evaluated_sae(params)
+    sae = load_sae(sae_path, resolve_device(cfg.device, "activation_db.device"))
+    tokens = read_token_cache(params.tokenize.output)
+    cache_path = activation_cache(params)
+    out = activation_db(params)
+    with ActivationCache(cache_path) as cache:
+        attrs = cache.attrs
+        try:
+            check_compatible(sae, d_model=cache.d_model, hook_spec=attrs["hook_spec"], model_name=attrs["model_name"])
+        except UserError as exc:
+            raise UserError(f"{exc} (the activation cache {cache_path})") from None
+        if tokens.attrs["tokenizer_fingerprint"] != attrs["tokenizer_fingerprint"]:
+            raise UserError(f"{params.tokenize.output} does not match the activation cache's tokenizer; "
+                            "rerun `saepipe tokenize` and `saepipe activations`")
+        if sum(cache.n_rows(s) for s in cfg.splits) == 0:
+            raise UserError(f"activation_db.splits={cfg.splits}: {cache_path} holds no rows of these splits")
+        try:
+            result = build_activation_db(
+                out, sae, cache, cfg.splits, n_documents=tokens.n_documents, values_dtype=cfg.values_dtype,
+                quantiles=cfg.quantiles, batch_size=cfg.batch_size, max_memory_mb=cfg.max_memory_mb,
+                attrs={"sae_path": str(sae_path), "sae_sha256": sae_weights_sha256(sae_path),
+                       "sae_type": sae.cfg.sae_type, "model_name": attrs["model_name"],
+                       "hook_spec": attrs["hook_spec"], "activation_cache": str(cache_path),
+                       "token_cache": str(params.tokenize.output),
+                       "tokenizer_fingerprint": attrs["tokenizer_fingerprint"],
+                       "texts_sha256": tokens.attrs["texts_sha256"], "saepipe_version": saepipe.__version__})
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    seconds = time.perf_counter() - started
+    size = out.stat().st_size
+    print(f"activation-db: {result.n_rows:,} tokens x {sae.d_sae:,} features, {result.nnz:,} activations "
+          f"(L0 {result.nnz / max(result.n_rows, 1):.1f}, {cfg.values_dtype}); encode "
+          f"{result.n_rows / max(result.encode_seconds, 1e-9):,.0f} tok/s, reverse index in {result.blocks} "
+          f"block{'s' * (result.blocks != 1)} -> {out} ({size / 2**20:,.1f} MiB) [{seconds:.1f} s]")

@@ -1,0 +1,217 @@
+"""The activation DB on the tiny model's run: CSR and CSC against a dense encode, stats, queries, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from helpers import with_section
+from saepipe.activations.cache import ActivationCache
+from saepipe.analysis import db_build
+from saepipe.analysis.activation_db import ActivationDB
+from saepipe.cli import main
+from saepipe.corpus.tokens import read_token_cache
+from saepipe.errors import UserError
+from saepipe.model.tokenizer import load_tokenizer
+from saepipe.paths import activation_cache, activation_db, evaluated_sae
+from saepipe.sae.formats import load_sae
+from saepipe.stages import activation_db as activation_db_stage
+
+
+@pytest.fixture(scope="module")
+def built(trained_pipeline):
+    activation_db_stage.run(trained_pipeline)
+    return trained_pipeline
+
+
+@pytest.fixture(scope="module")
+def dense(built):
+    """Every DB row's dense feature activations (train rows, then validation), encoded independently."""
+    sae = load_sae(evaluated_sae(built))
+    with ActivationCache(activation_cache(built)) as cache, torch.no_grad():
+        x = torch.cat([cache.read(s) for s in ("train", "validation")])
+        meta = {name: np.concatenate([cache.column(s, name) for s in ("train", "validation")])
+                for name in ("token_ids", "doc_ids", "positions")}
+        features = sae.encode(x).numpy()
+    return features, meta
+
+
+@pytest.fixture
+def db(built):
+    tokenizer = load_tokenizer(built.base_model.output_dir)
+    with ActivationDB(activation_db(built), tokens=built.tokenize.output, tokenizer=tokenizer) as opened:
+        yield opened
+
+
+def test_csr_and_csc_match_the_dense_encode(db, dense) -> None:
+    features, meta = dense
+    assert (db.n_rows, db.d_sae) == features.shape and db.nnz == int((features > 0).sum())
+    for chunk_start, chunk in zip(range(0, db.n_rows, 37), db.csr_chunks(37), strict=True):
+        np.testing.assert_allclose(chunk.toarray(), features[chunk_start : chunk_start + 37], rtol=1e-6, atol=1e-6)
+    assert np.array_equal(db.row_token, meta["token_ids"]) and np.array_equal(db.row_doc, meta["doc_ids"])
+    assert np.array_equal(db.row_position, meta["positions"])
+    for f in range(db.d_sae):
+        rows, values = db.feature_rows(f)
+        assert np.array_equal(np.sort(rows), np.flatnonzero(features[:, f] > 0))
+        assert (np.diff(values) <= 0).all()  # descending
+        np.testing.assert_allclose(values, features[rows, f], rtol=1e-6)
+
+
+def test_stats_and_quantiles_match_numpy(db, dense) -> None:
+    features, _ = dense
+    alive = 0
+    for f in range(db.d_sae):
+        fired = features[:, f][features[:, f] > 0]
+        stats = db.feature_stats(f)
+        assert stats["count"] == len(fired) and stats["density"] == pytest.approx(len(fired) / db.n_rows)
+        if len(fired) == 0:
+            assert not stats["alive"] and stats["max"] == 0
+            continue
+        alive += 1
+        assert stats["sum"] == pytest.approx(fired.sum(), rel=1e-5)
+        assert stats["mean"] == pytest.approx(fired.mean(), rel=1e-5)
+        assert stats["max"] == pytest.approx(fired.max(), rel=1e-6)
+        for q, value in stats["quantiles"].items():
+            assert value == pytest.approx(np.quantile(fired, float(q), method="lower"), rel=1e-6)
+    assert alive > db.d_sae // 4
+
+
+def test_out_of_core_blocks_give_the_same_file(built, tmp_path) -> None:
+    sae = load_sae(evaluated_sae(built))
+    tokens = read_token_cache(built.tokenize.output)
+    kwargs = dict(n_documents=tokens.n_documents, values_dtype="float32", quantiles=[0.5, 0.9], batch_size=64,
+                  attrs={}, progress=False)
+    with ActivationCache(activation_cache(built)) as cache:
+        one = db_build.build_activation_db(tmp_path / "one.h5", sae, cache, ["train", "validation"],
+                                           max_memory_mb=64, **kwargs)
+        many = db_build.build_activation_db(tmp_path / "many.h5", sae, cache, ["train", "validation"],
+                                            max_memory_mb=0, **kwargs)  # every feature a block of its own
+    with h5py.File(tmp_path / "one.h5") as a:
+        alive = int((a["features/count"][:] > 0).sum())
+    assert one.blocks == 1 and many.blocks == alive  # dead features join the next block
+    with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "many.h5") as b:
+        for name in ("csr/indptr", "csr/features", "csc/indptr", "csc/rows", "csc/values", "features/quantiles"):
+            assert np.array_equal(a[name][:], b[name][:]), name
+
+
+def test_feature_blocks_never_split_a_feature() -> None:
+    counts = np.array([3, 0, 5, 1, 9, 2])
+    assert db_build.feature_blocks(counts, 6) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert db_build.feature_blocks(counts, 100) == [(0, 6)]
+
+
+def test_top_examples_are_the_largest_with_their_windows(db, dense, built) -> None:
+    features, _ = dense
+    tokens = read_token_cache(built.tokenize.output)
+    tokenizer = load_tokenizer(built.base_model.output_dir)
+    f = int(np.argmax((features > 0).sum(0)))
+    top = db.top_examples(f, k=5, context=(6, 2))
+    expected = np.sort(features[:, f])[::-1][:5]
+    np.testing.assert_allclose([e.activation for e in top], expected, rtol=1e-6)
+    for example in top:
+        document = tokens.document(example.doc)
+        lo = max(0, example.position - 6)
+        window = document[lo : min(len(document), example.position + 3)]
+        assert example.tokens == [tokenizer.decode([t]) for t in window.tolist()]
+        assert example.marked == example.position - lo and example.activations[example.marked] > 0
+        for offset, value in enumerate(example.activations):  # the feature's value on every token of the window
+            row = np.flatnonzero((db.row_doc == example.doc) & (db.row_position == lo + offset))
+            assert value == pytest.approx(features[row[0], f] if len(row) else 0.0, abs=1e-4)
+    low = db.quantile_examples(f, 0.25, k=3)
+    assert len(low) == 3 and max(e.activation for e in low) <= top[-1].activation
+
+
+def test_features_at_and_document(db, dense) -> None:
+    features, _ = dense
+    row = 7
+    doc, position = int(db.row_doc[row]), int(db.row_position[row])
+    pairs = db.features_at(doc, position)
+    assert [f for f, _ in pairs] == sorted(np.flatnonzero(features[row] > 0).tolist(), key=lambda f: -features[row, f])
+    view = db.document(doc)
+    assert view[position]["features"] == pairs[:3]
+    assert db.features_at(doc, 0) == []  # position 0 is never cached (no BOS)
+
+
+def test_search_tokens_matches_a_brute_force_mean(db, dense, built) -> None:
+    features, meta = dense
+    tokenizer = load_tokenizer(built.base_model.output_dir)
+    token = int(np.bincount(meta["token_ids"]).argmax())
+    text = tokenizer.decode([token])
+    results = db.search_tokens(text, k=3)
+    occurrences = np.flatnonzero(meta["token_ids"] == token)
+    if not text.startswith(" "):  # the search also counts the spaced spelling when that is one token
+        spaced = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        if len(spaced) == 1:
+            occurrences = np.union1d(occurrences, np.flatnonzero(meta["token_ids"] == spaced[0]))
+    means = features[occurrences].mean(0)
+    assert [r.feature for r in results] == np.argsort(-means, kind="stable")[:3].tolist()
+    assert results[0].mean_activation == pytest.approx(means.max(), rel=1e-5)
+    assert results[0].occurrences == len(occurrences)
+
+
+def test_attributes_name_the_sources(db, built) -> None:
+    attrs = db.attrs
+    assert attrs["sae_path"] == str(evaluated_sae(built)) and len(attrs["sae_sha256"]) == 64
+    assert attrs["hook_spec"] == "blocks.0.hook_resid_post"
+    assert attrs["activation_cache"] == str(activation_cache(built))
+    assert attrs["token_cache"] == built.tokenize.output and attrs["saepipe_version"]
+    db.check_sae(evaluated_sae(built))
+
+
+def test_truncated_and_foreign_files_give_one_line(built, tmp_path, capsys) -> None:
+    source = activation_db(built)
+    truncated = tmp_path / "analysis" / "default" / "activation_db.h5"
+    truncated.parent.mkdir(parents=True)
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(UserError, match=str(truncated)):
+        ActivationDB(truncated)
+    params = with_section(built, "evaluate", output_dir=str(tmp_path / "analysis"))
+    params_file = tmp_path / "params.yaml"
+    import yaml
+
+    params_file.write_text(yaml.safe_dump(params.to_dict()))
+    assert main(["show-feature", "3", "--params", str(params_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(truncated) in err
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.attrs["format"] = "something"
+    with pytest.raises(UserError, match="not a saepipe activation DB"):
+        ActivationDB(tmp_path / "other.h5")
+
+
+def test_an_interrupted_build_leaves_nothing(built, tmp_path, monkeypatch) -> None:
+    params = with_section(built, "evaluate", output_dir=str(tmp_path / "analysis"))
+    calls = {"n": 0}
+    real = db_build.encode_rows
+
+    def dying(sae, x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(sae, x)
+
+    monkeypatch.setattr(db_build, "encode_rows", dying)
+    with pytest.raises(KeyboardInterrupt):
+        activation_db_stage.run(params)
+    folder = tmp_path / "analysis" / "default"
+    assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_show_feature_prints_stats_and_marked_examples(built, capsys) -> None:
+    import yaml
+
+    params_file = Path(built.tokenize.output).parent / "params_show.yaml"
+    params_file.write_text(yaml.safe_dump(built.to_dict()))
+    with ActivationDB(activation_db(built)) as opened:
+        f = int(np.argmax(opened.counts))
+    assert main(["show-feature", str(f), "--params", str(params_file), "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"feature {f}: fires on") and "top 3 examples" in out and "«" in out
+    assert "\x1b[" not in out  # not a TTY: plain text
+    assert main(["show-feature", "--search", "the", "--params", str(params_file)]) == 0
+    assert "features most active on 'the'" in capsys.readouterr().out
+    assert main(["show-feature", "--params", str(params_file)]) == 2
