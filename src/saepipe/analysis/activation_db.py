@@ -208,7 +208,11 @@ class ActivationDB:
         if not 0 <= doc < len(self.first_position):
             raise UserError(f"document {doc}: expected an id in [0, {len(self.first_position) - 1}]")
         a, b = int(self.doc_offsets[doc]), int(self.doc_offsets[doc + 1])
-        return int(self.first_position[doc]), self.file["docs/rows_by_position"][a:b].astype(np.int64)
+        return int(self.first_position[doc]), self._rows_by_position[a:b].astype(np.int64)
+
+    @functools.cached_property
+    def _rows_by_position(self) -> np.ndarray:
+        return self.file["docs/rows_by_position"][:]
 
     def rows_at(self, doc: int, positions: np.ndarray) -> np.ndarray:
         """The DB row of each (doc, position), -1 where that token is not cached."""
