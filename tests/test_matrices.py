@@ -1,13 +1,10 @@
-"""Decoder similarity and co-occurrence against dense numpy on small random cases; the `matrices` stage end to end.
-
-The stage reads the activation DB through a small stand-in with the DB's reading API (d_sae, n_rows, attrs,
-csr_chunks, counts, check_sae), holding a real exported SAE's codes on random activations.
-"""
+"""Decoder similarity and co-occurrence against dense numpy on small random cases; the `matrices` stage end to
+end on the tiny run's real activation DB."""
 
 from __future__ import annotations
 
 import json
-import sys
+import shutil
 import types
 from pathlib import Path
 
@@ -18,9 +15,11 @@ import torch
 
 from helpers import with_section
 from saepipe.analysis import matrices
+from saepipe.analysis.activation_db import ActivationDB
 from saepipe.errors import UserError
-from saepipe.storage import sha256_file
-from saved_saes import D_SAE, export, make_checkpoint
+from saepipe.paths import activation_db, evaluated_sae
+from saepipe.sae.formats import load_sae
+from saepipe.stages import activation_db as activation_db_stage
 
 
 # ---- dense references ------------------------------------------------------------------------------------
@@ -176,60 +175,26 @@ def test_cooccurrence_leaves_the_chunks_alone_and_checks_shapes():
 
 
 # ---- the stage -------------------------------------------------------------------------------------------
-class FakeActivationDB:
-    """The activation DB's reading API over an in-memory CSR of an SAE's codes (stands in for the real DB)."""
-
-    def __init__(self, codes: scipy.sparse.csr_matrix, sae_path: Path):
-        self.csr, self.d_sae, self.n_rows = codes, codes.shape[1], codes.shape[0]
-        self.attrs = {"sae_path": str(sae_path), "sae_sha256": sha256_file(sae_path / "weights.pt")}
-
-    def __call__(self, path):  # the stage calls ActivationDB(path)
-        self.path = path
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    @property
-    def counts(self) -> np.ndarray:
-        return np.bincount(self.csr.indices[self.csr.data > 0], minlength=self.d_sae).astype(np.int64)
-
-    def csr_chunks(self, chunk_rows: int):
-        for start in range(0, self.n_rows, chunk_rows):
-            yield self.csr[start:start + chunk_rows].astype(np.float32)
-
-    def check_sae(self, sae_path) -> None:
-        if sha256_file(Path(sae_path) / "weights.pt") != self.attrs["sae_sha256"]:
-            raise UserError(f"{self.path} was built from the SAE at {self.attrs['sae_path']}, not from the one now "
-                            f"at {sae_path}; rerun `saepipe activation-db`")
-
-
 @pytest.fixture
-def stage(tmp_path, repo_params, monkeypatch):
-    """An exported topk SAE, its codes on 500 random activations as the 'DB', params pointing at both."""
-    ckpt = make_checkpoint(tmp_path / "ckpt", "topk")
-    sae_dir = tmp_path / "sae" / "r1"
-    export(ckpt, sae_dir)
-    with torch.no_grad():
-        codes = ckpt.sae.encode(torch.randn(500, ckpt.sae.d_in))
-    db = FakeActivationDB(scipy.sparse.csr_matrix(codes.numpy()), sae_dir)
-    module = types.ModuleType("saepipe.analysis.activation_db")
-    module.ActivationDB = db  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "saepipe.analysis.activation_db", module)
-    params = with_section(repo_params, "evaluate", sae_path=str(sae_dir), output_dir=str(tmp_path / "analysis"))
+def stage(trained_pipeline, tmp_path):
+    """The tiny run's exported SAE and a real activation DB of it in tmp_path; the DB's CSR and attrs as read."""
+    params = with_section(trained_pipeline, "evaluate", sae_path=str(evaluated_sae(trained_pipeline)),
+                          output_dir=str(tmp_path / "analysis"))
     params = with_section(params, "matrices", top_k=5, block_size=16, chunk_rows=128, histogram_bins=20)
-    return params, ckpt, db
+    activation_db_stage.run(params)
+    with ActivationDB(activation_db(params)) as db:
+        view = types.SimpleNamespace(csr=scipy.sparse.vstack(list(db.csr_chunks(1000))).tocsr(), counts=db.counts,
+                                     attrs=db.attrs, n_rows=db.n_rows)
+    return params, types.SimpleNamespace(sae=load_sae(evaluated_sae(params))), view
 
 
 def test_stage_writes_dense_and_topk_files(stage, capsys):
     from saepipe.stages import matrices as stage_module
 
     params, ckpt, db = stage
+    D_SAE = ckpt.sae.d_sae
     stage_module.run(params)
-    analysis = Path(params.evaluate.output_dir) / "r1"
+    analysis = Path(params.evaluate.output_dir) / "default"
     out = analysis / "matrices"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["feature_similarity.npy", "feature_cooccurrence.npy", "feature_cooccurrence_jaccard.npy",
@@ -256,7 +221,7 @@ def test_stage_writes_dense_and_topk_files(stage, capsys):
         np.testing.assert_array_equal(co["fire_counts"], np.diag(C))
 
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["dense"] is True and meta["d_sae"] == D_SAE and meta["n_rows"] == 500
+    assert meta["dense"] is True and meta["d_sae"] == D_SAE and meta["n_rows"] == db.n_rows
     assert meta["sae_sha256"] == db.attrs["sae_sha256"] and "c_i + c_j - C[i, j]" in meta["jaccard_formula"]
     assert set(meta["files"]) == {p.name for p in out.iterdir()} - {"metadata.json"}
 
@@ -264,7 +229,7 @@ def test_stage_writes_dense_and_topk_files(stage, capsys):
     assert metrics["d_sae"] == D_SAE and metrics["dense"] is True
     assert metrics["mean_max_cosine"] == pytest.approx(cos.max(axis=1).mean(), abs=1e-5)
     assert metrics["pairs_above_threshold"] == int((np.triu(dense_cosine(W), 1) > 0.9).sum())
-    assert metrics["cooccurrence"]["tokens"] == 500
+    assert metrics["cooccurrence"]["tokens"] == db.n_rows
     histogram = json.loads((analysis / "decoder_similarity_histogram.json").read_text())
     assert len(histogram) == 20 and sum(r["features"] for r in histogram) == D_SAE
     assert set(histogram[0]) == {"max_cosine", "features"}
@@ -275,15 +240,16 @@ def test_stage_writes_dense_and_topk_files(stage, capsys):
 def test_stage_above_the_size_rule_writes_only_topk(stage, capsys):
     from saepipe.stages import matrices as stage_module
 
-    params, _, _ = stage
+    params, ckpt, _ = stage
+    D_SAE = ckpt.sae.d_sae
     stage_module.run(params)
-    dense_dir = Path(params.evaluate.output_dir) / "r1" / "matrices"
+    dense_dir = Path(params.evaluate.output_dir) / "default" / "matrices"
     with np.load(dense_dir / "cooccurrence_topk.npz") as co:
         dense_topk = {name: co[name] for name in co.files}
     capsys.readouterr()
 
     stage_module.run(with_section(params, "matrices", dense_max_features=D_SAE - 1))
-    out = Path(params.evaluate.output_dir) / "r1" / "matrices"
+    out = Path(params.evaluate.output_dir) / "default" / "matrices"
     assert sorted(p.name for p in out.iterdir()) == ["cooccurrence_topk.npz", "metadata.json", "similarity_topk.npz"]
     assert "only the top-k files were written" in capsys.readouterr().out
     with np.load(out / "cooccurrence_topk.npz") as co:
@@ -299,10 +265,13 @@ def test_stage_refuses_another_sae(stage, tmp_path):
 
     params, _, _ = stage
     other = tmp_path / "sae" / "other"
-    ckpt = make_checkpoint(tmp_path / "ckpt2", "topk", run_name="other")
-    with torch.no_grad():
-        ckpt.sae.W_dec.add_(0.1)  # other weights, another hash
-    export(ckpt, other)
+    shutil.copytree(evaluated_sae(params), other)
+    tensors = torch.load(other / "weights.pt", weights_only=True)
+    tensors["W_dec"] += 0.1  # other weights, another hash
+    torch.save(tensors, other / "weights.pt")
+    moved = with_section(params, "evaluate", sae_path=str(other))
+    activation_db(moved).parent.mkdir(parents=True)
+    shutil.copy(activation_db(params), activation_db(moved))  # a DB of the first SAE where the second's belongs
     with pytest.raises(UserError, match=r"was built from the SAE at .* not from the one now at .*other"):
-        stage_module.run(with_section(params, "evaluate", sae_path=str(other)))
+        stage_module.run(moved)
     assert not (tmp_path / "analysis" / "other" / "matrices").exists()

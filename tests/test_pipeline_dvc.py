@@ -67,6 +67,8 @@ def project(tmp_path: Path, tiny_model_dir: Path, repo_dir: Path, tiny_training_
     params["train"].update(sae_expansion=2, topk=4, topk_aux=8, batch_size=64, num_epochs=2, lr_warmup_steps=2,
                            device="cpu")
     params["evaluate"].update(ablation_max_tokens=128, batch_size=256, device="cpu")
+    params["activation_db"].update(device="cpu")
+    params["summarize"].update(top_k=5)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)
@@ -79,7 +81,8 @@ def project(tmp_path: Path, tiny_model_dir: Path, repo_dir: Path, tiny_training_
 
 def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path) -> None:
     first = run(["dvc", "repro"], project)
-    assert ran_stages(first) == ["process", "base-model", "tokenize", "activations", "train", "export", "evaluate"]
+    assert ran_stages(first) == ["process", "base-model", "tokenize", "activations", "train", "export", "evaluate",
+                                 "activation-db", "matrices", "summarize"]
 
     texts = yaml.safe_load((project / "data/processed/texts.json").read_text())
     assert len(texts) == 9  # 3 chapters x (intro + 2 non-empty sections)
@@ -102,17 +105,29 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
     metrics = run(["dvc", "metrics", "show", "--json"], project)
     assert "recompute_factor" in metrics and "documents" in metrics
 
+    with h5py.File(project / "analysis/default/activation_db.h5") as f:
+        assert f.attrs["n_rows"] == rows and f["csc/indptr"].shape == (129,)
+    summaries = (project / "analysis/default/feature_summaries.jsonl").read_text().splitlines()
+    assert len(summaries) == 128 and json.loads(summaries[0])["id"] == 0
+    assert (project / "analysis/default/matrices/similarity_topk.npz").is_file()
+    assert "mean_max_cosine" in metrics
+
     second = run(["dvc", "repro"], project)
     assert ran_stages(second) == []
+
+    set_param(project, "summarize", "top_k", 3)  # a summarize param reruns summarize only
+    assert ran_stages(run(["dvc", "repro"], project)) == ["summarize"]
+    assert len(json.loads((project / "analysis/default/feature_summaries.jsonl").read_text().splitlines()[0])
+               ["top_examples"]) <= 3
 
     # editing a module reruns the stages that import it (dvc.yaml's code deps; tests/test_dvc_deps.py)
     with (project / "src/saepipe/model/tokenizer.py").open("a") as f:
         f.write("\n# edited\n")
-    assert set(json.loads(run(["dvc", "status", "--json"], project))) == {"tokenize", "activations"}
+    assert set(json.loads(run(["dvc", "status", "--json"], project))) == {"tokenize", "activations", "summarize"}
 
 
 def repro_once(project: Path) -> None:
-    assert len(ran_stages(run(["dvc", "repro"], project))) == 7
+    assert len(ran_stages(run(["dvc", "repro"], project))) == 10
 
 
 @pytest.mark.slow
@@ -123,10 +138,11 @@ def test_param_changes_rerun_their_stage_and_what_reads_its_outputs(project: Pat
     assert ran_stages(third) == ["activations"]  # nothing upstream of it reruns
     with h5py.File(project / "data/activations/activations.h5") as f:
         assert f.attrs["outlier_factor"] == 5.0
-    assert ran_stages(run(["dvc", "repro"], project)) == ["train", "export", "evaluate"]  # its output flows down
+    downstream = ["train", "export", "evaluate", "activation-db", "matrices", "summarize"]
+    assert ran_stages(run(["dvc", "repro"], project)) == downstream  # its output flows down
 
     set_param(project, "train", "topk", 3)
-    assert ran_stages(run(["dvc", "repro"], project)) == ["train", "export", "evaluate"]
+    assert ran_stages(run(["dvc", "repro"], project)) == downstream
     exported = json.loads((project / "models/sae/default/config.json").read_text())
     assert exported["d_in"] == 64 and exported["d_sae"] == 128
     assert exported["hook_spec"] == "blocks.1.hook_resid_post"
