@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from saepipe.config.fields import check_device
+from saepipe.config.fields import check_device, check_nonnegative, check_positive
 from saepipe.errors import field_error
 
 
@@ -111,9 +111,8 @@ class MatricesConfig:
     """Bins of the decoder-similarity histogram (each feature's max cosine to any other)."""
 
     def validate(self) -> None:
-        for name in ("top_k", "dense_max_features", "block_size", "chunk_rows", "histogram_bins"):
-            if getattr(self, name) < 1:
-                raise field_error(f"matrices.{name}", getattr(self, name), "an integer >= 1")
+        check_positive("matrices", {name: getattr(self, name) for name in
+                                    ("top_k", "dense_max_features", "block_size", "chunk_rows", "histogram_bins")})
         if not -1.0 < self.similarity_threshold < 1.0:
             raise field_error("matrices.similarity_threshold", self.similarity_threshold, "a number in (-1, 1)")
 
@@ -142,11 +141,9 @@ class SummarizeConfig:
     """Top token strings per feature in summary_index.json."""
 
     def validate(self) -> None:
-        for name in ("top_k", "quantile_examples", "logit_tokens", "top_tokens", "index_tokens"):
-            if getattr(self, name) < 1:
-                raise field_error(f"summarize.{name}", getattr(self, name), "an integer >= 1")
-        for name in ("context_before", "context_after", "neighbours"):
-            if getattr(self, name) < 0:
-                raise field_error(f"summarize.{name}", getattr(self, name), "an integer >= 0")
+        check_positive("summarize", {name: getattr(self, name) for name in
+                                     ("top_k", "quantile_examples", "logit_tokens", "top_tokens", "index_tokens")})
+        check_nonnegative("summarize", {name: getattr(self, name) for name in
+                                        ("context_before", "context_after", "neighbours")}, "an integer >= 0")
         if any(not 0.0 < q < 1.0 for q in self.quantile_bands):
             raise field_error("summarize.quantile_bands", self.quantile_bands, "numbers strictly between 0 and 1")

@@ -173,3 +173,15 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[node.target.id] = " ".join(following.value.value.split())
     return docs
+
+
+def check_positive(section: str, values: dict[str, int]) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise field_error(f"{section}.{name}", value, "an integer >= 1")
+
+
+def check_nonnegative(section: str, values: dict[str, float], expected: str = "a number >= 0") -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise field_error(f"{section}.{name}", value, expected)

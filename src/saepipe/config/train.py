@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from saepipe.config.fields import check_device, choices
+from saepipe.config.fields import check_device, check_nonnegative, check_positive, choices
 from saepipe.errors import field_error
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -19,18 +19,6 @@ def sae_types() -> list[str]:
     every such stage imports `saepipe.sae` itself (and dvc.yaml lists it), while the stages before
     training must neither import torch's SAE code nor rerun when it changes."""
     return list(importlib.import_module("saepipe.sae").REGISTRY)
-
-
-def check_positive(section: str, values: dict[str, int]) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise field_error(f"{section}.{name}", value, "an integer >= 1")
-
-
-def check_nonnegative(section: str, values: dict[str, float], expected: str = "a number >= 0") -> None:
-    for name, value in values.items():
-        if value < 0:
-            raise field_error(f"{section}.{name}", value, expected)
 
 
 @dataclass(frozen=True)
