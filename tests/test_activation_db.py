@@ -215,3 +215,32 @@ def test_show_feature_prints_stats_and_marked_examples(built, capsys) -> None:
     assert main(["show-feature", "--search", "the", "--params", str(params_file)]) == 0
     assert "features most active on 'the'" in capsys.readouterr().out
     assert main(["show-feature", "--params", str(params_file)]) == 2
+
+
+def test_outlier_rows_stay_without_features_unless_included(trained_pipeline, tmp_path) -> None:
+    from saepipe.activations.cache import ActivationCacheWriter
+
+    sae = load_sae(evaluated_sae(trained_pipeline))
+    with ActivationCache(activation_cache(trained_pipeline)) as real:
+        x = real.read("train", 0, 100)
+    x[10] *= 1000.0  # a massive-activation row
+    writer = ActivationCacheWriter(tmp_path / "cache.h5", sae.d_in, "float32", 10.0, {})
+    ids = np.arange(100, dtype=np.int32)
+    writer.append("train", x, ids, np.zeros(100, np.int32), ids + 1)
+    writer.close()
+    kwargs = dict(n_documents=1, values_dtype="float32", quantiles=[0.5], batch_size=32, max_memory_mb=64,
+                  attrs={}, progress=False)
+    with ActivationCache(tmp_path / "cache.h5") as cache:
+        assert cache.column("train", "outlier").tolist() == [i == 10 for i in range(100)]
+        left_out = db_build.build_activation_db(tmp_path / "out.h5", sae, cache, ["train"], **kwargs)
+        included = db_build.build_activation_db(tmp_path / "in.h5", sae, cache, ["train"], include_outliers=True,
+                                                **kwargs)
+    assert left_out.outlier_rows == included.outlier_rows == 1
+    with ActivationDB(tmp_path / "out.h5") as a, ActivationDB(tmp_path / "in.h5") as b:
+        assert a.row_features(10)[0].size == 0 and b.row_features(10)[0].size > 0
+        assert a.n_rows == b.n_rows == 100 and a.attrs["counted_rows"] == 99
+        assert a.nnz == b.nnz - b.row_features(10)[0].size
+        f = int(b.row_features(10)[0][0])
+        assert a.feature_stats(f)["count"] == b.feature_stats(f)["count"] - 1
+        assert a.feature_stats(f)["density"] == pytest.approx(a.feature_stats(f)["count"] / 99)
+        assert a.features_at(0, 12) == b.features_at(0, 12)  # every other row is the same

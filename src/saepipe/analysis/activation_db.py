@@ -1,12 +1,14 @@
 """The activation DB (`analysis/<run>/activation_db.h5`): an SAE's features on every cached token, and its reader.
 
 Layout (HDF5), written by `analysis.db_build` and read only here:
-    attrs      format="saepipe.activation_db", format_version, d_sae, d_in, n_rows, nnz, splits,
+    attrs      format="saepipe.activation_db", format_version, d_sae, d_in, n_rows, nnz, splits, outlier_rows,
+               outliers_included, counted_rows (n_rows less the outlier rows left without features),
                values_dtype, quantiles (the levels of features/quantiles), sae_path, sae_sha256 (of its
                weights file), sae_type, model_name, hook_spec, activation_cache, token_cache,
                tokenizer_fingerprint, texts_sha256 (of the corpus the token cache holds), saepipe_version
     rows/      one entry per token row, in activation-cache order (train rows first, then validation)
         token_id  int32     doc_id  int32     position  int32 (in its document)     split  int8 (0 train, 1 validation)
+        outlier  bool (the cache's massive-activation flag; such rows have no features unless outliers_included)
     csr/       token-major: row r's features are features[indptr[r]:indptr[r+1]] (ascending), with values
         indptr  int64 [n_rows + 1]     features  int32 [nnz]     values  float16 | float32 [nnz]
     csc/       feature-major reverse index: feature f's rows are rows[indptr[f]:indptr[f+1]], sorted by
@@ -14,7 +16,7 @@ Layout (HDF5), written by `analysis.db_build` and read only here:
                the q-quantile of its activations is one index away
         indptr  int64 [d_sae + 1]     rows  int32 [nnz]     values  as csr/values
     features/  per feature, over the tokens it fires on (activation > 0):
-        count  int64     density  float64 (count / n_rows)     sum  float64     mean  float32 (sum / count)
+        count  int64     density  float64 (count / counted_rows)     sum  float64     mean  float32 (sum / count)
         max  float32     quantiles  float32 [d_sae, len(quantiles)] (nearest rank, numpy's method="lower")
     docs/      document d's rows are rows_by_position[offsets[d]:offsets[d+1]], for positions
                first_position[d], first_position[d] + 1, ... (every cached token of a document is in the DB)

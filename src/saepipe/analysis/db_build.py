@@ -39,6 +39,7 @@ class BuildResult:
     n_rows: int
     nnz: int
     blocks: int
+    outlier_rows: int
     encode_seconds: float
     index_seconds: float
 
@@ -101,8 +102,14 @@ def encode_rows(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[np.ndarray, np
 
 def build_activation_db(path: str | Path, sae: SparseAutoencoder, cache: ActivationCache, splits: Sequence[str], *,
                         n_documents: int, values_dtype: str, quantiles: Sequence[float], batch_size: int,
-                        max_memory_mb: int, attrs: dict[str, Any], progress: bool = True) -> BuildResult:
-    """Write the DB for `splits` of `cache` to `path` (atomically: complete or not at all)."""
+                        max_memory_mb: int, attrs: dict[str, Any], include_outliers: bool = False,
+                        progress: bool = True) -> BuildResult:
+    """Write the DB for `splits` of `cache` to `path` (atomically: complete or not at all).
+
+    Rows the cache flagged as massive-activation outliers stay in the DB as rows without features (and
+    out of every statistic) unless `include_outliers`: their norms are ~100x the rest, and a handful of
+    them would otherwise head many features' top examples, as they would dominate FVU in `evaluate`.
+    """
     device = sae.W_enc.device
     n_rows = sum(cache.n_rows(s) for s in splits)
     d_sae = sae.d_sae
@@ -114,6 +121,9 @@ def build_activation_db(path: str | Path, sae: SparseAutoencoder, cache: Activat
             rows.create_dataset(name, data=values)
         rows.create_dataset("split", data=np.concatenate(
             [np.full(cache.n_rows(s), SPLIT_CODES[s], np.int8) for s in splits]))
+        outlier = np.concatenate([cache.column(s, "outlier") for s in splits]).astype(bool)
+        rows.create_dataset("outlier", data=outlier)
+        skipped = np.zeros(n_rows, bool) if include_outliers else outlier
         try:
             offsets, first, by_position = document_index(columns["doc_id"], columns["position"], n_documents)
         except ValueError as exc:
@@ -137,6 +147,10 @@ def build_activation_db(path: str | Path, sae: SparseAutoencoder, cache: Activat
                 for start in range(0, cache.n_rows(split), batch_size):
                     stop = min(start + batch_size, cache.n_rows(split))
                     per_row, cols, vals = encode_rows(sae, cache.read(split, start, stop).to(device))
+                    skip = skipped[row : row + len(per_row)]
+                    if skip.any():  # outlier rows keep their place, without features
+                        keep = ~np.repeat(skip, per_row)
+                        cols, vals, per_row = cols[keep], vals[keep], np.where(skip, 0, per_row)
                     indptr[row + 1 : row + 1 + len(per_row)] = indptr[row] + np.cumsum(per_row)
                     row += len(per_row)
                     _append(features, cols)
@@ -151,7 +165,7 @@ def build_activation_db(path: str | Path, sae: SparseAutoencoder, cache: Activat
         budget = max_memory_mb << 20
         blocks = feature_blocks(counts, max(1, budget // 2 // BLOCK_BYTES_PER_ENTRY))
         stats = _write_csc(f, indptr, counts, blocks, quantiles, values_dtype, budget // 2 // READ_BYTES_PER_ENTRY,
-                           progress)
+                           n_rows - int(skipped.sum()), progress)
         index_seconds = time.perf_counter() - started
 
         group = f.create_group("features")
@@ -160,8 +174,11 @@ def build_activation_db(path: str | Path, sae: SparseAutoencoder, cache: Activat
         group.create_dataset("quantiles", data=stats["quantiles"])
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "d_sae": d_sae, "d_in": sae.d_in,
                         "n_rows": n_rows, "nnz": nnz, "splits": list(splits), "values_dtype": values_dtype,
+                        "outliers_included": include_outliers, "outlier_rows": int(outlier.sum()),
+                        "counted_rows": n_rows - int(skipped.sum()),
                         "quantiles": list(quantiles), **attrs})
-    return BuildResult(n_rows=n_rows, nnz=nnz, blocks=len(blocks), encode_seconds=encode_seconds,
+    return BuildResult(n_rows=n_rows, nnz=nnz, blocks=len(blocks), outlier_rows=int(outlier.sum()),
+                       encode_seconds=encode_seconds,
                        index_seconds=index_seconds)
 
 
@@ -177,8 +194,10 @@ def _row_chunks(indptr: np.ndarray, max_entries: int) -> list[tuple[int, int]]:
 
 
 def _write_csc(f: h5py.File, indptr: np.ndarray, counts: np.ndarray, blocks: list[tuple[int, int]],
-               quantiles: Sequence[float], values_dtype: str, read_entries: int, progress: bool) -> dict[str, Any]:
-    """The sorted reverse index, block by block, and every feature's statistics from it."""
+               quantiles: Sequence[float], values_dtype: str, read_entries: int, counted_rows: int,
+               progress: bool) -> dict[str, Any]:
+    """The sorted reverse index, block by block, and every feature's statistics from it (density over the
+    `counted_rows` rows that are not skipped outliers)."""
     d_sae, nnz, n_rows = len(counts), int(indptr[-1]), len(indptr) - 1
     csc_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     csc = f.create_group("csc")
@@ -212,5 +231,5 @@ def _write_csc(f: h5py.File, indptr: np.ndarray, counts: np.ndarray, blocks: lis
         sums[f0:f1], maxima[f0:f1], quantile_values[f0:f1] = block_sums, block_max, block_quantiles
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
-    return {"count": counts, "density": counts / max(n_rows, 1), "sum": sums, "mean": mean, "max": maxima,
+    return {"count": counts, "density": counts / max(counted_rows, 1), "sum": sums, "mean": mean, "max": maxima,
             "quantiles": quantile_values}

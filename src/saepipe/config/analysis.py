@@ -78,6 +78,8 @@ class ActivationDBConfig:
     """Activation rows per SAE encode."""
     max_memory_mb: int
     """Bound on the build's working memory: the reverse index is built in feature blocks that fit it."""
+    include_outliers: bool
+    """Encode the cache's massive-activation outlier rows too (by default they stay as rows without features)."""
     device: str
     """auto (CUDA when available), cpu, cuda or cuda:N."""
 

@@ -39,6 +39,7 @@ def run(params: Params) -> None:
             result = build_activation_db(
                 out, sae, cache, cfg.splits, n_documents=tokens.n_documents, values_dtype=cfg.values_dtype,
                 quantiles=cfg.quantiles, batch_size=cfg.batch_size, max_memory_mb=cfg.max_memory_mb,
+                include_outliers=cfg.include_outliers,
                 attrs={"sae_path": str(sae_path), "sae_sha256": sae_weights_sha256(sae_path),
                        "sae_type": sae.cfg.sae_type, "model_name": attrs["model_name"],
                        "hook_spec": attrs["hook_spec"], "activation_cache": str(cache_path),
@@ -50,6 +51,7 @@ def run(params: Params) -> None:
     seconds = time.perf_counter() - started
     size = out.stat().st_size
     print(f"activation-db: {result.n_rows:,} tokens x {sae.d_sae:,} features, {result.nnz:,} activations "
-          f"(L0 {result.nnz / max(result.n_rows, 1):.1f}, {cfg.values_dtype}); encode "
+          f"(L0 {result.nnz / max(result.n_rows, 1):.1f}, {cfg.values_dtype}; {result.outlier_rows:,} outlier rows "
+          f"{'encoded' if cfg.include_outliers else 'left without features'}); encode "
           f"{result.n_rows / max(result.encode_seconds, 1e-9):,.0f} tok/s, reverse index in {result.blocks} "
           f"block{'s' * (result.blocks != 1)} -> {out} ({size / 2**20:,.1f} MiB) [{seconds:.1f} s]")
