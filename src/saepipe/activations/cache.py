@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from saepipe.errors import UserError
-from saepipe.storage import atomic_path, plain, require_file
+from saepipe.storage import OpenFile, atomic_path, plain, require_file
 
 FORMAT = "saepipe.activations"
 FORMAT_VERSION = 1
@@ -161,7 +161,7 @@ class ActivationCacheWriter:
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
-class ActivationCache:
+class ActivationCache(OpenFile):
     """Read access to a finished activation cache."""
 
     def __init__(self, path: str | Path):
@@ -178,15 +178,6 @@ class ActivationCache:
                             f"{FORMAT_VERSION}; rerun `saepipe activations`")
         self.attrs: dict[str, Any] = {k: plain(v) for k, v in attrs.items()}
         self.storage_dtype: str = self.attrs["storage_dtype"]
-
-    def __enter__(self) -> ActivationCache:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.file.close()
 
     @property
     def d_model(self) -> int:

@@ -39,7 +39,7 @@ import numpy as np
 
 from saepipe.corpus.tokens import TokenCache
 from saepipe.errors import UserError
-from saepipe.storage import plain, require_file, sha256_file
+from saepipe.storage import OpenFile, plain, require_file, sha256_file
 
 FORMAT = "saepipe.activation_db"
 FORMAT_VERSION = 1
@@ -92,7 +92,7 @@ class TokenFeature:
     occurrences: int
 
 
-class ActivationDB:
+class ActivationDB(OpenFile):
     """Read access to a finished activation DB; `tokens` (a TokenCache or its path) and `tokenizer` are
     needed only for examples and token search (the windows' context and their text)."""
 
@@ -139,15 +139,6 @@ class ActivationDB:
                 raise ValueError(f"{name} holds {self.file[name].shape[0]} entries, expected {size}")
         if len(self.csc_indptr) != self.d_sae + 1 or self.csc_indptr[-1] != self.nnz:
             raise ValueError("csc/indptr does not match nnz")
-
-    def __enter__(self) -> ActivationDB:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.file.close()
 
     # ---- features -------------------------------------------------------------------------------
     @property
