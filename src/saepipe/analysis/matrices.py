@@ -135,13 +135,13 @@ def binarise(chunk: scipy.sparse.spmatrix) -> scipy.sparse.csr_matrix:
 
 
 def _pair_products(chunks: Iterable[scipy.sparse.spmatrix], d_sae: int, progress: bool, total: int | None
-                   ) -> Iterable[tuple[int, scipy.sparse.coo_matrix]]:
+                   ) -> Iterable[tuple[int, scipy.sparse.csr_matrix]]:
     for chunk in tqdm(chunks, desc="co-occurrence", unit="chunk", total=total, disable=not progress):
         if chunk.ndim != 2 or chunk.shape[1] != d_sae:
             raise ValueError(f"a chunk has shape {chunk.shape}, expected (rows, {d_sae})")
         fired = binarise(chunk)
-        product = (fired.T.tocsr() @ fired).tocoo()
-        product.sum_duplicates()
+        product = fired.T.tocsr() @ fired
+        product.sum_duplicates()  # per-row, in CSR: a COO round trip would sort every pair of the chunk again
         yield chunk.shape[0], product
 
 
@@ -191,9 +191,10 @@ def cooccurrence(chunks: Iterable[scipy.sparse.spmatrix], d_sae: int, k: int, *,
     for rows, product in _pair_products(chunks, d_sae, progress, total_chunks):
         n_rows += rows
         if dense_out is not None:
-            flat[product.row.astype(np.int64) * d_sae + product.col] += product.data  # (row, col) unique
+            rows_of = np.repeat(np.arange(d_sae, dtype=np.int64), np.diff(product.indptr))
+            flat[rows_of * d_sae + product.indices] += product.data  # (row, col) unique after sum_duplicates
         else:
-            acc = product.tocsr() if acc is None else acc + product.tocsr()
+            acc = product if acc is None else acc + product
     if dense_out is not None:
         fire_counts = np.diagonal(dense_out).astype(np.int64)
     else:
