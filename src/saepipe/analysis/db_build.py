@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from saepipe.activations.cache import ActivationCache
 from saepipe.analysis.activation_db import FORMAT, FORMAT_VERSION, SPLIT_CODES, STAT_FIELDS
+from saepipe.errors import UserError
 from saepipe.kernels.csc import scatter_block, sort_segments
 from saepipe.sae import SparseAutoencoder
 from saepipe.storage import atomic_path
@@ -127,7 +128,7 @@ def build_activation_db(path: str | Path, sae: SparseAutoencoder, cache: Activat
         try:
             offsets, first, by_position = document_index(columns["doc_id"], columns["position"], n_documents)
         except ValueError as exc:
-            raise ValueError(f"{cache.path}: {exc}") from None
+            raise UserError(f"{cache.path}: {exc}; rerun `saepipe activations`") from None
         docs = f.create_group("docs")
         docs.create_dataset("offsets", data=offsets)
         docs.create_dataset("first_position", data=first)

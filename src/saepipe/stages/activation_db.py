@@ -35,19 +35,16 @@ def run(params: Params) -> None:
                             "rerun `saepipe tokenize` and `saepipe activations`")
         if sum(cache.n_rows(s) for s in cfg.splits) == 0:
             raise UserError(f"activation_db.splits={cfg.splits}: {cache_path} holds no rows of these splits")
-        try:
-            result = build_activation_db(
-                out, sae, cache, cfg.splits, n_documents=tokens.n_documents, values_dtype=cfg.values_dtype,
-                quantiles=cfg.quantiles, batch_size=cfg.batch_size, max_memory_mb=cfg.max_memory_mb,
-                include_outliers=cfg.include_outliers,
-                attrs={"sae_path": str(sae_path), "sae_sha256": sae_weights_sha256(sae_path),
-                       "sae_type": sae.cfg.sae_type, "model_name": attrs["model_name"],
-                       "hook_spec": attrs["hook_spec"], "activation_cache": str(cache_path),
-                       "token_cache": str(params.tokenize.output),
-                       "tokenizer_fingerprint": attrs["tokenizer_fingerprint"],
-                       "texts_sha256": tokens.attrs["texts_sha256"], "saepipe_version": saepipe.__version__})
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        result = build_activation_db(
+            out, sae, cache, cfg.splits, n_documents=tokens.n_documents, values_dtype=cfg.values_dtype,
+            quantiles=cfg.quantiles, batch_size=cfg.batch_size, max_memory_mb=cfg.max_memory_mb,
+            include_outliers=cfg.include_outliers,
+            attrs={"sae_path": str(sae_path), "sae_sha256": sae_weights_sha256(sae_path),
+                   "sae_type": sae.cfg.sae_type, "model_name": attrs["model_name"],
+                   "hook_spec": attrs["hook_spec"], "activation_cache": str(cache_path),
+                   "token_cache": str(params.tokenize.output),
+                   "tokenizer_fingerprint": attrs["tokenizer_fingerprint"],
+                   "texts_sha256": tokens.attrs["texts_sha256"], "saepipe_version": saepipe.__version__})
     seconds = time.perf_counter() - started
     size = out.stat().st_size
     print(f"activation-db: {result.n_rows:,} tokens x {sae.d_sae:,} features, {result.nnz:,} activations "

@@ -21,6 +21,11 @@ from saepipe.errors import UserError
 from saepipe.storage import write_json
 
 
+def long_enough(text: str, min_words: int) -> bool:
+    """The one `min_words` rule, for chapter sections and data_path texts alike."""
+    return len(text.split()) >= min_words
+
+
 @dataclass
 class SubjectStats:
     """Counts for one subject (or for the `data_path` list); written to stats.json as-is."""
@@ -42,7 +47,7 @@ class SubjectStats:
         """Keep `text` as a document when it has at least `min_words` words, counting what is dropped."""
         if not text.strip():
             self.empty_sections += 1
-        elif len(text.split()) < min_words:
+        elif not long_enough(text, min_words):
             self.dropped_sections += 1
         else:
             texts.append(text)
@@ -87,7 +92,7 @@ def read_chapters(files: dict[str, list[Path]], min_words: int) -> Corpus:
             markdown = markdown.replace("\x00", "")
         stats.chapters += 1
         stats.source_characters += len(markdown)
-        for text in clean_sections(markdown, lambda doc: len(doc.split()) >= min_words):
+        for text in clean_sections(markdown, lambda doc: long_enough(doc, min_words)):
             stats.offer(text, min_words, corpus.texts)
     return corpus
 
