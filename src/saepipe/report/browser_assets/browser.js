@@ -67,6 +67,10 @@
     return piece.replace(/\r/g, "\\r").replace(/\n/g, "↵").replace(/\t/g, "⇥");
   }
 
+  function mark(name) {  // timings for measurement: performance.getEntriesByName(name)
+    if (window.performance && performance.mark) performance.mark(name);
+  }
+
   function quoted(piece) { return "“" + visible(piece) + "”"; }
 
   function featureLink(id, label) {
@@ -274,6 +278,7 @@
     view.dataset.feature = id;
     document.title = "Feature " + id + " · " + state.title;
     heading.focus();
+    mark("feature-rendered");
   }
 
   function showFeature(id) {
@@ -323,7 +328,7 @@
     });
     table.appendChild(body);
     return el("section", {className: "token-result", "data-token": t[0], "data-token-id": t[1]},
-      el("h4", {}, el("code", {text: quoted(t[0])}), " — " + num(t[2]) + " occurrences"), table);
+      el("h4", {}, el("code", {text: quoted(t[0])}), " — " + num(t[2]) + (t[2] === 1 ? " occurrence" : " occurrences")), table);
   }
 
   function renderSearch(query) {
@@ -350,6 +355,7 @@
       results.appendChild(el("p", {className: "hint", text: "Per token: the " + data.features_per_token +
         " features with the highest mean activation over its first " + num(data.max_occurrences) + " occurrences."}));
       results.dataset.query = query;
+      mark("search-rendered");
     }, function (err) {
       results.appendChild(el("p", {role: "alert", text: err.message}));
     });
@@ -398,7 +404,7 @@
     document.getElementById("loading").remove();
     route();
     document.body.dataset.ready = "true";
-    if (window.performance && performance.mark) performance.mark("list-rendered");
+    mark("list-rendered");
   }
 
   window.SAEBrowser = {receive: receive};
