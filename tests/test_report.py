@@ -184,3 +184,46 @@ def test_an_interrupted_report_leaves_no_folder(reported, tmp_path, monkeypatch,
     finally:
         shutil.move(tmp_path / "kept", folder)
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_without_dense_matrices_the_plots_read_the_topk_files(reported, tmp_path) -> None:
+    from saepipe.report import plots
+    from saepipe.report.inputs import COOCCURRENCE_TOPK, JACCARD, SIMILARITY, SIMILARITY_TOPK
+
+    folder = analysis_dir(reported) / "matrices"
+    for name in (SIMILARITY_TOPK, COOCCURRENCE_TOPK):  # what the matrices stage writes above dense_max_features
+        shutil.copy(folder / name, tmp_path / name)
+    with np.load(folder / COOCCURRENCE_TOPK) as data:
+        ids = np.argsort(-data["fire_counts"], kind="stable")[:10]
+        partners = data["ids"]
+    dense = plots.cooccurrence_block(folder, JACCARD, COOCCURRENCE_TOPK, ids)
+    sparse = plots.cooccurrence_block(tmp_path, JACCARD, COOCCURRENCE_TOPK, ids)
+    listed = np.array([[j in partners[i] or i == j for j in ids] for i in ids])
+    assert np.allclose(sparse[listed], dense[listed]) and np.all(sparse[~listed] == 0)
+    assert np.allclose(np.diag(dense), 1.0)
+
+    edges = np.linspace(-1, 1, 41)
+    counts, what = plots.pairwise_cosines(folder, SIMILARITY, SIMILARITY_TOPK, edges)
+    d_sae = len(partners)
+    assert counts.sum() == d_sae * (d_sae - 1) // 2 and what.startswith("all")
+    top, what = plots.pairwise_cosines(tmp_path, SIMILARITY, SIMILARITY_TOPK, edges)
+    with np.load(folder / SIMILARITY_TOPK) as data:
+        assert top.sum() == data["values"].size and "nearest" in what
+
+
+def test_without_the_ablation_pass_its_plot_is_left_out(reported) -> None:
+    path = analysis_dir(reported) / "quick" / "metrics.json"
+    original = path.read_text()
+    metrics = json.loads(original)
+    del metrics["ablation"]  # what evaluate writes with ablation_max_tokens: 0
+    path.write_text(json.dumps(metrics))
+    try:
+        report.run(reported)
+        folder = report_dir(reported)
+        assert not (folder / "plots" / "ablation_ce_kl.png").exists()
+        summary = read(folder / "run_summary.json")
+        assert summary["headline"]["ce_loss_recovered"] is None and "plot_ablation" not in summary["artifacts"]
+        assert "| CE loss recovered | — |" in (folder / "README.md").read_text()
+    finally:
+        path.write_text(original)
+        report.run(reported)
