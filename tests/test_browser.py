@@ -21,6 +21,7 @@ from saepipe.paths import activation_db, analysis_dir
 from saepipe.report.browser import write_browser
 
 CHUNK = 16  # features per detail file: the tiny SAE's 128 features make 8 chunks
+LIST_PAGE = 50  # rows the list shows at a time: 128 features need two "Show more" clicks
 PER_TOKEN = 4
 WRAPPER = re.compile(r'^SAEBrowser\.receive\("([\w-]+)",(.*)\);\n$', re.S)
 
@@ -73,7 +74,7 @@ def built(analysed, tmp_path_factory):
                 "sae_type": "batch_topk", "d_in": 64, "d_sae": len(analysed.summaries), "metrics": {"fvu": 0.25}}
     with open_db(analysed) as db:
         result = write_browser(out, summaries=analysed.path, db=db, run_info=run_info, features_per_token=PER_TOKEN,
-                               explanations=explanations, chunk_size=CHUNK)
+                               explanations=explanations, chunk_size=CHUNK, list_page=LIST_PAGE)
     return types.SimpleNamespace(out=out, result=result, explained=explained, explanations=explanations)
 
 
@@ -226,6 +227,11 @@ class Page:
         return [int(x) for x in self.driver.execute_script(
             "return [...document.querySelectorAll('#feature-rows tr')].map(r => r.dataset.feature)")]
 
+    def all_listed(self) -> list[int]:
+        while self.find("#show-more").is_displayed():
+            self.find("#show-more").click()
+        return self.listed()
+
     def feature_shown(self, f: int) -> None:
         self.wait.until(lambda d: d.execute_script("return document.getElementById('feature-view').dataset.feature")
                         == str(f))
@@ -247,16 +253,22 @@ def order(summaries, key, descending):
 
 def test_list_sorts_by_density_max_and_id(page, analysed) -> None:
     page.load()
-    assert page.listed() == order(analysed.summaries, "density", True)  # the default: most active first
+    assert len(page.listed()) == LIST_PAGE
+    assert page.all_listed() == order(analysed.summaries, "density", True)  # the default: most active first
     assert page.find("th[data-key=density]").get_attribute("aria-sort") == "descending"
     page.find("#sort-density").click()
+    assert page.listed() == order(analysed.summaries, "density", False)[:LIST_PAGE]  # a new order starts at the top
+    page.find("#show-more").click()
+    page.find("#show-more").click()
     assert page.listed() == order(analysed.summaries, "density", False)
+    assert not page.find("#show-more").is_displayed()
+    assert f"Showing {len(analysed.summaries)} of {len(analysed.summaries)}" in page.find("#list-status").text
     page.find("#sort-max").click()
-    assert page.listed() == order(analysed.summaries, "max", True)
+    assert page.listed() == order(analysed.summaries, "max", True)[:LIST_PAGE]
     assert page.find("th[data-key=max]").get_attribute("aria-sort") == "descending"
     assert page.find("th[data-key=density]").get_attribute("aria-sort") is None
     page.find("#sort-id").click()
-    assert page.listed() == sorted(s["id"] for s in analysed.summaries)
+    assert page.listed() == sorted(s["id"] for s in analysed.summaries)[:LIST_PAGE]
 
 
 def test_list_filters_dead_alive_and_top_token_text(page, analysed, built) -> None:
@@ -265,16 +277,16 @@ def test_list_filters_dead_alive_and_top_token_text(page, analysed, built) -> No
     page.load()
     alive = Select(page.find("#filter-alive"))
     alive.select_by_value("dead")
-    assert sorted(page.listed()) == sorted(s["id"] for s in analysed.summaries if not s["alive"])
+    assert sorted(page.all_listed()) == sorted(s["id"] for s in analysed.summaries if not s["alive"])
     alive.select_by_value("alive")
-    assert sorted(page.listed()) == sorted(s["id"] for s in analysed.summaries if s["alive"])
+    assert sorted(page.all_listed()) == sorted(s["id"] for s in analysed.summaries if s["alive"])
     alive.select_by_value("all")
     word = analysed.summaries[built.explained]["top_tokens"][0]["token"].strip().upper()
     page.find("#filter-text").send_keys(word)
     expected = [s["id"] for s in analysed.summaries
                 if any(word.lower() in t["token"].lower() for t in s["top_tokens"][:5])]
     assert 0 < len(expected) < len(analysed.summaries)
-    assert sorted(page.listed()) == sorted(expected)
+    assert sorted(page.all_listed()) == sorted(expected)
     page.find("#filter-text").clear()
     page.find("#filter-text").send_keys("cellular energy")  # the explanation is searchable too
     assert page.listed() == [built.explained]
@@ -311,7 +323,8 @@ def test_feature_page_shows_the_summary(page, analysed) -> None:
 
 
 def test_neighbour_link_changes_hash_and_back_forward_work(page, analysed) -> None:
-    s = next(s for s in analysed.summaries if s["alive"] and s["nearest_features"])
+    first_page = order(analysed.summaries, "density", True)[:LIST_PAGE]
+    s = next(s for s in analysed.summaries if s["nearest_features"] and s["nearest_features"][0]["id"] in first_page)
     target = s["nearest_features"][0]["id"]
     page.load(f"#feature={s['id']}")
     page.feature_shown(s["id"])
@@ -324,6 +337,8 @@ def test_neighbour_link_changes_hash_and_back_forward_work(page, analysed) -> No
     page.feature_shown(target)
     page.find(".pager a[href='#list']").click()
     page.wait.until(lambda d: page.find("#list-view").is_displayed())
+    focused = page.driver.switch_to.active_element  # back in the list where the reader left it
+    assert focused.get_attribute("data-feature") == str(target)
 
 
 def test_token_search_lists_what_search_tokens_gives(page, analysed) -> None:

@@ -32,6 +32,8 @@ from saepipe.storage import atomic_dir
 
 CHUNK_SIZE = 128
 """Features per detail file: about 1.7 MB of script for the default run's 20 top examples a feature."""
+LIST_PAGE = 200
+"""Rows the list shows at first and adds with each "Show more" (the DOM stays small for any d_sae)."""
 INDEX_TOKENS = 5
 """Top tokens per feature in the list (and the text filter's haystack)."""
 ASSETS = ("browser.js", "browser.css")
@@ -106,15 +108,16 @@ def _index_columns(records: list[dict[str, Any]], chunk: int, columns: dict[str,
 
 def write_browser(out_dir: Path, *, summaries: Path, db: ActivationDB, run_info: dict[str, Any],
                   features_per_token: int, explanations: dict[int, dict[str, Any]] | None = None,
-                  chunk_size: int = CHUNK_SIZE) -> dict[str, Any]:
+                  chunk_size: int = CHUNK_SIZE, list_page: int = LIST_PAGE) -> dict[str, Any]:
     """Write the browser to `out_dir` (replaced as a whole, only once complete) from the summaries, the
     activation DB's token search and `run_info` (shown in the header); `explanations` maps a feature id
     to {explanation, detection, fuzzing} (auto-interpretation), merged into its record where given.
     Returns {"features", "files", "bytes"}."""
     if features_per_token < 1:
         raise UserError(f"features_per_token={features_per_token!r}: expected an integer >= 1")
-    if chunk_size < 1:
-        raise UserError(f"chunk_size={chunk_size!r}: expected an integer >= 1")
+    for name, value in (("chunk_size", chunk_size), ("list_page", list_page)):
+        if value < 1:
+            raise UserError(f"{name}={value!r}: expected an integer >= 1")
     explanations = explanations or {}
     columns: dict[str, list[Any]] = {k: [] for k in
                                      ("id", "alive", "count", "density", "mean", "max", "top", "chunk", "explanation")}
@@ -149,8 +152,8 @@ def write_browser(out_dir: Path, *, summaries: Path, db: ActivationDB, run_info:
             raise UserError(f"{summaries}: no feature summaries; rerun `saepipe summarize`")
         if not any(e is not None for e in columns["explanation"]):
             del columns["explanation"]
-        index = {"run": run_info, "chunk_size": chunk_size, "chunks": chunks, "features": columns,
-                 "quantile_levels": db.quantile_levels, "tokens": "data/tokens.js"}
+        index = {"run": run_info, "chunk_size": chunk_size, "list_page": list_page, "chunks": chunks,
+                 "features": columns, "quantile_levels": db.quantile_levels, "tokens": "data/tokens.js"}
         (data / "index.js").write_text(_script("index", index), encoding="utf-8")
         (data / "tokens.js").write_text(_script("tokens", token_table(db, features_per_token)), encoding="utf-8")
         assets = resources.files("saepipe.report") / "browser_assets"

@@ -4,7 +4,7 @@
 (function () {
   "use strict";
 
-  var PAGE = 200;  // rows added to the list at a time
+  var PAGE = 200;  // rows added to the list at a time (index.list_page where given)
   var state = {index: null, order: [], shown: 0, sort: {key: "density", dir: "desc"},
                chunks: {}, waiting: {}, tokens: null, rendered: null};
 
@@ -371,18 +371,21 @@
     else if (hash === "search" || hash.indexOf("search=") === 0) { view = "search"; query = hash.slice(7); }
     state.route = view === "feature" ? "feature=" + feature : hash;
     ["list", "feature", "search"].forEach(function (v) { document.getElementById(v + "-view").hidden = v !== view; });
-    if (view === "feature") showFeature(feature);
+    if (view === "feature") { state.lastFeature = feature; showFeature(feature); }
     else {
       document.title = state.title;
       if (view === "search") renderSearch(query);
       var heading = document.getElementById(view + "-heading");
-      if (state.started) heading.focus();
+      var back = view === "list" && state.lastFeature !== undefined &&
+        document.querySelector("#feature-rows a[data-feature='" + state.lastFeature + "']");
+      if (state.started) (back || heading).focus();  // back to the list: where the reader left it
     }
     state.started = true;
   }
 
   function start(index) {
     state.index = index;
+    PAGE = index.list_page || PAGE;
     state.title = document.title;
     state.positions = {};
     index.features.id.forEach(function (id, p) { state.positions[id] = p; });
