@@ -360,8 +360,14 @@ def test_token_search_lists_what_search_tokens_gives(page, analysed) -> None:
     assert [int(r.get_attribute("data-feature")) for r in rows] == [r.feature for r in expected]
     assert [float(r.find_elements(page.By.TAG_NAME, "td")[1].text) for r in rows] == \
         pytest.approx([r.mean_activation for r in expected], rel=1e-3)
+    shown = len(page.find_all(".token-result"))
+    assert page.find("#search-status").text == (f"{shown} tokens match." if shown > 1 else "1 token matches.")
     rows[0].find_element(page.By.TAG_NAME, "a").click()
     page.feature_shown(expected[0].feature)
+    page.load("#search=qqzzxq")
+    page.wait.until(lambda d: page.find("#search-status").text)
+    assert page.find("#search-status").text == "No token of the corpus matches “qqzzxq”."
+    assert page.find_all(".token-result") == []
 
 
 def test_deep_link_and_explanation(page, built) -> None:

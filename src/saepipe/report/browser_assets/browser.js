@@ -332,9 +332,10 @@
   }
 
   function renderSearch(query) {
-    var results = document.getElementById("search-results");
+    var results = document.getElementById("search-results"), status = document.getElementById("search-status");
     document.getElementById("search-input").value = query;
     results.textContent = "";
+    status.textContent = "";
     if (!query.trim()) { results.dataset.query = ""; return; }
     load("tokens", state.index.tokens).then(function (data) {
       state.tokens = data;
@@ -343,15 +344,16 @@
       results.textContent = "";
       var groups = [["Tokens spelled “" + query.trim() + "”", m.exact], ["Tokens that begin with it", m.prefix],
                     ["Tokens inside it", m.inside]];
-      var any = false;
+      var found = 0;
       groups.forEach(function (g) {
         if (!g[1].length) return;
-        any = true;
+        found += g[1].length;
         var s = el("section", {}, el("h3", {text: g[0]}));
         g[1].forEach(function (t) { s.appendChild(tokenResult(t)); });
         results.appendChild(s);
       });
-      if (!any) results.appendChild(el("p", {text: "No token of the corpus matches “" + query.trim() + "”."}));
+      status.textContent = found ? found + (found === 1 ? " token matches." : " tokens match.")
+        : "No token of the corpus matches “" + query.trim() + "”.";
       results.appendChild(el("p", {className: "hint", text: "Per token: the " + data.features_per_token +
         " features with the highest mean activation over its first " + num(data.max_occurrences) + " occurrences."}));
       results.dataset.query = query;
