@@ -119,7 +119,8 @@ def write_report(out: Path, *, final: Path, run_name: str, inputs: RunInputs, fi
                             params=params, artifacts=artifacts, browser=browser)
     write_json(out / RUN_SUMMARY, summary)
     readme = render_readme(run_name=run_name, config=inputs.config, metrics=inputs.metrics,
-                           headline=summary["headline"], db_rows=db.n_rows, epochs=len(inputs.history),
+                           headline=summary["headline"], db_rows=db.n_rows,
+                           token_cache=db.attrs.get("token_cache"), epochs=len(inputs.history),
                            plots={name: f"{PLOTS}/{path.name}" for name, path in drawn.items()}, active=active,
                            interpretable=interpretable, min_count=options.min_count, browser_stats=browser)
     (out / README).write_text(readme, encoding="utf-8")

@@ -72,8 +72,9 @@ def feature_table(records: Sequence[dict[str, Any]], tokens: int, with_share: bo
 
 
 def render_readme(*, run_name: str, config: dict[str, Any], metrics: dict[str, Any], headline: dict[str, Any],
-                  db_rows: int, epochs: int, plots: dict[str, str], active: Sequence[dict[str, Any]],
-                  interpretable: Sequence[dict[str, Any]], min_count: int, browser_stats: dict[str, Any]) -> str:
+                  db_rows: int, token_cache: str | None, epochs: int, plots: dict[str, str],
+                  active: Sequence[dict[str, Any]], interpretable: Sequence[dict[str, Any]], min_count: int,
+                  browser_stats: dict[str, Any]) -> str:
     evaluated = metrics.get("evaluated", {})
     data = config.get("data", {})
     checkpoint = config.get("checkpoint", {})
@@ -85,7 +86,8 @@ def render_readme(*, run_name: str, config: dict[str, Any], metrics: dict[str, A
         f"A **{config.get('sae_type')}** sparse autoencoder with **{config.get('d_sae'):,} features**{k} on "
         f"**{config.get('model_name')}**'s `{config.get('hook_spec')}` (d_in {config.get('d_in')}), trained for "
         f"{epochs} epoch{'s' if epochs != 1 else ''} on {data.get('train_rows', 0):,} cached activations "
-        f"({data.get('validation_rows', 0):,} held out) from `{data.get('activation_cache')}`. The exported "
+        f"({data.get('validation_rows', 0):,} held out) from `{data.get('activation_cache')}` (the corpus tokenized "
+        f"in `{token_cache}`). The exported "
         f"checkpoint is `{checkpoint.get('name')}` (epoch {checkpoint.get('epoch')}, "
         f"{checkpoint.get('tokens_seen', 0):,} tokens seen). Evaluated on {tokens:,} {evaluated.get('split')} "
         f"tokens of {evaluated.get('documents')} documents; the activation DB covers {db_rows:,} tokens.",
