@@ -49,6 +49,7 @@ STAGES: dict[str, Stage] = {
     "matrices": Stage("saepipe.stages.matrices", "matrices", ("evaluate", "export", "train")),
     "summarize": Stage("saepipe.stages.summarize", "summarize",
                        ("matrices", "evaluate", "export", "train", "tokenize", "base_model")),
+    "report": Stage("saepipe.stages.report", "report", ("evaluate", "export", "train", "base_model")),
     "upload": Stage("saepipe.stages.upload", "export", ("train",)),
     "show-feature": Stage("saepipe.stages.show_feature", "summarize",
                           ("evaluate", "export", "train", "tokenize", "base_model"), arguments=True),

@@ -44,3 +44,13 @@ def activation_db(params: Params) -> Path:
 
 def matrices_dir(params: Params) -> Path:
     return analysis_dir(params) / "matrices"
+
+
+def report_dir(params: Params) -> Path:
+    """`report`'s folder: plots, run_summary.json, README.md and the feature browser."""
+    return analysis_dir(params) / "report"
+
+
+def training_curves(params: Params) -> Path:
+    """The training curves as a DVC plot, beside the report folder (a DVC out of its own)."""
+    return analysis_dir(params) / "training_curves.json"
