@@ -2,7 +2,7 @@
 
 Plain functions (not fixtures) so that module-scoped fixtures can build one project and several tests copy
 it. The shape matches tests/test_pipeline_dvc.py's `project`: three one-chapter subjects, the tiny model,
-32-position windows, a 2x SAE; `with_models` adds pipelines/models/ with the tiny models in `models`.
+32-position windows, a 2x SAE; `models` puts tiny models in pipelines/models/'s list.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def git_commit(root: Path, message: str) -> None:
 
 def make_project(root: Path, repo_dir: Path, tiny_model_dir: Path, texts: list[str],
                  models: dict[str, Path] | None = None) -> Path:
-    """The repo's dvc.yaml, params.yaml (tiny settings), .dvc/config and src/ in a committed git repo at `root`;
-    with `models` (key -> tiny model directory), also pipelines/models/ listing those models."""
+    """The repo's dvc.yaml, params.yaml (tiny settings), .dvc/config, pipelines/ and src/ in a committed git repo
+    at `root`; with `models` (key -> tiny model directory), pipelines/models/ lists those models instead."""
     root.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(repo_dir / name, root / name)
@@ -81,8 +81,8 @@ def make_project(root: Path, repo_dir: Path, tiny_model_dir: Path, texts: list[s
     for section, values in TINY.items():
         params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(repo_dir / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("dvc.lock", "params"))
     if models:
-        shutil.copytree(repo_dir / "pipelines", root / "pipelines")
         listing = yaml.safe_load((root / "pipelines/models/params.yaml").read_text())
         listing["models"] = {
             key: {"base_model": {"source": "local", "local_path": str(path), "model_name": f"tiny/{key}"},

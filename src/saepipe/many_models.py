@@ -139,16 +139,16 @@ def read_models_file(path: str | Path = MODELS_FILE) -> ModelsFile:
                       defaults=_check_overrides(path, "defaults", raw["defaults"]), models=checked)
 
 
-def select(spec: ModelsFile, selection: str | None) -> list[str]:
+def select(spec: ModelsFile, selection: str | None, flag: str = "--select") -> list[str]:
     """The model keys named in a comma-separated `selection` (all of them, in file order, when None)."""
     if selection is None:
         return list(spec.models)
     keys = [key.strip() for key in selection.split(",") if key.strip()]
     if not keys:
-        raise UserError("--select: expected model keys separated by commas")
+        raise UserError(f"{flag}: expected model keys separated by commas")
     for key in keys:
         if key not in spec.models:
-            raise UserError(f"--select: unknown model {key!r}{did_you_mean(key, list(spec.models))} "
+            raise UserError(f"{flag}: unknown model {key!r}{did_you_mean(key, list(spec.models))} "
                             f"(models in {spec.path}: {', '.join(spec.models)})")
     return list(dict.fromkeys(keys))
 

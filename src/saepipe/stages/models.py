@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configure(spec: many_models.ModelsFile, key: str, project_params: str) -> None:
-    if key not in spec.models:
-        many_models.select(spec, key)  # the one-line "unknown model" error
+    if len(many_models.select(spec, key, "--configure")) != 1:
+        raise UserError("--configure: expected one model key")
     params = many_models.model_params(spec, key, layered_params(project_params))
     target = spec.params_file(key)
     with atomic_path(target) as tmp:
