@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,3 +109,11 @@ def file_hashes(root: Path, under: list[str]) -> dict[str, str]:
             if path.is_file():
                 hashes[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashes
+
+
+def recipe(repo_dir: Path, name: str) -> str:
+    """The README's fenced bash block after `<!-- recipe: NAME -->`, as users type it (bash skips the comments)."""
+    readme = (repo_dir / "README.md").read_text()
+    match = re.search(rf"<!-- recipe: {re.escape(name)} -->\s*```bash\n(.*?)```", readme, re.S)
+    assert match, f"README has no recipe {name!r}"
+    return match.group(1)

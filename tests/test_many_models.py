@@ -13,7 +13,7 @@ import h5py
 import pytest
 import yaml
 
-from dvc_projects import BIN, git_commit, make_project, ran_stages, run
+from dvc_projects import BIN, git_commit, make_project, ran_stages, recipe, run
 from saepipe import many_models
 from saepipe.cli import STAGES, main
 from saepipe.config import load_params, read_params_file
@@ -22,7 +22,8 @@ from test_dvc_deps import covers, import_closure
 
 QWEN3 = ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b"]
 MEMORY = ("activation_batch_size", "max_text_length", "forward_dtype")
-MODELS_DVC = "pipelines/models/dvc.yaml"
+PIPELINE = "pipelines/models"
+MODELS_DVC = f"{PIPELINE}/dvc.yaml"
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_default_list_is_the_qwen3_family_at_each_middle_layer(listing, repo_dir
         # what the list leaves alone is the project's
         assert params.train.sae.topk == project["train"]["topk"]
         assert params.activations.hook_name == project["activations"]["hook_name"]
-        assert params.process.output_dir == project["process"]["output_dir"]  # one corpus for all
+        assert params.process.output_dir == str(listing.pipeline_dir / "data/processed")  # one corpus, made there
     # bigger models get smaller forward batches: the reason the settings are per model
     batches = [built[key].activations.activation_batch_size for key in QWEN3]
     assert batches == sorted(batches, reverse=True) and len(set(batches)) == len(batches)
@@ -67,7 +68,8 @@ def test_each_model_writes_only_under_its_own_folder(listing, repo_dir) -> None:
     for key in listing.models:
         values = many_models.model_params(listing, key, project).to_dict()
         paths = {f"{section}.{name}": values[section][name] for section, name in many_models.LAYOUT}
-        assert all(Path(p).parts[:2] == (listing.output_root, key) for p in paths.values()), paths
+        folder = Path(listing.pipeline_dir, listing.output_root, key)
+        assert all(Path(p).is_relative_to(folder) for p in paths.values()), paths
         outputs[key] = set(paths.values())
     # every output-path field of every section is one the layout moves (a new one would make models collide)
     sections = many_models.model_params(listing, QWEN3[0], project).to_dict()
@@ -115,7 +117,7 @@ def test_select_names_models_or_all_and_becomes_dvc_targets(listing, project_cop
 
     assert main(["models", "--select", "qwen3-0.6b,qwen3-1.7b", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.strip() == (f"models: dvc repro {MODELS_DVC}:evaluate@qwen3-0.6b {MODELS_DVC}:evaluate@qwen3-1.7b")
+    assert out.strip() == f"models: cd {PIPELINE} && dvc repro evaluate@qwen3-0.6b evaluate@qwen3-1.7b"
     assert not (project_copy / "pipelines/models/params").exists()  # a dry run writes nothing
 
     assert main(["models", "--list", "--select", "qwen3-8b"]) == 0
@@ -162,10 +164,15 @@ def test_models_help_documents_every_option(capsys) -> None:
 
 # --- pipelines/models/dvc.yaml against ../../dvc.yaml ---------------------------------------------------
 
-def per_model_templates(listing: many_models.ModelsFile) -> dict[str, str]:
-    """The single pipeline's `${...}` path expressions -> the models pipeline's, from the same LAYOUT."""
+def per_model(text: str) -> str:
+    """A single-pipeline path as the models pipeline (a DVC project in pipelines/models/) spells it."""
+    if text.startswith("src/") or text == "${process.raw_dir}":
+        return "../../" + text  # the project's code and corpus, from the models pipeline's folder
     mapping = {f"${{{s}.{k}}}": f"${{output_root}}/${{key}}/{rel}" for (s, k), rel in many_models.LAYOUT.items()}
-    return {**mapping, "${train.run_name}": "${run_name}"}
+    mapping.update({"${process.output_dir}": many_models.CORPUS, "${train.run_name}": "${run_name}"})
+    for single, many in mapping.items():
+        text = text.replace(single, many)
+    return text
 
 
 def _entries(stage: dict, kind: str) -> list:
@@ -177,26 +184,28 @@ def _entries(stage: dict, kind: str) -> list:
     return pairs
 
 
-def test_models_pipeline_runs_the_single_pipelines_stages_per_model(repo_dir, listing) -> None:
+def test_models_pipeline_runs_the_single_pipelines_stages_per_model(repo_dir) -> None:
     root = yaml.safe_load((repo_dir / "dvc.yaml").read_text())["stages"]
     models = yaml.safe_load((repo_dir / MODELS_DVC).read_text())["stages"]
-    template = per_model_templates(listing)
-
-    def per_model(text: str) -> str:
-        for single, many in template.items():
-            text = text.replace(single, many)
-        return text
-
     params_file = "${params_dir}/${key}.yaml"
     assert next(iter(models)) == "configure" and list(models)[-1] == many_models.FINAL_STAGE
+    assert set(models) == {"configure", "process", "base-model", "tokenize", "activations", "train", "export",
+                           "evaluate"}
     for name, stage in models.items():
-        assert stage["foreach"] == "${models}" and stage["do"]["wdir"] == "../..", name
+        if name == "process":  # once, for every model: the project's process section, output in this folder
+            mine, params = stage, [{"../../params.yaml": root[name]["params"]}]
+            cmd = f"cd ../.. && {root[name]['cmd']} --output-dir {PIPELINE}/{many_models.CORPUS}"
+        else:
+            assert stage["foreach"] == "${models}", name
+            mine, params = stage["do"], [{params_file: root.get(name, {}).get("params")}]
+            cmd = f"cd ../.. && {root.get(name, {}).get('cmd')} --params {PIPELINE}/{params_file}"
+        assert "wdir" not in mine, name  # DVC refuses a wdir outside the project; `cd ../..` reaches the root
         if name == "configure":
             continue
-        mine, single = stage["do"], root[name]
-        assert mine["cmd"] == f"{single['cmd']} --params {params_file}", name
+        single = root[name]
+        assert mine["cmd"] == cmd, name
         assert sorted(set(mine["deps"])) == sorted({per_model(d) for d in single["deps"]}), name
-        assert mine["params"] == [{params_file: single["params"]}], name
+        assert mine["params"] == params, name
         for kind in ("outs", "metrics", "plots"):
             # Paths the single pipeline fixes for the whole repo (dvclive/) cannot be declared twice.
             expected = [(per_model(p), o) for p, o in _entries(single, kind) if "${" in p]
@@ -205,15 +214,15 @@ def test_models_pipeline_runs_the_single_pipelines_stages_per_model(repo_dir, li
 
 def test_configure_stage_deps_cover_what_it_imports(repo_dir) -> None:
     stage = yaml.safe_load((repo_dir / MODELS_DVC).read_text())["stages"]["configure"]["do"]
-    deps = [repo_dir / d for d in stage["deps"] if d.startswith("src/")]
+    deps = [repo_dir / d.removeprefix("../../") for d in stage["deps"] if d.startswith("../../src/")]
     closure = set(import_closure(["saepipe.cli", STAGES["models"].module, "saepipe.sae"], repo_dir / "src").values())
-    assert stage["cmd"].split()[:2] == ["saepipe", "models"]
+    assert stage["cmd"].split()[:5] == ["cd", "../..", "&&", "saepipe", "models"]
     assert not [str(m) for m in closure if not any(covers(d, m) for d in deps)]
     assert not [str(d) for d in deps if not any(covers(d, m) for m in closure)]
-    assert {"params.yaml", many_models.MODELS_FILE} <= set(stage["deps"])
+    assert {"../../params.yaml", "params.yaml"} <= set(stage["deps"])
 
 
-def test_dvc_builds_one_chain_per_model_after_the_shared_corpus(tmp_path, repo_dir) -> None:
+def test_dvc_builds_one_chain_per_model_apart_from_the_single_pipeline(tmp_path, repo_dir) -> None:
     root = tmp_path / "p"
     root.mkdir()
     for name in ("dvc.yaml", "params.yaml"):
@@ -222,17 +231,19 @@ def test_dvc_builds_one_chain_per_model_after_the_shared_corpus(tmp_path, repo_d
     shutil.copytree(repo_dir / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
     run(["git", "init", "-q"], root)
     run(["dvc", "init", "-q"], root)
-    dot = run(["dvc", "dag", "--dot", f"{MODELS_DVC}:evaluate@qwen3-4b"], root)
+    pipeline = root / PIPELINE
+    dot = run(["dvc", "dag", "--dot", "evaluate@qwen3-4b"], pipeline)
     edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
-    stage = f"{MODELS_DVC}:{{}}@qwen3-4b".format
-    chain = ["configure", "base-model", "tokenize", "activations", "train", "export", "evaluate"]
-    assert ("process", stage("tokenize")) in edges  # the shared corpus, from the single pipeline
-    assert {(stage("configure"), stage(s)) for s in chain[1:]} <= edges  # every stage reads the model's params
-    assert {(stage(a), stage(b)) for a, b in itertools.pairwise(chain[1:])} <= edges
-    nodes = {n for edge in edges for n in edge}
-    assert nodes == {"process", *(stage(s) for s in chain)}  # no other model's stage, no root train
-    listed = run(["dvc", "stage", "list", MODELS_DVC, "--name-only"], root).split()
-    assert sorted(listed) == sorted(f"{MODELS_DVC}:{s}@{k}" for s in chain for k in QWEN3)
+    chain = [f"{s}@qwen3-4b" for s in ("configure", "base-model", "tokenize", "activations", "train", "export",
+                                       "evaluate")]
+    assert ("process", chain[2]) in edges  # the shared corpus
+    assert {(chain[0], s) for s in chain[1:]} <= edges  # every stage reads the model's params file
+    assert set(itertools.pairwise(chain[1:])) <= edges
+    assert {n for edge in edges for n in edge} == {"process", *chain}  # no other model's stage
+    listed = run(["dvc", "stage", "list", "--name-only"], pipeline).split()
+    assert sorted(listed) == sorted(["process", *(f"{s.split('@')[0]}@{k}" for s in chain for k in QWEN3)])
+    # ... and the single pipeline's DVC project does not see them (its status, pull and exp show stay its own)
+    assert "@" not in run(["dvc", "stage", "list", "--all", "--name-only"], root)
 
 
 # --- the hub models, up to the download ----------------------------------------------------------------
@@ -258,19 +269,12 @@ def test_a_hub_model_is_downloaded_at_its_repo_and_revision(project_copy, tiny_m
         assert main(["base-model", "--params", f"pipelines/models/params/{key}.yaml"]) == 0
     assert calls == [("Qwen/Qwen3-0.6B", None), ("Qwen/Qwen3-1.7B", "a1b2c3")]
     for key, name in (("qwen3-0.6b", "Qwen/Qwen3-0.6B"), ("qwen3-1.7b", "Qwen/Qwen3-1.7B")):
-        record = json.loads((project_copy / f"per_model/{key}/base/saepipe_model.json").read_text())
+        record = json.loads((project_copy / f"{PIPELINE}/per_model/{key}/base/saepipe_model.json").read_text())
         assert (record["model_name"], record["source"]) == (name, "hub")
     assert not (project_copy / "models").exists()  # nothing lands in the single pipeline's folders
 
 
 # --- two tiny models through a real `dvc repro` (slow) ---------------------------------------------------
-
-def recipe(readme: str, name: str) -> str:
-    """The fenced bash block after `<!-- recipe: NAME -->` in the README, comments kept (bash ignores them)."""
-    match = re.search(rf"<!-- recipe: {re.escape(name)} -->\s*```bash\n(.*?)```", readme, re.S)
-    assert match, f"README has no recipe {name!r}"
-    return match.group(1)
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="dvc is not installed")
@@ -280,41 +284,48 @@ def test_two_tiny_models_reproduce_apart_and_rerun_only_what_changed(tmp_path, r
     root = make_project(tmp_path / "project", repo_dir, tiny_model_dir, tiny_training_text,
                         models={"qwen3-0.6b": tiny_model_dir, "qwen3-1.7b": deeper})
     chain = ["configure", "base-model", "tokenize", "activations", "train", "export", "evaluate"]
-    stages = lambda key, names=chain: [f"{MODELS_DVC}:{s}@{key}" for s in names]  # noqa: E731
+    stages = lambda key, names=chain: [f"{s}@{key}" for s in names]  # noqa: E731
+    pipeline = root / PIPELINE
 
     # The README's recipe, as typed: one model selected, then the rest, then nothing left to do.
-    output = run(recipe((repo_dir / "README.md").read_text(), "many-models"), root)
+    output = run(recipe(repo_dir, "many-models"), root)
     assert ran_stages(output) == ["process", *stages("qwen3-0.6b"), *stages("qwen3-1.7b")]
     listed = [line.split() for line in output.splitlines() if line.startswith("qwen3-")]
-    assert listed[:2] == [[key, f"local:tiny/{key}", "middle", batch, "32", "float32", f"per_model/{key}/"]
+    assert listed[:2] == [[key, f"local:tiny/{key}", "middle", batch, "32", "float32", f"{PIPELINE}/per_model/{key}/"]
                           for key, batch in (("qwen3-0.6b", "4"), ("qwen3-1.7b", "5"))]
     for key, layer, d_in in (("qwen3-0.6b", 1, 64), ("qwen3-1.7b", 2, 32)):  # each model's own middle layer
-        config = json.loads((root / f"per_model/{key}/sae/default/config.json").read_text())
+        config = json.loads((pipeline / f"per_model/{key}/sae/default/config.json").read_text())
         assert (config["hook_spec"], config["d_in"], config["d_sae"]) == (f"blocks.{layer}.hook_resid_post", d_in,
                                                                           2 * d_in)
         assert config["sae_type"] == "batch_topk"
-        with h5py.File(root / f"per_model/{key}/activations/activations.h5") as f:
+        with h5py.File(pipeline / f"per_model/{key}/activations/activations.h5") as f:
             assert f.attrs["model_name"] == f"tiny/{key}" and f.attrs["max_text_length"] == 32
-        quick = json.loads((root / f"per_model/{key}/analysis/default/quick/metrics.json").read_text())
-        assert quick["evaluated"]["sae_path"] == f"per_model/{key}/sae/default"
-    assert not (root / "models").exists()  # the single pipeline's outputs are untouched
-    assert ran_stages(run(["dvc", "repro", MODELS_DVC], root)) == []
+        quick = json.loads((pipeline / f"per_model/{key}/analysis/default/quick/metrics.json").read_text())
+        assert quick["evaluated"]["sae_path"] == f"{PIPELINE}/per_model/{key}/sae/default"
+    assert not (root / "models").exists() and not (root / "data/processed").exists()  # nothing of the single one
+    assert ran_stages(run(["dvc", "repro"], pipeline)) == []
+    assert "@" not in run(["dvc", "status"], root)  # the single pipeline's DVC project does not see the models
     git_commit(root, "two models")
 
-    # A train param of the project reaches both models' SAEs, but not their activations.
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["topk"] = 3
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    tail = ["train", "export", "evaluate"]
-    reran = ran_stages(run(["dvc", "repro", MODELS_DVC], root))
-    assert sorted(reran) == sorted([*stages("qwen3-0.6b", ["configure", *tail]),
-                                    *stages("qwen3-1.7b", ["configure", *tail])])
-    # One model's memory setting reaches that model's activations alone.
-    listing = yaml.safe_load((root / many_models.MODELS_FILE).read_text())
-    listing["models"]["qwen3-1.7b"]["activations"]["max_text_length"] = 24
-    (root / many_models.MODELS_FILE).write_text(yaml.safe_dump(listing, sort_keys=False))
-    reran = ran_stages(run(["dvc", "repro", MODELS_DVC], root))
-    assert set(reran) >= set(stages("qwen3-1.7b", ["activations", *tail]))
-    assert not [s for s in reran if "qwen3-0.6b" in s and "configure" not in s]
-    with h5py.File(root / "per_model/qwen3-1.7b/activations/activations.h5") as f:
-        assert f.attrs["max_text_length"] == 24
+    # A train param of the project reaches both models' SAEs, but not their activations; one model's memory
+    # setting reaches that model's activations alone. (`dvc status` after regenerating the params files: what
+    # a `dvc repro` would rerun first.)
+    def stale_after(change) -> set[str]:
+        change()
+        configured = ran_stages(run(["dvc", "repro", "configure"], pipeline))
+        assert sorted(configured) == [f"configure@{key}" for key in ("qwen3-0.6b", "qwen3-1.7b")]
+        return set(json.loads(run(["dvc", "status", "--json"], pipeline)))
+
+    def topk() -> None:
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["train"]["topk"] = 3
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def window() -> None:
+        listing = yaml.safe_load((root / many_models.MODELS_FILE).read_text())
+        listing["models"]["qwen3-1.7b"]["activations"]["max_text_length"] = 24
+        (root / many_models.MODELS_FILE).write_text(yaml.safe_dump(listing, sort_keys=False))
+
+    trains = {f"train@{key}" for key in ("qwen3-0.6b", "qwen3-1.7b")}
+    assert stale_after(topk) == trains
+    assert stale_after(window) == trains | {"activations@qwen3-1.7b"}

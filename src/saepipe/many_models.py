@@ -1,10 +1,12 @@
 """One SAE per model: the models pipeline's list -> one complete params file per model, and DVC targets.
 
-`pipelines/models/dvc.yaml` runs the single pipeline's own stages once per model (DVC `foreach`), each as
-`saepipe <stage> --params <params_dir>/<key>.yaml`; nothing here trains or loads a model. This module reads
-the list (`pipelines/models/params.yaml`), builds each model's params from three layers (the project's
-params.yaml, the list's `defaults`, the model's own entry) plus the paths that keep models apart
-(`<output_root>/<key>/...`, see LAYOUT), and turns a selection of models into `dvc repro` targets.
+`pipelines/models/` is a DVC project of its own (so its stages stay out of the single pipeline's `dvc status`,
+`dvc pull` and `dvc exp show`). Its dvc.yaml runs the single pipeline's own stages once per model (DVC
+`foreach`), each as `saepipe <stage> --params pipelines/models/<params_dir>/<key>.yaml` from the project root;
+nothing here trains or loads a model. This module reads the list (`pipelines/models/params.yaml`), builds each
+model's params from three layers (the project's params.yaml, the list's `defaults`, the model's own entry) plus
+the paths that keep models apart (`pipelines/models/<output_root>/<key>/...`, see LAYOUT), and turns a
+selection of models into `dvc repro` targets of that project.
 
 The generated file holds every key of every section, so DVC tracks exactly what each stage reads from it
 and a change to the project's params.yaml reaches a model only through its regenerated file.
@@ -27,7 +29,7 @@ MODELS_FILE = "pipelines/models/params.yaml"
 FINAL_STAGE = "evaluate"
 """The last stage per model in pipelines/models/dvc.yaml: reproducing it reproduces the model's whole chain."""
 
-# Model K's outputs, under <output_root>/<K>/ (pipelines/models/dvc.yaml spells the same paths; a test checks).
+# Model K's outputs, under <pipeline dir>/<output_root>/<K>/ (its dvc.yaml spells the same paths; a test checks).
 LAYOUT: dict[tuple[str, str], str] = {
     ("base_model", "output_dir"): "base",
     ("tokenize", "output"): "tokens.h5",
@@ -36,8 +38,9 @@ LAYOUT: dict[tuple[str, str], str] = {
     ("export", "output_dir"): "sae",
     ("evaluate", "output_dir"): "analysis",
 }
-# Set by the pipeline, never by a model: paths its dvc.yaml declares, and the corpus every model shares
-# (the single pipeline's `process` stage makes it once).
+# The corpus every model shares, made once by the pipeline's own `process` stage: <pipeline dir>/data/processed.
+CORPUS = "data/processed"
+# Set by the pipeline, never by a model: paths its dvc.yaml declares, and the shared corpus.
 FIXED = {*LAYOUT, ("train", "run_name"), ("evaluate", "sae_path")}
 SHARED_SECTIONS = ("process",)
 TOP_LEVEL = ("output_root", "params_dir", "run_name", "defaults", "models")
@@ -53,9 +56,10 @@ class ModelsFile:
     path: str
     """The file it was read from (named in every error)."""
     output_root: str
-    """Model K's outputs go to <output_root>/<K>/ (base, tokens.h5, activations, checkpoints, sae, analysis)."""
+    """Model K's outputs go to <output_root>/<K>/ (base, tokens.h5, activations, checkpoints, sae, analysis),
+    relative to the list's folder."""
     params_dir: str
-    """Model K's generated params file is <params_dir>/<K>.yaml."""
+    """Model K's generated params file is <params_dir>/<K>.yaml, relative to the list's folder."""
     run_name: str
     """train.run_name of every model's SAE (its folders are already per model)."""
     defaults: Overrides
@@ -63,11 +67,16 @@ class ModelsFile:
     models: dict[str, Overrides]
     """Model key -> its own values over the defaults, by section (base_model, activations memory settings...)."""
 
-    def params_file(self, key: str) -> Path:
-        return Path(self.params_dir) / f"{key}.yaml"
+    @property
+    def pipeline_dir(self) -> PurePosixPath:
+        """The models pipeline's DVC project: the list's folder (saepipe itself runs from the project root)."""
+        return PurePosixPath(Path(self.path).parent.as_posix())
+
+    def params_file(self, key: str) -> PurePosixPath:
+        return self.pipeline_dir / self.params_dir / f"{key}.yaml"
 
     def output_dir(self, key: str) -> PurePosixPath:
-        return PurePosixPath(self.output_root, key)
+        return self.pipeline_dir / self.output_root / key
 
 
 def _fail(path: str, where: str, message: str) -> UserError:
@@ -161,6 +170,7 @@ def model_params(spec: ModelsFile, key: str, project: dict[str, Any]) -> Params:
             raw.setdefault(section, {}).update(values)
     for (section, name), relative in LAYOUT.items():
         raw.setdefault(section, {})[name] = str(spec.output_dir(key) / relative)
+    raw["process"]["output_dir"] = str(spec.pipeline_dir / CORPUS)
     raw["train"]["run_name"] = spec.run_name
     raw["evaluate"]["sae_path"] = None
     try:
@@ -175,7 +185,7 @@ def params_text(params: Params, key: str, spec: ModelsFile) -> str:
     return header + yaml.safe_dump(params.to_dict(), sort_keys=False)
 
 
-def repro_targets(spec: ModelsFile, keys: list[str]) -> list[str]:
-    """`dvc repro` targets that reproduce exactly these models (each one's last stage, hence its chain)."""
-    dvc_file = PurePosixPath(Path(spec.path).parent.as_posix(), "dvc.yaml")
-    return [f"{dvc_file}:{FINAL_STAGE}@{key}" for key in keys]
+def repro_targets(keys: list[str]) -> list[str]:
+    """`dvc repro` targets, inside the pipeline's folder, that reproduce exactly these models (each one's last
+    stage, hence its chain)."""
+    return [f"{FINAL_STAGE}@{key}" for key in keys]

@@ -1,8 +1,8 @@
 """`saepipe models`: one SAE per model of a list (pipelines/models/), through the single pipeline's stages.
 
-Three uses: `--configure KEY` writes model KEY's params file (the models pipeline's first DVC stage runs it);
+Three uses: `--configure KEY` writes model KEY's params file (the models pipeline's configure stage runs it);
 `--list` shows each model's source, layer and memory settings; otherwise it runs `dvc repro` on the models
-named by `--select` (all by default), which is the same as `dvc repro pipelines/models/dvc.yaml:evaluate@KEY`.
+named by `--select` (all by default), the same as `cd pipelines/models && dvc repro evaluate@KEY`.
 """
 
 from __future__ import annotations
@@ -56,18 +56,18 @@ def describe(spec: many_models.ModelsFile, keys: list[str], project_params: str)
 
 
 def reproduce(spec: many_models.ModelsFile, keys: list[str], dry_run: bool) -> None:
-    command = ["dvc", "repro", *many_models.repro_targets(spec, keys)]
-    print("models: " + " ".join(command), flush=True)
+    command = ["dvc", "repro", *many_models.repro_targets(keys)]
+    print(f"models: cd {spec.pipeline_dir} && " + " ".join(command), flush=True)
     if dry_run:
         return
     dvc = shutil.which("dvc")
     if dvc is None:
         raise UserError("dvc is not on PATH (install the project with `make install`)")
     start = time.monotonic()
-    result = subprocess.run([dvc, *command[1:]], check=False)
+    result = subprocess.run([dvc, *command[1:]], cwd=spec.pipeline_dir, check=False)
     if result.returncode != 0:
         raise UserError(f"dvc repro failed (exit code {result.returncode}) for {', '.join(keys)}")
-    print(f"models: {len(keys)} model(s) up to date: {', '.join(keys)} -> {spec.output_root}/<model>/ "
+    print(f"models: {len(keys)} model(s) up to date: {', '.join(keys)} -> {spec.output_dir('<model>')}/ "
           f"[{time.monotonic() - start:.0f} s]")
 
 
