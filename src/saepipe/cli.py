@@ -27,8 +27,8 @@ from saepipe.errors import UserError
 class Stage:
     module: str
     """The module with `run(params)`."""
-    section: str
-    """The params.yaml section its flags override."""
+    section: str | None
+    """The params.yaml section its flags override (None: it reads no section and runs as `run(args)`)."""
     reads: tuple[str, ...] = ()
     """Other sections it reads (built and validated along with its own; the rest are never looked at)."""
     arguments: bool = False
@@ -53,11 +53,13 @@ STAGES: dict[str, Stage] = {
     "upload": Stage("saepipe.stages.upload", "export", ("train",)),
     "show-feature": Stage("saepipe.stages.show_feature", "summarize",
                           ("evaluate", "export", "train", "tokenize", "base_model"), arguments=True),
+    "models": Stage("saepipe.stages.models", None, arguments=True),
 }
 # Subcommands whose purpose is not their params section's (they share it with another stage).
 SUMMARIES = {
     "upload": "Upload models/sae/<run_name>/ with a generated model card to the Hugging Face hub (not a DVC stage).",
     "show-feature": "Print one feature's stats and top examples, or the features of a token (not a DVC stage).",
+    "models": "One SAE per model of pipelines/models/params.yaml: write a model's params, list, or reproduce some.",
 }
 
 
@@ -116,9 +118,10 @@ def build_parser(only: str | None = None) -> OneLineParser:
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True, parser_class=OneLineParser)
     for name, spec in STAGES.items():
-        summary = SUMMARIES.get(name, SECTIONS[spec.section].__doc__)
-        stage = sub.add_parser(name, help=summary, description=f"{summary} Reads params section "
-                               f"'{spec.section}'; each flag overrides one of its values for this run.")
+        summary = SUMMARIES[name] if name in SUMMARIES else SECTIONS[spec.section].__doc__
+        reads = "" if spec.section is None else \
+            f" Reads params section '{spec.section}'; each flag overrides one of its values for this run."
+        stage = sub.add_parser(name, help=summary, description=summary + reads)
         if only is not None and name != only:
             continue
         stage.add_argument("--params", default=DEFAULT_PARAMS, metavar="FILE",
@@ -126,6 +129,8 @@ def build_parser(only: str | None = None) -> OneLineParser:
                            f"from ./{DEFAULT_PARAMS}")
         if spec.arguments:
             importlib.import_module(spec.module).add_arguments(stage)
+        if spec.section is None:
+            continue
         group = stage.add_argument_group(f"{spec.section} params")
         for field in flat_fields(SECTIONS[spec.section]):
             _add_field_flag(group, field)
@@ -151,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         spec = STAGES[args.stage]
+        if spec.section is None:
+            importlib.import_module(spec.module).run(args)
+            return 0
         params = load_params(args.params, overrides_from_args(args), sections=(spec.section, *spec.reads))
         module = importlib.import_module(spec.module)
         if spec.arguments:
