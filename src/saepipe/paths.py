@@ -44,3 +44,7 @@ def activation_db(params: Params) -> Path:
 
 def matrices_dir(params: Params) -> Path:
     return analysis_dir(params) / "matrices"
+
+
+def interp_dir(params: Params) -> Path:
+    return analysis_dir(params) / "interp"

@@ -170,3 +170,41 @@ def pool_residual(cache, samples: np.ndarray, window: int | None, batch_rows: in
             sums += member @ rows.double().numpy()
             sizes += np.bincount(group[keep], minlength=len(samples))
     return sums / np.maximum(sizes, 1)[:, None]
+
+
+TASKS = (("subject", None), ("chapter", "subject"))
+"""(label, within): chapters are told apart only among the chapters of one subject."""
+
+
+def pooled_samples(db, cache, doc_split: np.ndarray, labels: list[dict[str, str]], window: int | None) -> ProbeData:
+    """The probe samples of an activation DB and its activation cache: every window of every document the DB
+    holds, outlier rows left out of both pools."""
+    keys = window_keys(db.row_doc, db.row_position, window)
+    keep = ~db.row_outlier
+    samples = np.unique(keys[keep])
+    group = np.where(keep, groups_of(keys, samples), -1)
+    docs = key_document(samples)
+    return ProbeData(sae=db.pool_rows(group, len(samples)), residual=pool_residual(cache, samples, window),
+                     held_out=np.asarray(doc_split)[docs] == 1,
+                     labels={name: np.array([labels[d][name] for d in docs.tolist()], dtype=object)
+                             for name, _ in TASKS})
+
+
+def probe_tasks(data: ProbeData, ks: Sequence[int], C: float) -> list[TaskResult]:
+    return [one_vs_rest(data, name, within, ks, C) for name, within in TASKS]
+
+
+def probe_metrics(data: ProbeData, tasks: list[TaskResult], ks: Sequence[int], window: int | None,
+                  docs: tuple[int, int]) -> dict[str, object]:
+    """probing.json: flat short keys (`subject_k1`, ..., `subject_resid`, `chapter_k5`, ...) and sample sizes."""
+    metrics: dict[str, object] = {}
+    for task in tasks:
+        for k in ks:
+            value = task.mean(k)
+            metrics[f"{task.name}_k{k}"] = None if value is None else round(value, 4)
+        resid = task.mean(None)
+        metrics[f"{task.name}_resid"] = None if resid is None else round(resid, 4)
+        metrics[f"{task.name}_problems"] = len(task.problems)
+    metrics.update(train_samples=int((~data.held_out).sum()), val_samples=int(data.held_out.sum()),
+                   train_docs=docs[0], val_docs=docs[1], window=window, procedure=PROCEDURE)
+    return metrics
