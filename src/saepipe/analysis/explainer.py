@@ -9,7 +9,8 @@ one-word questions: reading the answer token's probabilities is deterministic an
 with one example per prompt it is delphi's classifier with log-probabilities (answer 1 or 0) in Yes/No form.
 The local model batches prompts and computes their shared token prefix (the instructions and the
 explanation) once, reusing its KV cache for every prompt of the batch; suffixes are right-padded (a causal
-model's real tokens never see the padding after them) and each prompt is read at its own last token.
+model's real tokens never see the padding after them) and each prompt is read at its own last token, through
+the two answers' rows of the output head only (with the final logit soft-capping of models that have one).
 """
 
 from __future__ import annotations
@@ -114,17 +115,25 @@ class LocalExplainer:
             for row, x in enumerate(ids):
                 suffix[row, : lengths[row]] = torch.tensor(x[shared:])
                 mask[row, : shared + lengths[row]] = 1
-            logits = self.model(input_ids=suffix.to(self.device), attention_mask=mask.to(self.device),
-                                cache=cache, use_cache=cache is not None).logits
-            last = logits[torch.arange(len(ids)), torch.tensor(lengths) - 1][:, self.answer_ids].float()
-            return torch.softmax(last, dim=-1)[:, 0].cpu().numpy().astype(np.float64)
+            hidden = self.model.base_model(input_ids=suffix.to(self.device), attention_mask=mask.to(self.device),
+                                           cache=cache, use_cache=cache is not None).last_hidden_state
+            last = hidden[torch.arange(len(ids)), torch.tensor(lengths) - 1]
+            # only the last real token's logits, and only for the two answers: the vocabulary-wide head is skipped
+            head = self.model.get_output_embeddings()
+            logits = last @ head.weight[self.answer_ids].T
+            if getattr(head, "bias", None) is not None:
+                logits = logits + head.bias[self.answer_ids]
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            if cap:
+                logits = cap * torch.tanh(logits / cap)
+            return torch.softmax(logits.float(), dim=-1)[:, 0].cpu().numpy().astype(np.float64)
 
     def prefix_cache(self, prefix: Any) -> Any:
         """The KV cache of `prefix`, computed once per distinct prefix (a copy: a forward extends it)."""
         key = tuple(prefix[0].tolist())
         if getattr(self, "_prefix_key", None) != key:
             self._prefix_key = key
-            self._prefix = self.model(input_ids=prefix, use_cache=True)["cache"]
+            self._prefix = self.model.base_model(input_ids=prefix, use_cache=True)["cache"]
         return copy.deepcopy(self._prefix)
 
 
