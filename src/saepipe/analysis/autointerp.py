@@ -89,8 +89,8 @@ def fuzzing_prompt(explanation: str, marked_text: str) -> Chat:
 def clean_explanation(text: str) -> str:
     """The first non-empty line of a generated answer, without a leading label or surrounding quotes."""
     line = next((s.strip() for s in text.strip().splitlines() if s.strip()), "")
-    line = re.sub(r"^(explanation|answer)\s*:\s*", "", line, flags=re.I)
-    return line.strip("\"' ")
+    line = re.sub(r"^(explanation|answer)\s*:\s*", "", line, flags=re.I).strip()
+    return line[1:-1].strip() if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'" else line
 
 
 def balanced_accuracy(truth: Sequence[bool], p_yes: Sequence[float]) -> float:
