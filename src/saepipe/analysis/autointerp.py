@@ -149,19 +149,21 @@ def explain(explainer: Explainer, features: Sequence[FeatureExamples], max_new_t
 
 
 def interpret(explainer: Explainer, features: Sequence[FeatureExamples], max_new_tokens: int, seed: int,
-              progress: Any = None) -> list[dict[str, Any]]:
-    """Explain every feature, then score each explanation: one record per feature (explanations.jsonl's lines)."""
-    explanations = explain(explainer, features, max_new_tokens)
+              progress: Any = None, chunk: int = 8) -> list[dict[str, Any]]:
+    """Explain and score the features `chunk` at a time (one generation batch, then each one's scoring
+    prompts): one record per feature, explanations.jsonl's lines."""
     records = []
-    for f, explanation in zip(features, explanations, strict=True):
-        scores = score_feature(explainer, explanation, f, seed + f.feature)
-        records.append({"id": f.feature, "explanation": explanation, "detection": scores["detection"],
-                        "fuzzing": scores["fuzzing"],
-                        "examples": {"explanation": [mark_activating(e) for e in f.explain],
-                                     "detection": scores["detection_examples"],
-                                     "fuzzing": scores["fuzzing_examples"]}})
-        if progress is not None:
-            progress.update(1)
+    for start in range(0, len(features), chunk):
+        part = features[start : start + chunk]
+        for f, explanation in zip(part, explain(explainer, part, max_new_tokens), strict=True):
+            scores = score_feature(explainer, explanation, f, seed + f.feature)
+            records.append({"id": f.feature, "explanation": explanation, "detection": scores["detection"],
+                            "fuzzing": scores["fuzzing"],
+                            "examples": {"explanation": [mark_activating(e) for e in f.explain],
+                                         "detection": scores["detection_examples"],
+                                         "fuzzing": scores["fuzzing_examples"]}})
+            if progress is not None:
+                progress.update(1)
     return records
 
 

@@ -114,7 +114,7 @@ def run_autointerp(params: Params, db: ActivationDB, out_dir: Path) -> dict[str,
         examples = [feature_examples(db, s, cfg.explain_examples, cfg.score_examples, context, cfg.seed)
                     for s in read_summaries(analysis_dir(params) / SUMMARIES, ids)]
         with tqdm(total=len(examples), desc="interp: explain and score", unit="feature") as bar:
-            records = interpret(explainer, examples, cfg.max_new_tokens, cfg.seed, bar)
+            records = interpret(explainer, examples, cfg.max_new_tokens, cfg.seed, bar, chunk=cfg.batch_size)
     with atomic_path(out_dir / "explanations.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
