@@ -84,7 +84,7 @@ def project(tmp_path: Path, tiny_model_dir: Path, repo_dir: Path, tiny_training_
 def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path) -> None:
     first = run(["dvc", "repro"], project)
     assert ran_stages(first) == ["process", "base-model", "tokenize", "activations", "train", "export", "evaluate",
-                                 "activation-db", "matrices", "summarize", "interp"]
+                                 "activation-db", "matrices", "summarize", "interp", "report"]
 
     texts = yaml.safe_load((project / "data/processed/texts.json").read_text())
     assert len(texts) == 9  # 3 chapters x (intro + 2 non-empty sections)
@@ -118,12 +118,16 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
                  (project / "analysis/default/interp/explanations.jsonl").read_text().splitlines()]
     assert len(explained) == 2
     assert all({"id", "explanation", "detection", "fuzzing"} <= set(e) for e in explained)
+    report = project / "analysis/default/report"
+    assert json.loads((report / "run_summary.json").read_text())["run_name"] == "default"
+    assert (report / "plots/training_history.png").is_file() and (report / "browser/index.html").is_file()
+    assert "training loss" in json.loads(run(["dvc", "plots", "show", "--json"], project))["data"]
 
     second = run(["dvc", "repro"], project)
     assert ran_stages(second) == []
 
-    set_param(project, "summarize", "top_k", 3)  # a summarize param reruns summarize (and interp, which reads it)
-    assert ran_stages(run(["dvc", "repro"], project)) == ["summarize", "interp"]
+    set_param(project, "summarize", "top_k", 3)  # a summarize param reruns summarize and what reads its outputs
+    assert ran_stages(run(["dvc", "repro"], project)) == ["summarize", "interp", "report"]
     assert len(json.loads((project / "analysis/default/feature_summaries.jsonl").read_text().splitlines()[0])
                ["top_examples"]) <= 3
 
@@ -131,7 +135,7 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
     with (project / "src/saepipe/model/tokenizer.py").open("a") as f:
         f.write("\n# edited\n")
     assert set(json.loads(run(["dvc", "status", "--json"], project))) == {"tokenize", "activations", "summarize",
-                                                                           "interp"}
+                                                                           "interp", "report"}
 
 
 def repro_once(project: Path) -> None:
@@ -146,7 +150,7 @@ def test_param_changes_rerun_their_stage_and_what_reads_its_outputs(project: Pat
     assert ran_stages(third) == ["activations"]  # nothing upstream of it reruns
     with h5py.File(project / "data/activations/activations.h5") as f:
         assert f.attrs["outlier_factor"] == 5.0
-    downstream = ["train", "export", "evaluate", "activation-db", "matrices", "summarize", "interp"]
+    downstream = ["train", "export", "evaluate", "activation-db", "matrices", "summarize", "interp", "report"]
     assert ran_stages(run(["dvc", "repro"], project)) == downstream  # its output flows down
 
     set_param(project, "train", "topk", 3)

@@ -48,3 +48,13 @@ def matrices_dir(params: Params) -> Path:
 
 def interp_dir(params: Params) -> Path:
     return analysis_dir(params) / "interp"
+
+
+def report_dir(params: Params) -> Path:
+    """`report`'s folder: plots, run_summary.json, README.md and the feature browser."""
+    return analysis_dir(params) / "report"
+
+
+def training_curves(params: Params) -> Path:
+    """The training curves as a DVC plot, beside the report folder (a DVC out of its own)."""
+    return analysis_dir(params) / "training_curves.json"

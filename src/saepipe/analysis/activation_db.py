@@ -92,6 +92,18 @@ class TokenFeature:
     occurrences: int
 
 
+@dataclass(frozen=True)
+class TokenFeatureTable:
+    """Every token id's strongest features ([n_tokens, k] arrays, padded with feature -1 and zeros)."""
+
+    token_ids: np.ndarray
+    occurrences: np.ndarray
+    """Occurrences averaged over per token (at most the table's max_occurrences)."""
+    features: np.ndarray
+    mean_activation: np.ndarray
+    fire_fraction: np.ndarray
+
+
 class ActivationDB(OpenFile):
     """Read access to a finished activation DB; `tokens` (a TokenCache or its path) and `tokenizer` are
     needed only for examples and token search (the windows' context and their text)."""
@@ -200,6 +212,15 @@ class ActivationDB(OpenFile):
     def row_outlier(self) -> np.ndarray:
         """The cache's massive-activation flag per row (such rows have no features unless outliers_included)."""
         return self.file["rows/outlier"][:]
+
+    def row_l0(self, counted_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(features active on each row, the row's split): the per-token L0, from the CSR's row pointers.
+        `counted_only` leaves out the outlier rows the DB keeps without features, as every statistic does."""
+        l0 = np.diff(self.file["csr/indptr"][:])
+        if counted_only and not self.attrs.get("outliers_included", False):
+            keep = ~self.file["rows/outlier"][:]
+            return l0[keep], self.row_split[keep]
+        return l0, self.row_split
 
     def _document_rows(self, doc: int) -> tuple[int, np.ndarray]:
         """(first cached position, rows in position order) of one document (empty when not in the DB)."""
@@ -329,6 +350,50 @@ class ActivationDB(OpenFile):
         best = np.argsort(-sums, kind="stable")[:k]
         return [TokenFeature(int(f), float(sums[f] / len(rows)), float(fires[f] / len(rows)), len(rows))
                 for f in best if fires[f] > 0]
+
+    def token_feature_table(self, k: int, max_occurrences: int = SEARCH_OCCURRENCES,
+                            chunk_rows: int = 1 << 16) -> TokenFeatureTable:
+        """`search_tokens` for every token id in the DB at once, by its id (no spelling variants): each token's
+        `k` features of highest mean activation over its first `max_occurrences` rows. One pass over the CSR:
+        sums and fire counts per (token, feature) as scipy.sparse products of a token-indicator matrix."""
+        import scipy.sparse
+
+        tokens = self.row_token.astype(np.int64)
+        order = np.argsort(tokens, kind="stable")  # by token, then by row
+        ids, starts, counts = np.unique(tokens[order], return_index=True, return_counts=True)
+        group = np.empty(self.n_rows, np.int64)
+        group[order] = np.repeat(np.arange(len(ids)), counts)
+        kept = np.zeros(self.n_rows, bool)
+        kept[order[np.arange(self.n_rows) - np.repeat(starts, counts) < max_occurrences]] = True
+        occurrences = np.minimum(counts, max_occurrences)
+        sums = scipy.sparse.csr_matrix((len(ids), self.d_sae), dtype=np.float64)
+        fires = scipy.sparse.csr_matrix((len(ids), self.d_sae), dtype=np.float64)
+        start = 0
+        for chunk in self.csr_chunks(chunk_rows):
+            rows = np.flatnonzero(kept[start : start + chunk.shape[0]])
+            pick = scipy.sparse.csr_matrix((np.ones(len(rows)), (group[start + rows], rows)),
+                                           shape=(len(ids), chunk.shape[0]))
+            values = chunk.astype(np.float64)
+            sums = sums + pick @ values
+            values.data[:] = 1.0
+            fires = fires + pick @ values
+            start += chunk.shape[0]
+        pattern = fires.tocoo()  # every (token, feature) that fired; sums may have dropped a 0.0 sum
+        total = np.asarray(sums[pattern.row, pattern.col]).ravel()
+        rank_order = np.lexsort((pattern.col, -total, pattern.row))  # per token: by sum, ties by feature id
+        token_of = pattern.row[rank_order]
+        first = np.searchsorted(token_of, np.arange(len(ids)))
+        rank = np.arange(len(rank_order)) - first[token_of]
+        take = rank_order[rank < k]
+        at = (pattern.row[take], rank[rank < k])
+        features = np.full((len(ids), k), -1, np.int64)
+        mean = np.zeros((len(ids), k), np.float64)
+        fraction = np.zeros((len(ids), k), np.float64)
+        features[at] = pattern.col[take]
+        mean[at] = total[take] / occurrences[pattern.row[take]]
+        fraction[at] = pattern.data[take] / occurrences[pattern.row[take]]
+        return TokenFeatureTable(token_ids=ids, occurrences=occurrences, features=features,
+                                 mean_activation=mean, fire_fraction=fraction)
 
     # ---- bulk access ------------------------------------------------------------------------------
     def csr_chunks(self, chunk_rows: int) -> Iterator[Any]:

@@ -1,1 +1,2 @@
-"""What a person reads: the terminal view of a feature (and, later, plots, the run report and the browser)."""
+"""What a person reads: the terminal view of a feature, the run report (plots, run_summary.json, README.md) and
+the static feature browser."""

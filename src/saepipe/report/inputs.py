@@ -1,0 +1,109 @@
+"""What the report reads: the files the earlier stages wrote, found from params and checked up front.
+
+Nothing is recomputed: the training history and config come from the export, the figures from evaluate's
+`quick/` and the matrices stage's metrics, the per-feature records from `feature_summaries.jsonl`. A missing
+input stops the stage with one line that names the file and the stage that writes it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from saepipe.config import Params
+from saepipe.errors import UserError
+from saepipe.paths import activation_db, analysis_dir, evaluated_sae, matrices_dir
+from saepipe.storage import read_json, require_file
+
+# File names the earlier stages write (their stage modules import torch; the report does not need it).
+EXPORT_CONFIG, EXPORT_HISTORY = "config.json", "history.json"
+QUICK_METRICS, QUICK_DEAD, QUICK_HISTOGRAM = "metrics.json", "dead_features.json", "density_histogram.json"
+MATRICES_METRICS, SIMILARITY_HISTOGRAM = "matrices_metrics.json", "decoder_similarity_histogram.json"
+SIMILARITY, JACCARD = "feature_similarity.npy", "feature_cooccurrence_jaccard.npy"
+SIMILARITY_TOPK, COOCCURRENCE_TOPK = "similarity_topk.npz", "cooccurrence_topk.npz"
+SUMMARIES = "feature_summaries.jsonl"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a run's inputs to the report live."""
+
+    sae: Path
+    analysis: Path
+    activation_db: Path
+    matrices: Path
+    summaries: Path
+
+    @classmethod
+    def of(cls, params: Params) -> RunFiles:
+        analysis = analysis_dir(params)
+        return cls(sae=evaluated_sae(params), analysis=analysis, activation_db=activation_db(params),
+                   matrices=matrices_dir(params), summaries=analysis / SUMMARIES)
+
+    @property
+    def quick(self) -> Path:
+        return self.analysis / "quick"
+
+    def required(self) -> dict[Path, str]:
+        """Every file the report cannot do without, with the command that writes it."""
+        return {
+            self.sae / EXPORT_CONFIG: "saepipe export", self.sae / EXPORT_HISTORY: "saepipe export",
+            self.quick / QUICK_METRICS: "saepipe evaluate", self.quick / QUICK_DEAD: "saepipe evaluate",
+            self.quick / QUICK_HISTOGRAM: "saepipe evaluate", self.activation_db: "saepipe activation-db",
+            self.analysis / MATRICES_METRICS: "saepipe matrices",
+            self.analysis / SIMILARITY_HISTOGRAM: "saepipe matrices",
+            self.matrices / SIMILARITY_TOPK: "saepipe matrices", self.matrices / COOCCURRENCE_TOPK: "saepipe matrices",
+            self.summaries: "saepipe summarize",
+        }
+
+    def check(self) -> None:
+        for path, command in self.required().items():
+            require_file(path, "report input", f"run `{command}` first")
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """The small inputs, read whole: the export's record and history, and the stages' figures."""
+
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    dead: dict[str, Any]
+    density_histogram: list[dict[str, Any]]
+    matrices_metrics: dict[str, Any]
+    similarity_histogram: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, files: RunFiles) -> RunInputs:
+        files.check()
+        history = read_json(files.sae / EXPORT_HISTORY, "training history")
+        if not isinstance(history, list) or not history or not all(isinstance(e, dict) for e in history):
+            raise UserError(f"{files.sae / EXPORT_HISTORY}: expected a non-empty list of per-epoch records; "
+                            "rerun `saepipe export`")
+        return cls(config=read_json(files.sae / EXPORT_CONFIG, "exported SAE config"), history=history,
+                   metrics=read_json(files.quick / QUICK_METRICS, "evaluate metrics"),
+                   dead=read_json(files.quick / QUICK_DEAD, "dead features"),
+                   density_histogram=read_json(files.quick / QUICK_HISTOGRAM, "density histogram"),
+                   matrices_metrics=read_json(files.analysis / MATRICES_METRICS, "matrices metrics"),
+                   similarity_histogram=read_json(files.analysis / SIMILARITY_HISTOGRAM, "similarity histogram"))
+
+
+def read_summaries(path: Path, examples: int) -> list[dict[str, Any]]:
+    """Each feature's record from feature_summaries.jsonl, slimmed to what the report shows (stats, top
+    tokens, the first `examples` top examples): the file holds every example and runs to tens of MB."""
+    keep = ("id", "alive", "count", "density", "mean", "max", "top_tokens")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                summary = json.loads(line)
+                record = {key: summary[key] for key in keep}
+                record["top_examples"] = summary["top_examples"][:examples]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UserError(f"{path}:{number}: not a feature summary ({exc}); rerun `saepipe summarize`") from None
+            records.append(record)
+    if [r["id"] for r in records] != list(range(len(records))):
+        raise UserError(f"{path}: expected one line per feature in id order; rerun `saepipe summarize`")
+    return records

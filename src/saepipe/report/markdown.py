@@ -1,0 +1,129 @@
+"""The report's README.md: what was trained on what, the headline metrics with their meanings, the plots,
+and tables of the most active and the most interpretable-looking features with their top examples inline."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE, concentration
+from saepipe.report.run_summary import HEADLINES
+
+BROWSER = "browser/index.html"
+_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
+PLOT_CAPTIONS = {
+    "training_history": "Training (blue) and validation (orange) curves per epoch, from the export's history.json.",
+    "l0_distribution": "Features active per token over the activation DB's tokens, per split; dashed lines: means.",
+    "feature_density": "How often each feature fires (log10 of the fraction of tokens), dead features in red.",
+    "ablation": "Next-token loss and KL from the clean run with the hook clean, spliced with the SAE's "
+                "reconstruction, zeroed and replaced by its mean.",
+    "decoder_similarity": "Cosine similarity between decoder directions: nearest neighbour per feature, and all "
+                          "pairs.",
+    "cooccurrence_heatmap": "Jaccard index of the tokens the most frequent features fire on, clustered so that "
+                            "features firing together sit together.",
+}
+
+
+def escape(text: str) -> str:
+    """Text safe inside a Markdown table cell: special characters escaped, line breaks shown as ⏎."""
+    return _SPECIAL.sub(r"\\\1", text).replace("\r", "").replace("\n", "⏎").replace("\t", " ")
+
+
+def example_text(example: dict[str, Any]) -> str:
+    """An example's window with the activating token in bold between «» (readable without formatting)."""
+    tokens = example["tokens"]
+    marked = example["marked"]
+    before = escape("".join(tokens[:marked]))
+    after = escape("".join(tokens[marked + 1 :]))
+    token = tokens[marked]
+    word = token.strip()
+    lead = token[: len(token) - len(token.lstrip())]  # a leading space stays outside the bold, as text
+    return f"…{before}{escape(lead)}**«{escape(word) or '␣'}»**{after}… ({example['activation']:.3g})"
+
+
+def _value(value: Any, spec: str) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return format(value, spec)
+
+
+def headline_table(headline: dict[str, Any]) -> list[str]:
+    lines = ["| metric | value | what it means |", "|---|---|---|"]
+    for h in HEADLINES:
+        lines.append(f"| {h.label} | {_value(headline.get(h.name), h.spec)} | {h.meaning} |")
+    return lines
+
+
+def feature_table(records: Sequence[dict[str, Any]], tokens: int, with_share: bool) -> list[str]:
+    header = "| feature | fires on | max | top tokens (share of firings) | top examples (activation) |"
+    lines = [header, "|---|---|---|---|---|"]
+    for r in records:
+        top = ", ".join(f"\"{escape(t['token'])}\" {t['count'] / r['count']:.0%}" for t in r["top_tokens"][:3])
+        fires = f"{r['count']:,} tokens ({r['density']:.2%})"
+        if with_share:
+            fires += f"; top token {concentration(r):.0%}"
+        examples = "<br>".join(example_text(e) for e in r["top_examples"])
+        lines.append(f"| [#{r['id']}]({BROWSER}#feature={r['id']}) | {fires} | {r['max']:.3g} | {top} | {examples} |")
+    return lines
+
+
+def render_readme(*, run_name: str, config: dict[str, Any], metrics: dict[str, Any], headline: dict[str, Any],
+                  db_rows: int, token_cache: str | None, epochs: int, plots: dict[str, str],
+                  active: Sequence[dict[str, Any]], interpretable: Sequence[dict[str, Any]], min_count: int,
+                  browser_stats: dict[str, Any]) -> str:
+    evaluated = metrics.get("evaluated", {})
+    data = config.get("data", {})
+    checkpoint = config.get("checkpoint", {})
+    tokens = metrics.get("sparsity", {}).get("tokens", 0)
+    k = f", k = {config['k']}" if config.get("k") is not None else ""
+    lines = [
+        f"# SAE report: {run_name}",
+        "",
+        f"A **{config.get('sae_type')}** sparse autoencoder with **{config.get('d_sae'):,} features**{k} on "
+        f"**{config.get('model_name')}**'s `{config.get('hook_spec')}` (d_in {config.get('d_in')}), trained for "
+        f"{epochs} epoch{'s' if epochs != 1 else ''} on {data.get('train_rows', 0):,} cached activations "
+        f"({data.get('validation_rows', 0):,} held out) from `{data.get('activation_cache')}` (the corpus tokenized "
+        f"in `{token_cache}`). The exported "
+        f"checkpoint is `{checkpoint.get('name')}` (epoch {checkpoint.get('epoch')}, "
+        f"{checkpoint.get('tokens_seen', 0):,} tokens seen). Evaluated on {tokens:,} {evaluated.get('split')} "
+        f"tokens of {evaluated.get('documents')} documents; the activation DB covers {db_rows:,} tokens.",
+        "",
+        f"**Feature browser:** open [{BROWSER}]({BROWSER}) in a browser (from disk, no server needed): "
+        f"{browser_stats.get('features', 0):,} features, sortable and searchable, with every top example.",
+        "",
+        "## Headline metrics",
+        "",
+        *headline_table(headline),
+        "",
+        "Every figure, with the formulas, is in `run_summary.json` and the stages' own metrics files.",
+        "",
+        "## Plots",
+        "",
+    ]
+    for name, path in plots.items():
+        lines += [f"![{name.replace('_', ' ')}]({path})", "", PLOT_CAPTIONS.get(name, ""), ""]
+    lines += [
+        "## Features",
+        "",
+        "Examples show the activating token in bold between «»; ⏎ is a line break. Feature numbers link to the "
+        "browser's page for the feature.",
+        "",
+        f"### Most active ({len(active)})",
+        "",
+        f"Selected as {ACTIVE_RULE}.",
+        "",
+        *feature_table(active, tokens, with_share=False),
+        "",
+        f"### Most interpretable-looking ({len(interpretable)})",
+        "",
+        f"Selected by {INTERPRETABLE_RULE.format(min_count=min_count)}.",
+        "",
+        *(feature_table(interpretable, tokens, with_share=True) if interpretable else
+          [f"No feature fires at least {min_count} times (`report.min_count`)."]),
+        "",
+    ]
+    return "\n".join(lines)
