@@ -95,11 +95,13 @@ def test_an_explanation_naming_the_token_scores_1_and_a_random_one_chance() -> N
     right = interpret(ScriptedJudge('the word "photon"'), [examples], max_new_tokens=10, seed=0)[0]
     assert right["id"] == 7 and right["explanation"] == 'the word "photon"'  # first line, label removed
     assert right["detection"] == 1.0 and right["fuzzing"] == 1.0
+    assert right["detection_auc"] == 1.0 and right["fuzzing_auc"] == 1.0
     judged = right["examples"]["detection"]
     assert len(judged) == 16 and sum(e["activating"] for e in judged) == 8
     assert all("<< photon>>" in text for text in right["examples"]["explanation"])
     wrong = interpret(ScriptedJudge('the word "zebra"'), [examples], max_new_tokens=10, seed=0)[0]
     assert wrong["detection"] == 0.5 and wrong["fuzzing"] == 0.5  # always No: chance in balanced accuracy
+    assert wrong["detection_auc"] == 0.5 and wrong["fuzzing_auc"] == 0.5  # and no ranking either
 
 
 def test_a_judge_that_guesses_scores_near_chance() -> None:
@@ -107,9 +109,10 @@ def test_a_judge_that_guesses_scores_near_chance() -> None:
         def yes_probability(self, prompts):
             return np.random.default_rng(len(self.prompts) + len(prompts)).random(len(prompts))
 
-    scores = [interpret(Coin('the word "photon"'), [concept_examples(seed, n=50)], 10, seed)[0]["detection"]
-              for seed in range(4)]
-    assert np.mean(scores) == pytest.approx(0.5, abs=0.08)
+    records = [interpret(Coin('the word "photon"'), [concept_examples(seed, n=50)], 10, seed)[0]
+               for seed in range(4)]
+    assert np.mean([r["detection"] for r in records]) == pytest.approx(0.5, abs=0.08)
+    assert np.mean([r["detection_auc"] for r in records]) == pytest.approx(0.5, abs=0.08)
 
 
 def test_fuzzing_marks_non_activating_windows_where_an_activating_one_fires() -> None:

@@ -15,7 +15,8 @@ classifier scorers, one example per prompt):
   Score: balanced accuracy.
 Balanced accuracy = (true-positive rate + true-negative rate) / 2: 0.5 for a model that always says the
 same thing or guesses, 1 for a perfect explanation and judge. A window counts as judged "Yes" when
-P(Yes) > P(No) for the answer token.
+P(Yes) > P(No) for the answer token. Beside each, the AUROC of P(Yes) (`detection_auc`, `fuzzing_auc`):
+threshold-free, so it still ranks windows when a small judge leans to one answer for all of them.
 """
 
 from __future__ import annotations
@@ -99,6 +100,14 @@ def balanced_accuracy(truth: Sequence[bool], p_yes: Sequence[float]) -> float:
     return float(balanced_accuracy_score(np.asarray(truth, bool), np.asarray(p_yes) > 0.5))
 
 
+def auroc(truth: Sequence[bool], p_yes: Sequence[float]) -> float:
+    """Area under the ROC curve of P(Yes): threshold-free, so a judge biased towards one answer still shows
+    whatever ranking it has (delphi computes it from the answers' log-probabilities too)."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.asarray(truth, bool), np.asarray(p_yes)))
+
+
 @dataclass(frozen=True)
 class FeatureExamples:
     """What the explainer and the scorers see of one feature."""
@@ -135,6 +144,8 @@ def score_feature(explainer: Explainer, explanation: str, examples: FeatureExamp
     return {
         "detection": balanced_accuracy([t for _, t in detection], p_detect),
         "fuzzing": balanced_accuracy([t for _, t in fuzzing], p_fuzz),
+        "detection_auc": auroc([t for _, t in detection], p_detect),
+        "fuzzing_auc": auroc([t for _, t in fuzzing], p_fuzz),
         "detection_examples": [{"text": text, "activating": truth, "p_yes": round(float(p), 4)}
                                for (text, truth), p in zip(detection, p_detect, strict=True)],
         "fuzzing_examples": [{"text": text, "correct": truth, "p_yes": round(float(p), 4)}
@@ -158,7 +169,8 @@ def interpret(explainer: Explainer, features: Sequence[FeatureExamples], max_new
         for f, explanation in zip(part, explain(explainer, part, max_new_tokens), strict=True):
             scores = score_feature(explainer, explanation, f, seed + f.feature)
             records.append({"id": f.feature, "explanation": explanation, "detection": scores["detection"],
-                            "fuzzing": scores["fuzzing"],
+                            "fuzzing": scores["fuzzing"], "detection_auc": scores["detection_auc"],
+                            "fuzzing_auc": scores["fuzzing_auc"],
                             "examples": {"explanation": [mark_activating(e) for e in f.explain],
                                          "detection": scores["detection_examples"],
                                          "fuzzing": scores["fuzzing_examples"]}})

@@ -118,8 +118,8 @@ def run_autointerp(params: Params, db: ActivationDB, out_dir: Path) -> dict[str,
     with atomic_path(out_dir / "explanations.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    metrics = {"detection": _mean(records, "detection"), "fuzzing": _mean(records, "fuzzing"),
-               "features": len(records), "explainer": explainer_name}
+    metrics = {key: _mean(records, key) for key in ("detection", "fuzzing", "detection_auc", "fuzzing_auc")}
+    metrics.update(features=len(records), explainer=explainer_name)
     write_json(out_dir / "autointerp.json", metrics)
     return metrics
 
