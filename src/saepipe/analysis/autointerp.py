@@ -144,8 +144,8 @@ def score_feature(explainer: Explainer, explanation: str, examples: FeatureExamp
     return {
         "detection": balanced_accuracy([t for _, t in detection], p_detect),
         "fuzzing": balanced_accuracy([t for _, t in fuzzing], p_fuzz),
-        "detection_auc": auroc([t for _, t in detection], p_detect),
-        "fuzzing_auc": auroc([t for _, t in fuzzing], p_fuzz),
+        "detection_auc": round(auroc([t for _, t in detection], p_detect), 4),
+        "fuzzing_auc": round(auroc([t for _, t in fuzzing], p_fuzz), 4),
         "detection_examples": [{"text": text, "activating": truth, "p_yes": round(float(p), 4)}
                                for (text, truth), p in zip(detection, p_detect, strict=True)],
         "fuzzing_examples": [{"text": text, "correct": truth, "p_yes": round(float(p), 4)}
