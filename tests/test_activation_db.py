@@ -61,6 +61,19 @@ def test_csr_and_csc_match_the_dense_encode(db, dense) -> None:
         np.testing.assert_allclose(values, features[rows, f], rtol=1e-6)
 
 
+def test_pool_rows_averages_each_groups_rows(db, dense) -> None:
+    features = np.where(db.row_outlier[:, None], 0.0, dense[0])  # outlier rows stay without features
+    group = np.random.default_rng(0).integers(-1, 5, db.n_rows)  # -1: left out
+    group[group == 3] = -1  # a group without rows pools to zeros
+    pooled = db.pool_rows(group, 6, chunk_rows=41)  # chunks that cut through groups
+    assert pooled.shape == (6, db.d_sae)
+    for g in range(6):
+        rows = group == g
+        expected = features[rows].mean(0) if rows.any() else np.zeros(db.d_sae)
+        np.testing.assert_allclose(pooled[g], expected, rtol=1e-5, atol=1e-6)
+    assert db.row_outlier.shape == (db.n_rows,) and db.row_outlier.dtype == bool
+
+
 def test_stats_and_quantiles_match_numpy(db, dense) -> None:
     features, _ = dense
     alive = 0

@@ -69,6 +69,8 @@ def project(tmp_path: Path, tiny_model_dir: Path, repo_dir: Path, tiny_training_
     params["evaluate"].update(ablation_max_tokens=128, batch_size=256, device="cpu")
     params["activation_db"].update(device="cpu")
     params["summarize"].update(top_k=5)
+    params["interp"].update(features=2, score_examples=2, explain_examples=3, max_new_tokens=4, batch_size=4,
+                            device="cpu")  # the tiny random model explains and judges
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)
@@ -82,7 +84,7 @@ def project(tmp_path: Path, tiny_model_dir: Path, repo_dir: Path, tiny_training_
 def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path) -> None:
     first = run(["dvc", "repro"], project)
     assert ran_stages(first) == ["process", "base-model", "tokenize", "activations", "train", "export", "evaluate",
-                                 "activation-db", "matrices", "summarize", "report"]
+                                 "activation-db", "matrices", "summarize", "interp", "report"]
 
     texts = yaml.safe_load((project / "data/processed/texts.json").read_text())
     assert len(texts) == 9  # 3 chapters x (intro + 2 non-empty sections)
@@ -111,6 +113,11 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
     assert len(summaries) == 128 and json.loads(summaries[0])["id"] == 0
     assert (project / "analysis/default/matrices/similarity_topk.npz").is_file()
     assert "mean_max_cosine" in metrics
+    assert "subject_k1" in metrics and "subject_resid" in metrics and '"detection"' in metrics
+    explained = [json.loads(line) for line in
+                 (project / "analysis/default/interp/explanations.jsonl").read_text().splitlines()]
+    assert len(explained) == 2
+    assert all({"id", "explanation", "detection", "fuzzing"} <= set(e) for e in explained)
     report = project / "analysis/default/report"
     assert json.loads((report / "run_summary.json").read_text())["run_name"] == "default"
     assert (report / "plots/training_history.png").is_file() and (report / "browser/index.html").is_file()
@@ -119,8 +126,8 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
     second = run(["dvc", "repro"], project)
     assert ran_stages(second) == []
 
-    set_param(project, "summarize", "top_k", 3)  # a summarize param reruns summarize only
-    assert ran_stages(run(["dvc", "repro"], project)) == ["summarize", "report"]
+    set_param(project, "summarize", "top_k", 3)  # a summarize param reruns summarize and what reads its outputs
+    assert ran_stages(run(["dvc", "repro"], project)) == ["summarize", "interp", "report"]
     assert len(json.loads((project / "analysis/default/feature_summaries.jsonl").read_text().splitlines()[0])
                ["top_examples"]) <= 3
 
@@ -128,7 +135,7 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
     with (project / "src/saepipe/model/tokenizer.py").open("a") as f:
         f.write("\n# edited\n")
     assert set(json.loads(run(["dvc", "status", "--json"], project))) == {"tokenize", "activations", "summarize",
-                                                                             "report"}
+                                                                           "interp", "report"}
 
 
 def repro_once(project: Path) -> None:
@@ -143,7 +150,7 @@ def test_param_changes_rerun_their_stage_and_what_reads_its_outputs(project: Pat
     assert ran_stages(third) == ["activations"]  # nothing upstream of it reruns
     with h5py.File(project / "data/activations/activations.h5") as f:
         assert f.attrs["outlier_factor"] == 5.0
-    downstream = ["train", "export", "evaluate", "activation-db", "matrices", "summarize", "report"]
+    downstream = ["train", "export", "evaluate", "activation-db", "matrices", "summarize", "interp", "report"]
     assert ran_stages(run(["dvc", "repro"], project)) == downstream  # its output flows down
 
     set_param(project, "train", "topk", 3)

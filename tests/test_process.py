@@ -288,3 +288,24 @@ def test_default_corpus(repo_dir, repo_params, tmp_path):
     assert list(stats["subjects"]) == repo_params.process.subjects
     assert all(s["chapters"] > 0 and s["documents"] > 0 for s in stats["subjects"].values())
     assert stats["words"] >= 20_000
+
+
+def test_labels_name_each_documents_subject_and_chapter(repo_params, tmp_path):
+    from saepipe.corpus.labels import load_labels
+
+    write_chapters(tmp_path / "raw", SMALL_CORPUS)
+    texts, _ = run_process(repo_params, tmp_path, min_words=8)
+    labels = load_labels(tmp_path / "out" / "labels.json", len(texts))
+    assert labels == [{"subject": "physics", "chapter": "physics_ch02_early"},
+                      {"subject": "physics", "chapter": "physics_ch10_late"},
+                      {"subject": "chemistry", "chapter": "chemistry_ch01_atoms"}]
+    with pytest.raises(UserError, match="labels 3 documents but the token cache holds 4"):
+        load_labels(tmp_path / "out" / "labels.json", 4)
+
+
+def test_data_path_documents_are_labelled_unknown(repo_params, tmp_path):
+    source = tmp_path / "mine.json"
+    source.write_text(json.dumps([PROSE, "short", f"Another. {PROSE}"]), encoding="utf-8")
+    run_process(repo_params, tmp_path, data_path=str(source), min_words=8)
+    labels = json.loads((tmp_path / "out" / "labels.json").read_text(encoding="utf-8"))
+    assert labels == [{"subject": "unknown", "chapter": "unknown"}] * 2

@@ -49,6 +49,8 @@ STAGES: dict[str, Stage] = {
     "matrices": Stage("saepipe.stages.matrices", "matrices", ("evaluate", "export", "train")),
     "summarize": Stage("saepipe.stages.summarize", "summarize",
                        ("matrices", "evaluate", "export", "train", "tokenize", "base_model")),
+    "interp": Stage("saepipe.stages.interp", "interp",
+                    ("summarize", "evaluate", "export", "train", "process", "tokenize", "activations", "base_model")),
     "report": Stage("saepipe.stages.report", "report", ("evaluate", "export", "train", "base_model")),
     "upload": Stage("saepipe.stages.upload", "export", ("train",)),
     "show-feature": Stage("saepipe.stages.show_feature", "summarize",

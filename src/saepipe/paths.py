@@ -46,6 +46,10 @@ def matrices_dir(params: Params) -> Path:
     return analysis_dir(params) / "matrices"
 
 
+def interp_dir(params: Params) -> Path:
+    return analysis_dir(params) / "interp"
+
+
 def report_dir(params: Params) -> Path:
     """`report`'s folder: plots, run_summary.json, README.md and the feature browser."""
     return analysis_dir(params) / "report"

@@ -208,6 +208,11 @@ class ActivationDB(OpenFile):
     def row_split(self) -> np.ndarray:
         return self.file["rows/split"][:]
 
+    @functools.cached_property
+    def row_outlier(self) -> np.ndarray:
+        """The cache's massive-activation flag per row (such rows have no features unless outliers_included)."""
+        return self.file["rows/outlier"][:]
+
     def row_l0(self, counted_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(features active on each row, the row's split): the per-token L0, from the CSR's row pointers.
         `counted_only` leaves out the outlier rows the DB keeps without features, as every statistic does."""
@@ -403,6 +408,25 @@ class ActivationDB(OpenFile):
             yield scipy.sparse.csr_matrix(
                 (self.file["csr/values"][a:b].astype(np.float32), self.file["csr/features"][a:b], ptr - a),
                 shape=(stop - start, self.d_sae))
+
+    def pool_rows(self, group: np.ndarray, n_groups: int, chunk_rows: int = 65536) -> np.ndarray:
+        """Mean feature activations per group of rows: float64 [n_groups, d_sae], where row r belongs to group
+        `group[r]` (-1: left out); a feature counts 0 on the rows it does not fire on. Sparse sums, chunk by chunk."""
+        import scipy.sparse
+
+        group = np.asarray(group, dtype=np.int64)
+        if group.shape != (self.n_rows,):
+            raise ValueError(f"group has shape {group.shape}, expected ({self.n_rows},)")
+        sums = np.zeros((n_groups, self.d_sae), np.float64)
+        for start, chunk in zip(range(0, self.n_rows, chunk_rows), self.csr_chunks(chunk_rows), strict=True):
+            ids = group[start : start + chunk.shape[0]]
+            keep = np.flatnonzero(ids >= 0)
+            if len(keep):
+                member = scipy.sparse.csr_matrix((np.ones(len(keep)), (ids[keep], keep)),
+                                                 shape=(n_groups, chunk.shape[0]))
+                sums += (member @ chunk.astype(np.float64)).toarray()
+        sizes = np.bincount(group[group >= 0], minlength=n_groups)
+        return sums / np.maximum(sizes, 1)[:, None]
 
     def check_sae(self, sae_path: str | Path) -> None:
         """Refuse an SAE other than the one this DB was built from."""

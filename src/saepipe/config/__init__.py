@@ -26,6 +26,7 @@ from saepipe.config.analysis import (
 )
 from saepipe.config.data import ActivationsConfig, BaseModelConfig, ProcessConfig, TokenizeConfig
 from saepipe.config.fields import build_section, coerce, did_you_mean, field_docs, flat_fields, flat_values
+from saepipe.config.interp import InterpConfig
 from saepipe.config.report import ReportConfig
 from saepipe.config.train import EndToEndParams, SAEParams, TrainConfig, WandbParams
 from saepipe.errors import UserError
@@ -43,6 +44,7 @@ SECTIONS: dict[str, type] = {
     "activation_db": ActivationDBConfig,
     "matrices": MatricesConfig,
     "summarize": SummarizeConfig,
+    "interp": InterpConfig,
     "report": ReportConfig,
 }
 
@@ -72,6 +74,7 @@ class Params:
     activation_db: ActivationDBConfig
     matrices: MatricesConfig
     summarize: SummarizeConfig
+    interp: InterpConfig
     report: ReportConfig
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -148,8 +151,8 @@ def replace_values(section: Any, **changes: Any) -> Any:
 
 __all__ = [
     "DEFAULT_PARAMS", "SECTIONS", "ActivationDBConfig", "ActivationsConfig", "BaseModelConfig", "EndToEndParams",
-    "EvaluateConfig", "ExportConfig", "MatricesConfig", "Overrides", "Params", "ProcessConfig", "ReportConfig",
-    "SAEParams", "SummarizeConfig", "TokenizeConfig", "TrainConfig",
+    "EvaluateConfig", "ExportConfig", "InterpConfig", "MatricesConfig", "Overrides", "Params", "ProcessConfig",
+    "ReportConfig", "SAEParams", "SummarizeConfig", "TokenizeConfig", "TrainConfig",
     "WandbParams", "build_section", "coerce", "field_docs", "flat_fields", "flat_values", "load_params",
     "params_from_dict", "replace_values",
 ]

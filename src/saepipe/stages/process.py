@@ -1,4 +1,4 @@
-"""Stage `process`: Markdown chapters (or an existing document list) -> texts.json + stats.json.
+"""Stage `process`: Markdown chapters (or an existing document list) -> texts.json, labels.json, stats.json.
 
 The cleaning itself lives in `saepipe.corpus.markdown`; this module only finds the chapters, counts,
 and writes. Every subject folder is checked before any file is read, so a typo in
@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from saepipe.config import Params, ProcessConfig
+from saepipe.corpus.labels import UNKNOWN, save_labels
 from saepipe.corpus.markdown import clean_sections
 from saepipe.corpus.texts import load_texts, save_texts
 from saepipe.errors import UserError
@@ -43,7 +44,7 @@ class SubjectStats:
         self.characters += len(text)
         self.words += len(text.split())
 
-    def offer(self, text: str, min_words: int, texts: list[str]) -> None:
+    def offer(self, text: str, min_words: int, texts: list[str]) -> bool:
         """Keep `text` as a document when it has at least `min_words` words, counting what is dropped."""
         if not text.strip():
             self.empty_sections += 1
@@ -52,11 +53,15 @@ class SubjectStats:
         else:
             texts.append(text)
             self.add_document(text)
+            return True
+        return False
 
 
 @dataclass
 class Corpus:
     texts: list[str] = field(default_factory=list)
+    labels: list[dict[str, str]] = field(default_factory=list)
+    """Each document's subject and chapter (its file's stem), aligned with `texts`."""
     subjects: dict[str, SubjectStats] = field(default_factory=dict)
 
 
@@ -93,7 +98,8 @@ def read_chapters(files: dict[str, list[Path]], min_words: int) -> Corpus:
         stats.chapters += 1
         stats.source_characters += len(markdown)
         for text in clean_sections(markdown, lambda doc: long_enough(doc, min_words)):
-            stats.offer(text, min_words, corpus.texts)
+            if stats.offer(text, min_words, corpus.texts):
+                corpus.labels.append({"subject": subject, "chapter": path.stem})
     return corpus
 
 
@@ -103,7 +109,8 @@ def read_data_path(path: str, min_words: int) -> Corpus:
     corpus = Corpus(subjects={"data_path": stats})
     for text in load_texts(path):
         stats.source_characters += len(text)
-        stats.offer(text, min_words, corpus.texts)
+        if stats.offer(text, min_words, corpus.texts):
+            corpus.labels.append({"subject": UNKNOWN, "chapter": UNKNOWN})
     return corpus
 
 
@@ -145,5 +152,6 @@ def run(params: Params) -> None:
     texts_path = output_dir / "texts.json"
     stats = corpus_stats(corpus, config)
     save_texts(texts_path, corpus.texts)
+    save_labels(output_dir / "labels.json", corpus.labels)
     write_json(output_dir / "stats.json", stats)
     print(summary_line(stats, texts_path))

@@ -1,0 +1,250 @@
+"""Auto-interpretation: prompts, delphi-style detection and fuzzing with a scripted judge, and both explainers
+(the local model's batched, prefix-sharing scoring against plain forwards; the HTTP path against a local server)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import math
+import random
+import re
+import threading
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from saepipe.analysis.activation_db import Example
+from saepipe.analysis.autointerp import (
+    FeatureExamples,
+    clean_explanation,
+    explanation_prompt,
+    fuzzing_samples,
+    interpret,
+    mark,
+    mark_activating,
+    sample_features,
+)
+from saepipe.analysis.explainer import HTTPExplainer, LocalExplainer, shared_prefix
+from saepipe.errors import UserError
+
+WORDS = [" the", " wave", " energy", " cell", " force", " acid", " mass", " light", " atom", " heat", " of", " and"]
+CONCEPT = " photon"
+
+
+def window(rng: random.Random, fires: bool, length: int = 12) -> Example:
+    """A window of random words; when `fires`, the concept token sits at a random place and the feature fires
+    exactly there (and nowhere else)."""
+    tokens = [rng.choice(WORDS) for _ in range(length)]
+    at = rng.randrange(length)
+    if fires:
+        tokens[at] = CONCEPT
+    activations = [2.0 if t == CONCEPT else 0.0 for t in tokens]
+    return Example(doc=0, position=at, activation=max(activations), marked=at, tokens=tokens,
+                   activations=activations)
+
+
+def concept_examples(seed: int = 0, n: int = 8) -> FeatureExamples:
+    rng = random.Random(seed)
+    return FeatureExamples(7, [window(rng, True) for _ in range(5)], [window(rng, True) for _ in range(n)],
+                           [window(rng, False) for _ in range(n)])
+
+
+class ScriptedJudge:
+    """A fake explainer at the narrowest boundary (prompt in, text or P(Yes) out): it writes the explanation it
+    is given and answers Yes exactly when the word the explanation quotes is in the excerpt (detection) or is
+    the marked text (fuzzing)."""
+
+    name = "scripted"
+
+    def __init__(self, explanation: str):
+        self.explanation = explanation
+        self.prompts: list[list[dict[str, str]]] = []
+
+    def generate(self, prompts, max_new_tokens):
+        self.prompts += prompts
+        return [f"Explanation: {self.explanation}\nmore text" for _ in prompts]
+
+    def yes_probability(self, prompts):
+        out = []
+        for chat in prompts:
+            user = chat[-1]["content"]
+            word = re.search(r'Explanation: the word "([^"]+)"', user).group(1)
+            excerpt = re.search(r"Excerpt: (.*)\n\n", user, re.S).group(1)
+            marked = re.findall(r"<<(.*?)>>", excerpt)
+            if marked:  # fuzzing: are the marked tokens the concept?
+                out.append(1.0 if all(m.strip() == word for m in marked) else 0.0)
+            else:
+                out.append(1.0 if f" {word}" in excerpt else 0.0)
+        return np.array(out)
+
+
+def test_marks_wrap_each_run_of_activating_tokens() -> None:
+    tokens, activations = ["The", " cell", " div", "ides", "."], [0.0, 2.0, 0.0, 1.0, 1.5]
+    example = Example(0, 1, 2.0, 1, tokens, activations)
+    assert mark_activating(example) == "The<< cell>> div<<ides.>>"
+    assert mark(tokens, [True, False, False, False, True]) == "<<The>> cell divides<<.>>"
+    prompt = explanation_prompt([example, Example(0, 0, 1.0, 0, ["A", " B"], [1.0, 0.0])])
+    assert prompt[0]["role"] == "system" and "<<this>>" in prompt[0]["content"]
+    assert "Example 1: The<< cell>> div<<ides.>>\nExample 2: <<A>> B" in prompt[1]["content"]
+
+
+def test_an_explanation_naming_the_token_scores_1_and_a_random_one_chance() -> None:
+    examples = concept_examples()
+    right = interpret(ScriptedJudge('the word "photon"'), [examples], max_new_tokens=10, seed=0)[0]
+    assert right["id"] == 7 and right["explanation"] == 'the word "photon"'  # first line, label removed
+    assert right["detection"] == 1.0 and right["fuzzing"] == 1.0
+    assert right["detection_auc"] == 1.0 and right["fuzzing_auc"] == 1.0
+    judged = right["examples"]["detection"]
+    assert len(judged) == 16 and sum(e["activating"] for e in judged) == 8
+    assert all("<< photon>>" in text for text in right["examples"]["explanation"])
+    wrong = interpret(ScriptedJudge('the word "zebra"'), [examples], max_new_tokens=10, seed=0)[0]
+    assert wrong["detection"] == 0.5 and wrong["fuzzing"] == 0.5  # always No: chance in balanced accuracy
+    assert wrong["detection_auc"] == 0.5 and wrong["fuzzing_auc"] == 0.5  # and no ranking either
+
+
+def test_a_judge_that_guesses_scores_near_chance() -> None:
+    class Coin(ScriptedJudge):
+        def yes_probability(self, prompts):
+            return np.random.default_rng(len(self.prompts) + len(prompts)).random(len(prompts))
+
+    records = [interpret(Coin('the word "photon"'), [concept_examples(seed, n=50)], 10, seed)[0]
+               for seed in range(4)]
+    assert np.mean([r["detection"] for r in records]) == pytest.approx(0.5, abs=0.08)
+    assert np.mean([r["detection_auc"] for r in records]) == pytest.approx(0.5, abs=0.08)
+
+
+def test_fuzzing_marks_non_activating_windows_where_an_activating_one_fires() -> None:
+    examples = concept_examples()
+    samples = fuzzing_samples(examples, random.Random(0))
+    correct = [text for text, ok in samples if ok]
+    wrong = [text for text, ok in samples if not ok]
+    assert len(correct) == len(wrong) == 8
+    assert all(re.findall(r"<<(.*?)>>", t) == [CONCEPT] for t in correct)
+    fired_at = {e.activations.index(2.0) for e in examples.activating}
+    for text, e in zip(wrong, examples.non_activating, strict=True):
+        (marked,) = re.findall(r"<<(.*?)>>", text)
+        starts = np.cumsum([0] + [len(t) for t in e.tokens])  # character offset of each token
+        position = int(np.searchsorted(starts, text.index("<<")))
+        assert marked == e.tokens[position] != CONCEPT and position in fired_at  # a borrowed position
+
+
+def test_clean_explanation_and_feature_sample() -> None:
+    assert clean_explanation('\n  Answer: "Mentions of heat transfer."\nSecond line') == "Mentions of heat transfer."
+    counts = np.array([0, 30, 5, 40, 50, 30])
+    chosen = sample_features(counts, 2, shown=25, score_examples=5, seed=0)
+    assert len(chosen) == 2 and set(chosen) <= {1, 3, 4, 5} and chosen == sorted(chosen)
+    assert chosen == sample_features(counts, 2, shown=25, score_examples=5, seed=0)
+    assert sample_features(counts, 10, shown=25, score_examples=5, seed=1) == [1, 3, 4, 5]
+
+
+# ---- the local model ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local(tiny_model_dir):
+    return LocalExplainer(tiny_model_dir, torch.device("cpu"), batch_size=3)
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You judge whether the excerpt mentions energy."},
+            {"role": "user", "content": f"Explanation: energy\n\nExcerpt: {text}\n\nYes or No?"}]
+
+
+def test_batched_prefix_sharing_scores_equal_plain_forwards(local) -> None:
+    prompts = [chat(t) for t in ["Energy is stored as ATP.", "Sound", "Waves carry energy without carrying matter.",
+                                 "The pH scale is logarithmic.", "Force"]]
+    ids = [local.encode(p) for p in prompts]
+    assert shared_prefix(ids[:3]) >= 8  # the batch really reuses a cached prefix
+    scored = local.yes_probability(prompts)  # batches of 3 and 2, each with its own prefix
+    expected = []
+    with torch.inference_mode():
+        for x in ids:
+            logits = local.model(input_ids=torch.tensor([x])).logits[0, -1, local.answer_ids]
+            expected.append(torch.softmax(logits, -1)[0].item())
+    np.testing.assert_allclose(scored, expected, atol=1e-5)
+    assert np.all((scored > 0) & (scored < 1))
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(local, tiny_model_dir) -> None:
+    prompts = [chat("Energy."), chat("Acids donate protons and bases accept them."), chat("Mass")]
+    single = LocalExplainer(tiny_model_dir, torch.device("cpu"), batch_size=1)
+    assert local.generate(prompts, 6) == single.generate(prompts, 6)  # left padding changes nothing
+
+
+def test_shared_prefix_leaves_every_sequence_a_token() -> None:
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix([[4, 2], [1, 2]]) == 0
+
+
+# ---- the HTTP endpoint ---------------------------------------------------------------------------------------
+class ChatServer(http.server.BaseHTTPRequestHandler):
+    requests: ClassVar[list[tuple[dict[str, str], dict]]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ChatServer.requests.append((dict(self.headers), body))
+        if self.path != "/v1/chat/completions":
+            self.send_error(404)
+            return
+        if body["max_tokens"] == 1:
+            top = [{"token": "Yes", "logprob": math.log(0.6)}, {"token": " No", "logprob": math.log(0.2)},
+                   {"token": "Maybe", "logprob": math.log(0.1)}]
+            choice = {"message": {"content": "Yes"}, "logprobs": {"content": [{"token": "Yes", "top_logprobs": top}]}}
+        else:
+            choice = {"message": {"content": "Explanation: mentions of energy.\nAnd more."}}
+        data = json.dumps({"choices": [choice]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server():
+    ChatServer.requests = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ChatServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_http_explainer_sends_the_key_in_the_header_and_never_prints_it(server, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SAEPIPE_TEST_KEY", "sk-secret-123")
+    explainer = HTTPExplainer(f"{server}/v1", "served-model", "SAEPIPE_TEST_KEY")
+    records = interpret(explainer, [concept_examples(n=2)], max_new_tokens=30, seed=0)
+    assert records[0]["explanation"] == "mentions of energy."
+    assert [e["p_yes"] for e in records[0]["examples"]["detection"]] == [0.75] * 4  # 0.6 / (0.6 + 0.2)
+    headers, body = ChatServer.requests[0]
+    assert headers["Authorization"] == "Bearer sk-secret-123"
+    assert body["model"] == "served-model" and body["temperature"] == 0.0 and body["max_tokens"] == 30
+    assert body["messages"][0]["role"] == "system"
+    scoring = ChatServer.requests[1][1]
+    assert scoring["max_tokens"] == 1 and scoring["logprobs"] is True
+    assert len(ChatServer.requests) == 1 + 4 + 4  # one explanation, 4 detection and 4 fuzzing prompts
+    out = capsys.readouterr()
+    assert "sk-secret-123" not in out.out + out.err + repr(explainer) + json.dumps(records)
+
+
+def test_http_errors_are_one_line_without_the_key(server, monkeypatch) -> None:
+    monkeypatch.setenv("SAEPIPE_TEST_KEY", "sk-secret-123")
+    with pytest.raises(UserError, match=r"interp\.explainer_url=.*HTTP 404") as info:
+        HTTPExplainer(f"{server}/wrong", None, "SAEPIPE_TEST_KEY").generate([chat("x")], 5)
+    assert "sk-secret-123" not in str(info.value) and "\n" not in str(info.value)
+    monkeypatch.delenv("SAEPIPE_TEST_KEY")
+    with pytest.raises(UserError, match=r"interp\.explainer_api_key_env='SAEPIPE_TEST_KEY'"):
+        HTTPExplainer(f"{server}/v1", None, "SAEPIPE_TEST_KEY")
+    with pytest.raises(UserError, match=r"interp\.explainer_url=.*reachable"):
+        HTTPExplainer("http://127.0.0.1:9/v1", None, None).generate([chat("x")], 5)
+
+
+def test_http_answer_falls_back_to_the_text_without_logprobs() -> None:
+    assert HTTPExplainer._answer({"message": {"content": "yes, it does"}}) == 1.0
+    assert HTTPExplainer._answer({"message": {"content": "No."}}) == 0.0
+    assert HTTPExplainer._answer({"message": {"content": "unclear"}}) == 0.5
