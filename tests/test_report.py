@@ -227,3 +227,33 @@ def test_without_the_ablation_pass_its_plot_is_left_out(reported) -> None:
     finally:
         path.write_text(original)
         report.run(reported)
+
+
+def test_interp_results_reach_the_readme_browser_and_summary(reported, tmp_path) -> None:
+    """What `saepipe interp` wrote (probing accuracies, scored explanations) shows in all three places."""
+    readme = (report_dir(reported) / "README.md").read_text(encoding="utf-8")
+    assert "`saepipe interp` has not run" in readme  # the module's report was built without it
+    interp = analysis_dir(reported) / "interp"
+    interp.mkdir()
+    try:
+        probing = {"subject_k1": 0.61, "subject_k5": 0.83, "subject_resid": 0.97, "chapter_k1": 0.55,
+                   "chapter_k5": 0.64, "chapter_resid": 0.71, "train_samples": 30, "val_samples": 8, "window": 16}
+        (interp / "probing.json").write_text(json.dumps(probing))
+        (interp / "autointerp.json").write_text(json.dumps({"detection": 0.75, "fuzzing": 0.6, "explainer": "tiny"}))
+        lines = [{"id": 3, "explanation": "the word cell | in biology", "detection": 0.9, "fuzzing": 0.7,
+                  "examples": {"explanation": ["x"]}},
+                 {"id": 5, "explanation": "units of force", "detection": 0.5, "fuzzing": None}]
+        (interp / "explanations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        report.run(reported)
+        readme = (report_dir(reported) / "README.md").read_text(encoding="utf-8")
+        assert "| subject | 0.61 | 0.83 | 0.97 |" in readme and "| chapter | 0.55 | 0.64 | 0.71 |" in readme
+        assert "the word cell \\| in biology | 0.9 | 0.7 |" in readme and "units of force | 0.5 | — |" in readme
+        assert "mean detection 0.75, fuzzing 0.6" in readme
+        summary = read(report_dir(reported) / "run_summary.json")
+        assert summary["metrics"]["interp"]["probing"]["subject_k5"] == 0.83
+        assert summary["metrics"]["interp"]["autointerp"]["detection"] == 0.75
+        index = (report_dir(reported) / "browser" / "data" / "index.js").read_text(encoding="utf-8")
+        assert "units of force" in index and "the word cell | in biology" in index
+    finally:
+        shutil.rmtree(interp)
+        report.run(reported)

@@ -16,7 +16,16 @@ from saepipe.analysis.activation_db import ActivationDB
 from saepipe.report import plots
 from saepipe.report.browser import write_browser
 from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE, concentration, most_active, most_interpretable
-from saepipe.report.inputs import COOCCURRENCE_TOPK, JACCARD, SIMILARITY, SIMILARITY_TOPK, RunFiles, RunInputs
+from saepipe.report.inputs import (
+    COOCCURRENCE_TOPK,
+    EXPLANATIONS,
+    JACCARD,
+    SIMILARITY,
+    SIMILARITY_TOPK,
+    RunFiles,
+    RunInputs,
+    read_explanations,
+)
 from saepipe.report.markdown import render_readme
 from saepipe.report.run_summary import build_summary, headline_values, metric_sources
 from saepipe.storage import write_json
@@ -97,8 +106,9 @@ def write_report(out: Path, *, final: Path, run_name: str, inputs: RunInputs, fi
     (out / PLOTS).mkdir()
     drawn = draw_plots(out / PLOTS, inputs, files, db, records, options)
     info = run_info(run_name, inputs)
+    explanations = read_explanations(files.interp / EXPLANATIONS)
     browser = write_browser(out / BROWSER, summaries=files.summaries, db=db, run_info=info,
-                            features_per_token=options.features_per_token)
+                            features_per_token=options.features_per_token, explanations=explanations)
     active = most_active(records, options.table_features)
     interpretable = most_interpretable(records, options.table_features, options.min_count)
     features = {
@@ -114,15 +124,19 @@ def write_report(out: Path, *, final: Path, run_name: str, inputs: RunInputs, fi
         "sae": str(files.sae), "activation_db": str(files.activation_db), "matrices": str(files.matrices),
         "feature_summaries": str(files.summaries), "evaluate": str(files.quick), **extra_artifacts,
     }
+    if inputs.probing is not None or explanations:
+        artifacts["interp"] = str(files.interp)
     summary = build_summary(run_name=run_name, config=inputs.config, history=inputs.history, metrics=inputs.metrics,
                             matrices_metrics=inputs.matrices_metrics, db_attrs=db.attrs, features=features,
-                            params=params, artifacts=artifacts, browser=browser)
+                            params=params, artifacts=artifacts, browser=browser, probing=inputs.probing,
+                            autointerp=inputs.autointerp)
     write_json(out / RUN_SUMMARY, summary)
     readme = render_readme(run_name=run_name, config=inputs.config, metrics=inputs.metrics,
                            headline=summary["headline"], db_rows=db.n_rows,
                            token_cache=db.attrs.get("token_cache"), epochs=len(inputs.history),
                            plots={name: f"{PLOTS}/{path.name}" for name, path in drawn.items()}, active=active,
-                           interpretable=interpretable, min_count=options.min_count, browser_stats=browser)
+                           interpretable=interpretable, min_count=options.min_count, browser_stats=browser,
+                           probing=inputs.probing, autointerp=inputs.autointerp, explanations=explanations)
     (out / README).write_text(readme, encoding="utf-8")
     return summary
 

@@ -24,6 +24,7 @@ MATRICES_METRICS, SIMILARITY_HISTOGRAM = "matrices_metrics.json", "decoder_simil
 SIMILARITY, JACCARD = "feature_similarity.npy", "feature_cooccurrence_jaccard.npy"
 SIMILARITY_TOPK, COOCCURRENCE_TOPK = "similarity_topk.npz", "cooccurrence_topk.npz"
 SUMMARIES = "feature_summaries.jsonl"
+INTERP, PROBING, AUTOINTERP, EXPLANATIONS = "interp", "probing.json", "autointerp.json", "explanations.jsonl"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class RunFiles:
     @property
     def quick(self) -> Path:
         return self.analysis / "quick"
+
+    @property
+    def interp(self) -> Path:
+        """`saepipe interp`'s folder: optional for the report (absent when that stage has not run)."""
+        return self.analysis / INTERP
 
     def required(self) -> dict[Path, str]:
         """Every file the report cannot do without, with the command that writes it."""
@@ -74,6 +80,9 @@ class RunInputs:
     density_histogram: list[dict[str, Any]]
     matrices_metrics: dict[str, Any]
     similarity_histogram: list[dict[str, Any]]
+    probing: dict[str, Any] | None
+    """`saepipe interp`'s probing.json and autointerp.json, when that stage has run."""
+    autointerp: dict[str, Any] | None
 
     @classmethod
     def read(cls, files: RunFiles) -> RunInputs:
@@ -87,7 +96,29 @@ class RunInputs:
                    dead=read_json(files.quick / QUICK_DEAD, "dead features"),
                    density_histogram=read_json(files.quick / QUICK_HISTOGRAM, "density histogram"),
                    matrices_metrics=read_json(files.analysis / MATRICES_METRICS, "matrices metrics"),
-                   similarity_histogram=read_json(files.analysis / SIMILARITY_HISTOGRAM, "similarity histogram"))
+                   similarity_histogram=read_json(files.analysis / SIMILARITY_HISTOGRAM, "similarity histogram"),
+                   probing=_optional_json(files.interp / PROBING, "interp probing"),
+                   autointerp=_optional_json(files.interp / AUTOINTERP, "interp auto-interpretation"))
+
+
+def _optional_json(path: Path, what: str) -> Any:
+    return read_json(path, what) if path.is_file() else None
+
+
+def read_explanations(path: Path) -> dict[int, dict[str, Any]]:
+    """`saepipe interp`'s explanations.jsonl by feature id (without the examples it used); {} when absent."""
+    if not path.is_file():
+        return {}
+    keep = ("explanation", "detection", "fuzzing", "detection_auc", "fuzzing_auc")
+    explanations = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                record = json.loads(line)
+                explanations[int(record["id"])] = {key: record.get(key) for key in keep}
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise UserError(f"{path}:{number}: not an explanation record ({exc}); rerun `saepipe interp`") from None
+    return explanations
 
 
 def read_summaries(path: Path, examples: int) -> list[dict[str, Any]]:

@@ -74,7 +74,9 @@ def feature_table(records: Sequence[dict[str, Any]], tokens: int, with_share: bo
 def render_readme(*, run_name: str, config: dict[str, Any], metrics: dict[str, Any], headline: dict[str, Any],
                   db_rows: int, token_cache: str | None, epochs: int, plots: dict[str, str],
                   active: Sequence[dict[str, Any]], interpretable: Sequence[dict[str, Any]], min_count: int,
-                  browser_stats: dict[str, Any]) -> str:
+                  browser_stats: dict[str, Any], probing: dict[str, Any] | None = None,
+                  autointerp: dict[str, Any] | None = None,
+                  explanations: dict[int, dict[str, Any]] | None = None) -> str:
     evaluated = metrics.get("evaluated", {})
     data = config.get("data", {})
     checkpoint = config.get("checkpoint", {})
@@ -125,5 +127,44 @@ def render_readme(*, run_name: str, config: dict[str, Any], metrics: dict[str, A
         *(feature_table(interpretable, tokens, with_share=True) if interpretable else
           [f"No feature fires at least {min_count} times (`report.min_count`)."]),
         "",
+        *interp_section(probing, autointerp, explanations or {}),
     ]
     return "\n".join(lines)
+
+
+def _score(value: Any) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def interp_section(probing: dict[str, Any] | None, autointerp: dict[str, Any] | None,
+                   explanations: dict[int, dict[str, Any]]) -> list[str]:
+    """Sparse-probing accuracies and the scored explanations from `saepipe interp`; a pointer when it has not run."""
+    lines = ["## Interpretability scores", ""]
+    if probing is None and not explanations:
+        return [*lines, "`saepipe interp` has not run for this SAE: it adds sparse probing on the corpus's labels "
+                "and scored feature explanations here.", ""]
+    if probing is not None and "skipped" not in probing:
+        ks = sorted(int(key.rsplit("_k", 1)[1]) for key in probing if key.startswith("subject_k"))
+        lines += [f"Sparse probing: held-out balanced accuracy of a logistic-regression probe on the k SAE features "
+                  f"with the largest class-mean difference, against the same probe on all residual dimensions "
+                  f"({probing.get('train_samples')} training and {probing.get('val_samples')} held-out windows of "
+                  f"{probing.get('window')} tokens; 0.5 is chance).", "",
+                  "| task | " + " | ".join(f"k = {k}" for k in ks) + " | residual (all dims) |",
+                  "|---|" + "---|" * (len(ks) + 1)]
+        for task in ("subject", "chapter"):
+            cells = [_score(probing.get(f"{task}_k{k}")) for k in ks]
+            lines.append(f"| {task} | " + " | ".join(cells) + f" | {_score(probing.get(f'{task}_resid'))} |")
+        lines.append("")
+    elif probing is not None:
+        lines += [f"Sparse probing skipped: {probing['skipped']}.", ""]
+    if explanations:
+        explainer = (autointerp or {}).get("explainer")
+        lines += [f"Auto-interpretation of {len(explanations)} sampled features by `{explainer}`: mean detection "
+                  f"{_score((autointerp or {}).get('detection'))}, fuzzing {_score((autointerp or {}).get('fuzzing'))} "
+                  "(balanced accuracy; 0.5 is chance).", "",
+                  "| feature | explanation | detection | fuzzing |", "|---|---|---|---|"]
+        for f, record in sorted(explanations.items()):
+            lines.append(f"| [#{f}]({BROWSER}#feature={f}) | {escape(record.get('explanation') or '')} | "
+                         f"{_score(record.get('detection'))} | {_score(record.get('fuzzing'))} |")
+        lines.append("")
+    return lines

@@ -99,8 +99,11 @@ def metric_sources(history: list[dict[str, Any]], metrics: dict[str, Any],
 def build_summary(*, run_name: str, config: dict[str, Any], history: list[dict[str, Any]],
                   metrics: dict[str, Any], matrices_metrics: dict[str, Any], db_attrs: dict[str, Any],
                   features: dict[str, Any], params: dict[str, Any], artifacts: dict[str, str],
-                  browser: dict[str, Any]) -> dict[str, Any]:
+                  browser: dict[str, Any], probing: dict[str, Any] | None = None,
+                  autointerp: dict[str, Any] | None = None) -> dict[str, Any]:
     sources = metric_sources(history, metrics, matrices_metrics)
+    interp = {"probing": {k: v for k, v in probing.items() if k != "procedure"} if probing else None,
+              "autointerp": autointerp}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -111,7 +114,8 @@ def build_summary(*, run_name: str, config: dict[str, Any], history: list[dict[s
                  "texts_sha256": db_attrs.get("texts_sha256")},
         "headline": headline_values(sources),
         "metrics": {"training": {"epochs": len(history), "final": history[-1]},
-                    "evaluate": sources["evaluate"], "matrices": matrices_metrics},
+                    "evaluate": sources["evaluate"], "matrices": matrices_metrics,
+                    **({"interp": interp} if probing or autointerp else {})},
         "features": features,
         "params": params,
         "versions": {"installed": versions(), "trained_with": config.get("code"),
