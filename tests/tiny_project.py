@@ -45,8 +45,8 @@ def make_project(root: Path, model_dir: Path, sentences: list[str], *, chapters:
                                 model_name="tiny-random-llama")
     params["tokenize"]["val_fraction"] = 0.25
     params["activations"].update(max_text_length=32, device="cpu", hook_layer=1)
-    params["train"].update(sae_expansion=2, topk=4, topk_aux=8, batch_size=64, num_epochs=1, lr_warmup_steps=2,
-                           device="cpu", **(train or {}))
+    params["train"].update({"sae_expansion": 2, "topk": 4, "topk_aux": 8, "batch_size": 64, "num_epochs": 1,
+                            "lr_warmup_steps": 2, "device": "cpu", **(train or {})})
     params["evaluate"].update(ablation_max_tokens=64, batch_size=256, device="cpu")
     params["activation_db"].update(device="cpu", batch_size=128)
     params["summarize"].update(top_k=5)
