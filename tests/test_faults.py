@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -155,6 +156,27 @@ def test_nan_in_the_activation_cache_stops_training_before_it_starts(project: Pa
     line = one_line_error(["train", "--params", "cases/p.yaml"], capsys)
     assert f"cases/acts/activations.h5: train row {row} holds NaN or Inf" in line
     assert not (project / "cases/ckpts").exists()
+
+
+@pytest.mark.parametrize(("value", "storage", "expected"), [
+    (float("nan"), "float32", "the model produced NaN or Inf activations (document 5, position 2"),
+    (1e5, "float16", "activations.storage_dtype='float16': expected a dtype that holds these activations"),
+])
+def test_the_cache_writer_refuses_what_it_cannot_store(tmp_path: Path, value: float, storage: str,
+                                                      expected: str) -> None:
+    from saepipe.activations.cache import ActivationCacheWriter
+
+    writer = ActivationCacheWriter(tmp_path / "activations.h5", 4, storage, 10.0, {"forward_dtype": "bfloat16"})
+    rows = torch.ones(3, 4)
+    ids = np.array([4, 5, 6], np.int32)
+    writer.append("train", rows, ids, ids, np.array([0, 1, 2], np.int32))
+    rows[1, 2] = value
+    try:
+        with pytest.raises(UserError, match=re.escape(expected)):
+            writer.append("train", rows, ids + 1, ids, np.array([1, 2, 3], np.int32))
+    finally:
+        writer.abort()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(project: Path, capsys,
