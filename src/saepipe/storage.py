@@ -1,13 +1,20 @@
 """Atomic writes and checked reads shared by every stage.
 
 Every artifact is written under a temporary name beside its final path and renamed only when
-complete, so an interrupted stage never leaves a half-written file that looks finished.
+complete, so an interrupted stage never leaves a half-written file that looks finished. Temporary names
+are `.<final name>.<pid>.<random>.tmp` (dot-prefixed, so `.dvcignore` and `.gitignore` leave them out);
+one left by a process that was killed (SIGKILL skips every cleanup) is removed the next time the same
+artifact is written. A full disk while writing becomes one line naming the artifact (exit code 2), and the
+previous complete artifact stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -20,19 +27,79 @@ import numpy as np
 
 from saepipe.errors import UserError
 
+LOW_SPACE_BYTES = 1 << 20
+"""Below this much free space, a failed write is taken as a full disk (torch.save reports one only as a
+short write: "unexpected pos")."""
+
+
+def is_disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether `exc`, raised while writing under `where`, means its filesystem is full (or over quota).
+
+    h5py and `open` raise OSError(ENOSPC); safetensors wraps it in its own error with "os error 28" in the
+    text; torch.save raises a RuntimeError about the position: then only the free space tells.
+    """
+    if isinstance(exc, UserError):
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if any(s in text for s in ("No space left on device", "Disk quota exceeded", "os error 28", "errno = 28")):
+        return True
+    if isinstance(exc, OSError | RuntimeError):
+        try:
+            return shutil.disk_usage(where).free < LOW_SPACE_BYTES
+        except OSError:
+            return False
+    return False
+
+
+def no_space_error(final: Path) -> UserError:
+    return UserError(f"{final}: no space left on device while writing it; nothing was replaced (the previous "
+                     f"{final.name}, if any, is untouched); free some space and rerun")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Remove temporaries of `final` whose writing process no longer exists (killed before it could clean up)."""
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        pid = path.name[len(final.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _temp_prefix(final: Path) -> str:
+    return f".{final.name}.{os.getpid()}."
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary file path beside `final`; it replaces `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    remove_stale_temps(final)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
+    except Exception as exc:
+        if is_disk_full(exc, final.parent):
+            raise no_space_error(final) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -42,7 +109,8 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temporary directory beside `final`; it replaces `final` only on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         tmp.chmod(0o755)
@@ -54,8 +122,50 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+    except Exception as exc:
+        if is_disk_full(exc, final.parent):
+            raise no_space_error(final) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _GuardedFile(io.FileIO):
+    """The file under an HDF5 file being written. A write that fails (a full disk) is recorded and it and every
+    later write reported as done: HDF5 must never see a failed write, after which it can neither close the file
+    nor exit cleanly (the process crashes at exit). `atomic_h5` raises the recorded error instead."""
+
+    failed: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.failed is None and done < len(view):
+            try:
+                done += super().write(view[done:]) or 0
+            except OSError as exc:
+                self.failed = exc
+        return len(view)
+
+
+def check_writes(file: Any) -> None:
+    """Raise the error of a failed write to an HDF5 file from `atomic_h5` (writers call it as they go, so that
+    a full disk stops a long stage at once rather than at its end)."""
+    guard = getattr(file, "saepipe_guard", None)
+    if guard is not None and guard.failed is not None:
+        raise guard.failed
+
+
+@contextlib.contextmanager
+def atomic_h5(final: str | os.PathLike[str]) -> Iterator[Any]:
+    """An h5py.File written under a temporary name and renamed when complete; a full disk is one line."""
+    import h5py
+
+    with atomic_path(final) as tmp, _GuardedFile(tmp, "w+b") as raw:
+        with h5py.File(raw, "w") as file:
+            file.saepipe_guard = raw
+            yield file
+        check_writes(file)
 
 
 def plain(value: Any) -> Any:

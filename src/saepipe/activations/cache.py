@@ -23,6 +23,7 @@ This module is the only reader and writer of that layout.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -32,8 +33,8 @@ import h5py
 import numpy as np
 import torch
 
-from saepipe.errors import UserError
-from saepipe.storage import OpenFile, atomic_path, plain, require_file
+from saepipe.errors import UserError, field_error
+from saepipe.storage import OpenFile, atomic_h5, check_writes, is_disk_full, no_space_error, plain, require_file
 
 FORMAT = "saepipe.activations"
 FORMAT_VERSION = 1
@@ -73,8 +74,7 @@ class ActivationCacheWriter:
         self.storage_dtype = storage_dtype
         self.outlier_factor = outlier_factor
         self._stack = ExitStack()
-        tmp = self._stack.enter_context(atomic_path(self.path))
-        self.file = self._stack.enter_context(h5py.File(tmp, "w"))
+        self.file = self._stack.enter_context(atomic_h5(self.path))
         self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, **attrs,
                                 "storage_dtype": storage_dtype, "outlier_factor": outlier_factor,
                                 "d_model": d_model})
@@ -96,21 +96,37 @@ class ActivationCacheWriter:
         """Add float32 rows [n, d_model] with their token, document and position."""
         acts = acts.detach().float().cpu()
         norms = torch.linalg.vector_norm(acts, dim=1)
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            bad = int(torch.nonzero(~finite)[0])
+            raise UserError(f"{self.path}: the model produced NaN or Inf activations (document {int(doc_ids[bad])}, "
+                            f"position {int(positions[bad])}, activations.forward_dtype="
+                            f"{self.file.attrs.get('forward_dtype')}); nothing was written; try float32")
         stored = to_storage(acts, self.storage_dtype)
         if self.storage_dtype != "float32":
             err = torch.linalg.vector_norm(from_storage(stored, self.storage_dtype) - acts, dim=1)
             rel = (err / norms.clamp_min(1e-12)).numpy()
+            worst = float(rel.max(initial=0.0))
+            if not math.isfinite(worst):  # float16 turns values beyond 65504 into Inf
+                raise field_error("activations.storage_dtype", self.storage_dtype,
+                                  "a dtype that holds these activations (one exceeds its range): bfloat16 or float32")
             self.err_sum += float(rel.sum())
-            self.err_max = max(self.err_max, float(rel.max(initial=0.0)))
+            self.err_max = max(self.err_max, worst)
         self.sums[split] += acts.sum(0, dtype=torch.float64).numpy()
         group = self.file[split]
         start = self.rows(split)
         stop = start + len(acts)
-        for name, values in (("activations", stored), ("token_ids", token_ids), ("doc_ids", doc_ids),
-                             ("positions", positions), ("norms", norms.numpy())):
-            dataset = group[name]
-            dataset.resize(stop, axis=0)
-            dataset[start:stop] = values
+        try:
+            for name, values in (("activations", stored), ("token_ids", token_ids), ("doc_ids", doc_ids),
+                                 ("positions", positions), ("norms", norms.numpy())):
+                dataset = group[name]
+                dataset.resize(stop, axis=0)
+                dataset[start:stop] = values
+            check_writes(self.file)
+        except OSError as exc:
+            if is_disk_full(exc, self.path.parent):
+                raise no_space_error(self.path) from None
+            raise
 
     def close(self) -> dict[str, Any]:
         """Flag outliers, write per-split statistics, rename into place; returns the summary."""
@@ -161,6 +177,15 @@ class ActivationCacheWriter:
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
+def check_finite_rows(rows: torch.Tensor, path: Path, split: str, index: np.ndarray) -> None:
+    """Refuse rows holding NaN or Inf (row `index[i]` of the split is rows[i]), naming the first."""
+    finite = torch.isfinite(rows).all(dim=1)
+    if not bool(finite.all()):
+        bad = int(index[int(torch.nonzero(~finite)[0])])
+        raise UserError(f"{path}: {split} row {bad} holds NaN or Inf; the activation cache is damaged, "
+                        "rerun `saepipe activations`")
+
+
 class ActivationCache(OpenFile):
     """Read access to a finished activation cache."""
 
@@ -178,6 +203,24 @@ class ActivationCache(OpenFile):
                             f"{FORMAT_VERSION}; rerun `saepipe activations`")
         self.attrs: dict[str, Any] = {k: plain(v) for k, v in attrs.items()}
         self.storage_dtype: str = self.attrs["storage_dtype"]
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """Every split and field present with one row count: a file cut short or damaged fails here, on open."""
+        for split in SPLITS:
+            group = self.file.get(split)
+            names = ("activations", *ROW_FIELDS, "outlier", "mean")
+            try:
+                missing = [n for n in names if group is None or n not in group]
+                rows = {group[n].shape[0] for n in names[:-1]} if not missing else set()
+            except (OSError, KeyError, RuntimeError) as exc:
+                raise UserError(f"{self.path}: damaged activation cache ({exc}); rerun `saepipe activations`") from None
+            if missing:
+                raise UserError(f"{self.path}: {split}/{missing[0]} is missing; the activation cache is incomplete "
+                                "or damaged, rerun `saepipe activations`")
+            if len(rows) != 1:
+                raise UserError(f"{self.path}: the {split} fields disagree on the row count; rerun "
+                                "`saepipe activations`")
 
     @property
     def d_model(self) -> int:
@@ -193,7 +236,11 @@ class ActivationCache(OpenFile):
 
     def column(self, split: str, name: str) -> np.ndarray:
         """A whole per-row field: token_ids, doc_ids, positions, norms or outlier."""
-        return self.file[self._split(split)][name][:]
+        try:
+            return self.file[self._split(split)][name][:]
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot read {split}/{name} ({exc}); the activation cache is damaged, "
+                            "rerun `saepipe activations`") from None
 
     def mean(self, split: str = "train") -> np.ndarray:
         return self.file[self._split(split)]["mean"][:]
@@ -201,9 +248,17 @@ class ActivationCache(OpenFile):
     def split_attrs(self, split: str) -> dict[str, Any]:
         return {k: plain(v) for k, v in self.file[split].attrs.items()}
 
+    def read_stored(self, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) as stored; a damaged file is a one-line error naming it."""
+        try:
+            return self.file[self._split(split)]["activations"][start:stop]
+        except (OSError, KeyError) as exc:
+            raise UserError(f"{self.path}: cannot read {split} rows {start}:{stop} ({exc}); the activation cache is "
+                            "damaged, rerun `saepipe activations`") from None
+
     def read(self, split: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) as float32."""
-        return from_storage(self.file[self._split(split)]["activations"][start:stop], self.storage_dtype)
+        return from_storage(self.read_stored(split, start, stop), self.storage_dtype)
 
     def iter_batches(self, split: str, batch_rows: int, include_outliers: bool = False
                      ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:

@@ -27,7 +27,7 @@ from saepipe.analysis.activation_db import FORMAT, FORMAT_VERSION, SPLIT_CODES, 
 from saepipe.errors import UserError
 from saepipe.kernels.csc import scatter_block, sort_segments
 from saepipe.sae import SparseAutoencoder
-from saepipe.storage import atomic_path
+from saepipe.storage import atomic_h5
 
 ENTRY_CHUNK = 1 << 16
 """HDF5 chunk length (entries) of the CSR and CSC arrays."""
@@ -114,7 +114,7 @@ def build_activation_db(path: str | Path, sae: SparseAutoencoder, cache: Activat
     device = sae.W_enc.device
     n_rows = sum(cache.n_rows(s) for s in splits)
     d_sae = sae.d_sae
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_h5(path) as f:
         rows = f.create_group("rows")
         columns = {name: np.concatenate([cache.column(s, column) for s in splits]).astype(np.int32)
                    for name, column in (("token_id", "token_ids"), ("doc_id", "doc_ids"), ("position", "positions"))}

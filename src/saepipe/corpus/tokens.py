@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from saepipe.errors import UserError
-from saepipe.storage import atomic_path, plain, require_file
+from saepipe.storage import atomic_h5, plain, require_file
 
 FORMAT = "saepipe.tokens"
 FORMAT_VERSION = 1
@@ -71,7 +71,7 @@ def write_token_cache(
         "n_documents": len(documents),
         "n_tokens": int(offsets[-1]),
     }
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_h5(path) as f:
         f.create_dataset("tokens", data=tokens, chunks=True, compression="lzf")
         f.create_dataset("offsets", data=offsets)
         f.create_dataset("split", data=split.astype(np.int8))
@@ -93,6 +93,8 @@ def read_token_cache(path: str | Path) -> TokenCache:
                                attrs={k: plain(v) for k, v in attrs.items()})
     except OSError as exc:
         raise UserError(f"{path} is not a readable HDF5 file ({exc})") from None
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(f"{path}: damaged token cache ({exc}); rerun `saepipe tokenize`") from None
     if len(cache.offsets) != cache.n_documents + 1 or cache.offsets[-1] != len(cache.tokens):
         raise UserError(f"{path}: offsets do not match tokens; the file is damaged, rerun `saepipe tokenize`")
     return cache

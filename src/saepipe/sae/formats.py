@@ -70,6 +70,10 @@ def export_sae(sae: SparseAutoencoder, run: RunRecord, history: list[dict[str, A
     sae = copy.deepcopy(sae).cpu().float().eval()
     sae.fold_input_scale_(scale)
     tensors = {name: t.detach().float().contiguous() for name, t in sae.export_tensors().items()}
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{checkpoint.get('name')} (epoch {checkpoint.get('epoch')}): {', '.join(bad)} hold NaN or "
+                        "Inf; refusing to export non-finite weights")
     config = _our_config(sae.cfg, run, checkpoint)
     saelens_cfg, saelens_tensors = _saelens_export(sae.cfg, config, tensors)
     with atomic_dir(out_dir) as tmp:

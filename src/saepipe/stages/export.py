@@ -27,6 +27,20 @@ def pick_checkpoint(run_dir: Path, which: str) -> Path:
     return path
 
 
+def check_finished(run_dir: Path) -> None:
+    """Refuse a run that stopped before its last epoch (killed, or failed): its best epoch so far is not the
+    result the params ask for. The newest checkpoint records how many epochs its run was to train."""
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
+        return
+    state = read_json(newest / "state.json", "checkpoint state")
+    planned = ((state.get("run") or {}).get("train_config") or {}).get("num_epochs")
+    epoch = state.get("epoch")
+    if isinstance(planned, int) and isinstance(epoch, int) and epoch < planned:
+        raise UserError(f"{run_dir}: training stopped after epoch {epoch} of {planned} (interrupted?); finish it "
+                        "with `saepipe train --resume`, then export")
+
+
 def summary_line(config: dict[str, Any], history: list[dict[str, Any]], out_dir: Path) -> str:
     metrics = final_metrics(config, history)
     scores = ", ".join(f"{label} {metrics[key]:.4g}" for key, label in (("val_fvu", "val FVU"), ("val_l0", "val L0"))
@@ -37,7 +51,10 @@ def summary_line(config: dict[str, Any], history: list[dict[str, Any]], out_dir:
 
 
 def run(params: Params) -> None:
-    checkpoint = load_checkpoint(pick_checkpoint(checkpoints_dir(params), params.export.checkpoint))
+    run_dir = checkpoints_dir(params)
+    path = pick_checkpoint(run_dir, params.export.checkpoint)
+    check_finished(run_dir)
+    checkpoint = load_checkpoint(path)
     out_dir = export_dir(params)
     export_sae(checkpoint.sae, checkpoint.run_record(), checkpoint.history, out_dir, checkpoint.identity())
     print(summary_line(read_json(out_dir / CONFIG, "exported SAE config"), read_json(out_dir / HISTORY, "history"),

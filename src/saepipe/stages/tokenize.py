@@ -39,6 +39,9 @@ def run(params: Params) -> None:
     model_dir = params.base_model.output_dir
     tokenizer = load_tokenizer(model_dir)
     documents = tokenize_documents(tokenizer, texts)
+    if not any(len(doc) >= 2 for doc in documents):
+        raise UserError(f"{texts_path}: no document has two tokens or more, and a document's first token is never "
+                        "cached; raise process.min_words or add longer texts")
     split = split_documents(len(documents), cfg.val_fraction, cfg.seed)
     if not (split == VALIDATION).any():
         raise UserError(f"tokenize.val_fraction={cfg.val_fraction:g}: {texts_path} holds {len(documents)} "

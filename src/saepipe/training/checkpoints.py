@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saepipe.errors import UserError
 from saepipe.sae import SparseAutoencoder, build_sae, config_from_dict
 from saepipe.sae.provenance import RunRecord
-from saepipe.storage import atomic_dir
+from saepipe.storage import atomic_dir, read_json
+from saepipe.training.guards import check_finite_weights
 
 BEST = "best_model.pt"
 EPOCH_RE = re.compile(r"^checkpoint_epoch(\d+)\.pt$")
@@ -62,7 +64,8 @@ def epoch_dir(run_dir: Path, epoch: int) -> Path:
 
 def save_checkpoint(path: Path, sae: SparseAutoencoder, state: dict[str, Any], history: list[dict[str, float]],
                     tensors: dict[str, Any]) -> None:
-    """Write a checkpoint directory atomically (temporary name, then rename)."""
+    """Write a checkpoint directory atomically (temporary name, then rename); never one with NaN or Inf weights."""
+    check_finite_weights(sae.state_dict(), f"{path} (epoch {state.get('epoch')}, step {state.get('step')})")
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, tmp / "sae.safetensors")
         (tmp / "sae_config.json").write_text(json.dumps(sae.cfg.to_dict(), indent=2) + "\n")
@@ -79,14 +82,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise UserError(f"{path} is not a complete checkpoint (missing {', '.join(missing)})")
-    cfg = config_from_dict(json.loads((path / "sae_config.json").read_text()))
+    try:
+        cfg = config_from_dict(read_json(path / "sae_config.json", "checkpoint SAE config"))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"{path / 'sae_config.json'}: not an SAE config ({type(exc).__name__}: {exc})") from None
     sae = build_sae(cfg)
-    sae.load_state_dict(load_file(path / "sae.safetensors", device=str(map_location)))
+    try:
+        weights = load_file(path / "sae.safetensors", device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path / 'sae.safetensors'}: not a readable safetensors file ({exc})") from None
+    try:
+        sae.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"{path / 'sae.safetensors'}: does not match {path / 'sae_config.json'} ({first})") from None
+    try:
+        tensors = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling refusals, truncated zips, I/O: all mean a bad file
+        raise UserError(f"{path / 'optimizer.pt'}: not a readable optimizer state ({type(exc).__name__})") from None
     return Checkpoint(
         sae=sae,
-        state=json.loads((path / "state.json").read_text()),
-        history=json.loads((path / "history.json").read_text()),
-        tensors=torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True),
+        state=read_json(path / "state.json", "checkpoint state"),
+        history=read_json(path / "history.json", "checkpoint history"),
+        tensors=tensors,
         path=path,
     )
 

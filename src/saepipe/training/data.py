@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saepipe.activations.cache import ActivationCache, stored_tensor
+from saepipe.activations.cache import ActivationCache, check_finite_rows, stored_tensor
 
 READ_BLOCK_ROWS = 65536
 TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,7 +52,8 @@ def _load_split(cache: ActivationCache, split: str, include_outliers: bool, max_
     for start in range(0, stored.shape[0], READ_BLOCK_ROWS):
         mask = keep[start : start + READ_BLOCK_ROWS]
         if mask.any():
-            block = stored_tensor(stored[start : start + len(mask)][mask], cache.storage_dtype)
+            block = stored_tensor(cache.read_stored(split, start, start + len(mask))[mask], cache.storage_dtype)
+            check_finite_rows(block, cache.path, split, np.flatnonzero(mask) + start)
             data[filled : filled + len(block)] = block
             filled += len(block)
     return data, 0 if include_outliers else int(outlier.sum())

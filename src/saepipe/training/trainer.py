@@ -36,6 +36,7 @@ from saepipe.training.checkpoints import (
     save_checkpoint,
 )
 from saepipe.training.data import ActivationData, epoch_order, geometric_median, iter_batches
+from saepipe.training.guards import check_finite_loss
 from saepipe.training.metrics import EpochMetrics, lr_factor, warmup_factor
 from saepipe.training.optimizer import ConstrainedAdam
 
@@ -164,8 +165,10 @@ class Trainer:
         self.tokens_seen += x.shape[0]
         self.dead.update(out.codes.cols, self.tokens_seen)
         self.step += 1
+        loss_value = total.item()
+        check_finite_loss(loss_value, self.step, self.epoch + 1, self.run_dir)
         metrics.add(x, out.x_hat, out.codes.nnz, {
-            "loss": total.item(),
+            "loss": loss_value,
             "recon_loss": out.recon_loss.item(),
             "l1_loss": out.sparsity_loss.item(),
             "weighted_l1_loss": penalty * out.sparsity_loss.item(),

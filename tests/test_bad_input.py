@@ -1,0 +1,239 @@
+"""Bad input, as a table: each row runs one `saepipe` command on a tiny project and expects exit code 2, exactly
+one line on stderr that holds the expected text, no traceback, and not one file of the project written or changed.
+
+The project (chapters -> process -> tokenize -> activations -> train -> export) is built once per module with the
+CLI itself; each case only adds its own input files (under cases/) before the project is snapshotted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from saepipe.cli import main
+from tiny_project import make_project
+
+Setup = Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: list[str]
+    expected: str
+    setup: Setup | None = None
+
+
+def write(relative: str, content: str | bytes) -> Setup:
+    def setup(root: Path) -> None:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return setup
+
+
+def chapters(relative: str, files: dict[str, str | bytes]) -> Setup:
+    """A raw_dir at `relative` whose three subject folders hold `files` (name -> content); {} leaves them empty."""
+    def setup(root: Path) -> None:
+        for subject in ("physics", "chemistry", "biology"):
+            folder = root / relative / f"{subject}_chapters"
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, content in files.items():
+                write(str(folder.relative_to(root) / name), content)(root)
+    return setup
+
+
+def texts_dir(relative: str, texts: list[str]) -> Setup:
+    return write(f"{relative}/texts.json", json.dumps(texts))
+
+
+def edited_export(relative: str, **changes: object) -> Setup:
+    """A copy of the project's export whose config.json says something else (model, hook)."""
+    def setup(root: Path) -> None:
+        target = root / relative
+        shutil.copytree(root / "models" / "sae" / "default", target)
+        config = json.loads((target / "config.json").read_text())
+        config.update(changes)
+        (target / "config.json").write_text(json.dumps(config))
+    return setup
+
+
+def small_sae(relative: str) -> Setup:
+    """An exported SAE on 16-dimensional activations (the tiny model's are 64)."""
+    def setup(root: Path) -> None:
+        from saved_saes import export, make_checkpoint
+
+        export(make_checkpoint(root / "cases" / "ckpt16", "topk"), root / relative)
+    return setup
+
+
+def params_file(relative: str, yaml_text: str) -> Setup:
+    return write(relative, yaml_text)
+
+
+BINARY = bytes(range(256)) * 4
+LONG_TEXT = "Energy is stored as ATP in the cell and used by every part of it. " * 3
+
+CASES = [
+    # ---- corpus -------------------------------------------------------------------------------------------------
+    Case("empty corpus directory", ["process", "--raw-dir", "cases/raw_empty"], "holds no .md chapters",
+         chapters("cases/raw_empty", {})),
+    Case("missing raw_dir", ["process", "--raw-dir", "cases/nowhere"], "no folder cases/nowhere/physics_chapters"),
+    Case("chapters that are empty", ["process", "--raw-dir", "cases/raw_blank"],
+         "process.min_words=8: no document of cases/raw_blank", chapters("cases/raw_blank", {"ch01.md": ""})),
+    Case("a binary chapter", ["process", "--raw-dir", "cases/raw_binary"], "not UTF-8 text",
+         chapters("cases/raw_binary", {"ch01.md": BINARY})),
+    Case("JSON that is an object", ["process", "--data-path", "cases/object.json"],
+         "holds a JSON object; expected a JSON list of strings", write("cases/object.json", '{"a": "b"}')),
+    Case("JSON list holding a number", ["process", "--data-path", "cases/numbers.json"],
+         "item 1 is a JSON number", write("cases/numbers.json", '["text here", 3]')),
+    Case("JSON that does not parse", ["process", "--data-path", "cases/broken.json"], "not valid JSON",
+         write("cases/broken.json", '["unterminated')),
+    Case("empty JSON list", ["process", "--data-path", "cases/empty.json"], "the list is empty",
+         write("cases/empty.json", "[]")),
+    Case("binary data_path", ["process", "--data-path", "cases/binary.json"], "not UTF-8 text",
+         write("cases/binary.json", BINARY)),
+    Case("texts shorter than two tokens", ["tokenize", "--params", "cases/short.yaml"],
+         "no document has two tokens",
+         lambda root: (texts_dir("cases/short", ["a", "b", "c", ""])(root),
+                       params_file("cases/short.yaml", "process:\n  output_dir: cases/short\n"
+                                   "tokenize:\n  output: cases/short/tokens.h5\n")(root))),
+    Case("one document: empty validation split", ["tokenize", "--params", "cases/one.yaml"],
+         "leaves the validation split empty",
+         lambda root: (texts_dir("cases/one", [LONG_TEXT])(root),
+                       params_file("cases/one.yaml", "process:\n  output_dir: cases/one\n"
+                                   "tokenize:\n  output: cases/one/tokens.h5\n")(root))),
+    # ---- params -------------------------------------------------------------------------------------------------
+    Case("wrong type in params file", ["train", "--params", "cases/type.yaml"],
+         "train.topk='many': expected an integer", params_file("cases/type.yaml", "train:\n  topk: many\n")),
+    Case("wrong type on the command line", ["train", "--batch-size", "1.5"],
+         "train.batch_size=1.5: expected an integer"),
+    Case("list where a number belongs", ["train", "--params", "cases/list.yaml"], "train.lr=[0.1]: expected a number",
+         params_file("cases/list.yaml", "train:\n  lr: [0.1]\n")),
+    Case("unknown key", ["train", "--params", "cases/key.yaml"], "unknown key train.topk_ax; did you mean 'topk_aux'?",
+         params_file("cases/key.yaml", "train:\n  topk_ax: 3\n")),
+    Case("unknown section", ["train", "--params", "cases/section.yaml"],
+         "unknown section 'trian'; did you mean 'train'?",
+         params_file("cases/section.yaml", "trian:\n  topk: 3\n")),
+    Case("params file that is not YAML", ["train", "--params", "cases/bad.yaml"], "not valid YAML",
+         params_file("cases/bad.yaml", "train: [\n")),
+    Case("params file missing", ["train", "--params", "cases/none.yaml"], "params file not found: cases/none.yaml"),
+    Case("section that is not a mapping", ["train", "--params", "cases/flat.yaml"], "section 'train' is not a mapping",
+         params_file("cases/flat.yaml", "train: 3\n")),
+    Case("out-of-range layer", ["activations", "--hook-layer", "40", "--output-dir", "cases/acts"],
+         "activations.hook_layer=40: expected an integer in [0, 1]"),
+    Case("negative layer", ["activations", "--hook-layer", "-1", "--output-dir", "cases/acts"],
+         "activations.hook_layer=-1"),
+    Case("unknown hook name", ["activations", "--hook-name", "hook_resid_middle", "--output-dir", "cases/acts"],
+         "activations.hook_name='hook_resid_middle'"),
+    Case("topk 0", ["train", "--topk", "0"], "train.topk=0: expected an integer >= 1"),
+    Case("topk negative", ["train", "--topk", "-3"], "train.topk=-3: expected an integer >= 1"),
+    Case("topk >= d_sae", ["train", "--topk", "128"], "train.topk=128: expected an integer below d_sae = 128"),
+    Case("expansion 0", ["train", "--sae-expansion", "0"], "train.sae_expansion=0: expected an integer >= 1"),
+    Case("expansion negative", ["train", "--sae-expansion", "-2"], "train.sae_expansion=-2: expected an integer >= 1"),
+    Case("end-to-end with both sub-losses off", ["train", "--use-end-to-end", "--no-use-logit-kl",
+                                                  "--no-use-block-mse"],
+         "train.use_end_to_end=True: expected false, or at least one of train.use_logit_kl"),
+    Case("run name with a slash", ["train", "--run-name", "a/b"], "train.run_name='a/b': expected a folder name"),
+    Case("run name '..'", ["train", "--run-name", ".."], "train.run_name='..': expected a folder name"),
+    Case("run name escaping upwards", ["train", "--run-name", "../x"], "train.run_name='../x': expected a folder name"),
+    Case("run name with a backslash", ["export", "--params", "cases/bs.yaml"], "train.run_name='a\\\\b'",
+         params_file("cases/bs.yaml", "train:\n  run_name: a\\b\n")),
+    Case("unknown device", ["train", "--device", "gpu"], "train.device='gpu': expected auto, cpu, cuda or cuda:N"),
+    Case("zero epochs", ["train", "--num-epochs", "0"], "train.num_epochs=0: expected an integer >= 1"),
+    Case("val_fraction out of range", ["tokenize", "--val-fraction", "1.5"], "tokenize.val_fraction=1.5"),
+    Case("unknown storage dtype", ["activations", "--storage-dtype", "int8"], "invalid choice: 'int8'"),
+    # ---- an SAE that does not fit the cache or the model -------------------------------------------------------
+    Case("SAE d_in differs from the cache", ["evaluate", "--sae-path", "cases/sae16"],
+         "takes 16-dimensional activations, but the model's d_model is 64", small_sae("cases/sae16")),
+    Case("SAE of another model", ["evaluate", "--sae-path", "cases/sae_model"],
+         "was trained on model other/model, not tiny-random-llama",
+         edited_export("cases/sae_model", model_name="other/model")),
+    Case("SAE of another hook", ["evaluate", "--sae-path", "cases/sae_hook"],
+         "was trained on blocks.0.hook_resid_post, not blocks.1.hook_resid_post",
+         edited_export("cases/sae_hook", hook_spec="blocks.0.hook_resid_post", hook_layer=0)),
+    Case("SAE of another hook, activation-db", ["activation-db", "--params", "cases/db_hook.yaml"],
+         "was trained on blocks.0.hook_resid_post",
+         lambda root: (edited_export("cases/sae_hook2", hook_spec="blocks.0.hook_resid_post", hook_layer=0)(root),
+                       params_file("cases/db_hook.yaml", "evaluate:\n  sae_path: cases/sae_hook2\n")(root))),
+    # ---- missing inputs, one per stage -------------------------------------------------------------------------
+    Case("tokenize without texts.json", ["tokenize", "--params", "cases/no_texts.yaml"],
+         "cases/none/texts.json: file not found",
+         params_file("cases/no_texts.yaml", "process:\n  output_dir: cases/none\n")),
+    Case("activations without a token cache", ["activations", "--params", "cases/no_tokens.yaml"],
+         "token cache: file not found: cases/none.h5",
+         params_file("cases/no_tokens.yaml", "tokenize:\n  output: cases/none.h5\n")),
+    Case("activations without the model", ["activations", "--params", "cases/no_model.yaml"], "cases/no_model",
+         params_file("cases/no_model.yaml", "base_model:\n  output_dir: cases/no_model\n")),
+    Case("train without an activation cache", ["train", "--params", "cases/no_acts.yaml"],
+         "activation cache: file not found: cases/none/activations.h5",
+         params_file("cases/no_acts.yaml", "activations:\n  output_dir: cases/none\n")),
+    Case("export without checkpoints", ["export", "--params", "cases/never.yaml"],
+         "no best_model.pt in models/checkpoints/never",
+         params_file("cases/never.yaml", "train:\n  run_name: never\n")),
+    Case("evaluate without an export", ["evaluate", "--sae-path", "cases/no_sae"],
+         "SAE not found: cases/no_sae is not a directory"),
+    Case("activation-db without an export", ["activation-db", "--params", "cases/db_none.yaml"],
+         "SAE not found: cases/no_sae",
+         params_file("cases/db_none.yaml", "evaluate:\n  sae_path: cases/no_sae\n")),
+    Case("matrices without an activation DB", ["matrices"], "analysis/default/activation_db.h5"),
+    Case("summarize without matrices", ["summarize"], "run `saepipe matrices` first"),
+    Case("base-model from a missing local dir", ["base-model", "--source", "local", "--local-path", "cases/nothing",
+                                                 "--output-dir", "cases/base"], "cases/nothing"),
+]
+
+
+def run_cli(argv: list[str]) -> int:
+    """`saepipe.cli.main`'s exit code, also when argparse itself stops (a bad choice exits through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file with its size and mtime, every folder by name (a temporary folder made and removed is fine)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+            for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir, tiny_training_text) -> Path:
+    root = make_project(tmp_path_factory.mktemp("bad_input") / "project", tiny_model_dir, tiny_training_text)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for stage in ("process", "tokenize", "activations", "train", "export"):
+            assert main([stage]) == 0, stage
+    return root
+
+
+def test_the_table_is_large_enough() -> None:
+    assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(case: Case, project: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(project)
+    if case.setup is not None:
+        case.setup(project)
+    before = snapshot(project)
+    capsys.readouterr()
+    code = run_cli(case.argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.split("\n") if line.strip() and "%|" not in line]  # progress bars may precede
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err
+    assert case.expected in err, err
+    assert snapshot(project) == before
+    assert not [p for p in project.rglob("*.tmp")], "a temporary output was left behind"
+    assert os.getcwd() == str(project)
