@@ -39,14 +39,16 @@ def test_dvclive_files_without_wandb(tmp_path, monkeypatch, repo_params, changes
             tracker.log_epoch(epoch, metrics)
         tracker.log_final_artifact(tmp_path / "export")
 
-    summary = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
+    live = tmp_path / "run" / "live"  # inside the run's own folder, never ./dvclive
+    summary = json.loads((live / "metrics.json").read_text())
     assert summary == {**EPOCHS[-1], "step": len(EPOCHS)}
     for name in EPOCHS[0]:
-        with open(tmp_path / "dvclive" / "plots" / "metrics" / f"{name}.tsv") as f:
+        with open(live / "plots" / "metrics" / f"{name}.tsv") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         assert [int(r["step"]) for r in rows] == [1, 2, 3]
         assert [float(r[name]) for r in rows] == [m[name] for m in EPOCHS]
-    assert not (tmp_path / "dvc.yaml").exists() and not (tmp_path / "dvclive" / "dvc.yaml").exists()
+    assert not (tmp_path / "dvc.yaml").exists() and not (live / "dvc.yaml").exists()
+    assert not (tmp_path / "dvclive").exists()
     assert not (tmp_path / "run" / "wandb").exists()
 
 
@@ -130,9 +132,10 @@ def test_wandb_offline_run(tmp_path, repo_params, offline_env, capfd):
     cfg = train_config(repo_params, wandb=True, wandb_mode="offline", wandb_project="saepipe-test",
                        wandb_group="g1", wandb_tags=["tiny", "test"], wandb_notes="offline check",
                        wandb_log_final_artifact=True)
-    run_dir = tmp_path / "checkpoints" / "tiny-run"
-    (run_dir / "checkpoint_epoch1.pt").mkdir(parents=True)
-    (run_dir / "checkpoint_epoch1.pt" / "optimizer.pt").write_bytes(b"never uploaded")
+    run_dir = tmp_path / "runs" / "tiny-run"
+    checkpoint = run_dir / "checkpoints" / "checkpoint_epoch1.pt"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "optimizer.pt").write_bytes(b"never uploaded")
     export = tmp_path / "sae" / "tiny-run"
     export.mkdir(parents=True)
     (export / "sae.safetensors").write_bytes(b"weights")
@@ -142,7 +145,7 @@ def test_wandb_offline_run(tmp_path, repo_params, offline_env, capfd):
         for epoch, metrics in enumerate(EPOCHS, start=1):
             t.log_epoch(epoch, metrics)
         with pytest.raises(ValueError, match="checkpoint"):
-            t.log_final_artifact(run_dir / "checkpoint_epoch1.pt")
+            t.log_final_artifact(checkpoint)
         t.log_final_artifact(export)
         t.close({"status": "finished", "best_epoch": 3, "model_path": export})
 
@@ -176,7 +179,7 @@ def test_wandb_offline_run(tmp_path, repo_params, offline_env, capfd):
     assert FAKE_KEY not in out + err
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or FAKE_KEY.encode() not in path.read_bytes(), path
-    assert json.loads((tmp_path / "dvclive" / "metrics.json").read_text())["val_loss"] == EPOCHS[-1]["val_loss"]
+    assert json.loads((run_dir / "live" / "metrics.json").read_text())["val_loss"] == EPOCHS[-1]["val_loss"]
 
 
 def test_wandb_failed_run_and_no_artifact_unless_asked(tmp_path, repo_params, offline_env):
