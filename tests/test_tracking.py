@@ -41,12 +41,13 @@ def test_dvclive_files_without_wandb(tmp_path, monkeypatch, repo_params, changes
 
     live = tmp_path / "run" / "live"  # inside the run's own folder, never ./dvclive
     summary = json.loads((live / "metrics.json").read_text())
-    assert summary == {**EPOCHS[-1], "step": len(EPOCHS)}
+    assert summary == {"train": {"loss": 1.0, "recon_loss": 0.75}, "val": {"loss": 1.5}, "step": len(EPOCHS)}
     for name in EPOCHS[0]:
-        with open(live / "plots" / "metrics" / f"{name}.tsv") as f:
+        tracked = wandb_name(name)  # train/loss, val/loss: the file's column is the last part
+        with open(live / "plots" / "metrics" / f"{tracked}.tsv") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         assert [int(r["step"]) for r in rows] == [1, 2, 3]
-        assert [float(r[name]) for r in rows] == [m[name] for m in EPOCHS]
+        assert [float(r[tracked.split("/")[1]]) for r in rows] == [m[name] for m in EPOCHS]
     assert not (tmp_path / "dvc.yaml").exists() and not (live / "dvc.yaml").exists()
     assert not (tmp_path / "dvclive").exists()
     assert not (tmp_path / "run" / "wandb").exists()
@@ -179,7 +180,7 @@ def test_wandb_offline_run(tmp_path, repo_params, offline_env, capfd):
     assert FAKE_KEY not in out + err
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or FAKE_KEY.encode() not in path.read_bytes(), path
-    assert json.loads((run_dir / "live" / "metrics.json").read_text())["val_loss"] == EPOCHS[-1]["val_loss"]
+    assert json.loads((run_dir / "live" / "metrics.json").read_text())["val"]["loss"] == EPOCHS[-1]["val_loss"]
 
 
 def test_wandb_failed_run_and_no_artifact_unless_asked(tmp_path, repo_params, offline_env):

@@ -1,7 +1,8 @@
 """Experiment tracking: epoch aggregates to dvclive (always) and Weights & Biases (optional).
 
 dvclive writes into the run's own folder (`saepipe.paths`): `<run>/live/metrics.json` (the latest value of
-every metric, for `dvc exp show`) and `<run>/live/plots/metrics/<name>.tsv` (one row per epoch, for `dvc plots`),
+every metric, for `dvc exp show`) and `<run>/live/plots/metrics/{train,val}/<name>.tsv` (one row per epoch, for
+`dvc plots`),
 so an ad-hoc run with another run name never overwrites the pipeline's tracked metrics. It runs inside the
 DVC stage, so it must neither write `dvc.yaml` nor save experiments or git-commit by itself: the
 pipeline declares those files and `dvc exp run` records them.
@@ -28,7 +29,9 @@ SECRET_KEY = re.compile(r"api_?key|token|secret|password", re.IGNORECASE)
 
 
 def wandb_name(metric: str) -> str:
-    """`val_loss` -> `val/loss`; everything else is a training figure: `loss` -> `train/loss`."""
+    """`val_loss` -> `val/loss`; everything else is a training figure: `loss` -> `train/loss`. Both trackers
+    use these names: in dvclive's metrics.json they nest as {"train": {...}, "val": {...}}, so `dvc exp show`
+    columns read `train.fvu`, `val.fvu` and never collide with evaluate's headline `fvu`, `l0`."""
     return f"val/{metric[4:]}" if metric.startswith("val_") else f"train/{metric}"
 
 
@@ -99,7 +102,7 @@ class Tracker:
         values = {name: float(value) for name, value in metrics.items()}
         self.live.step = epoch
         for name, value in values.items():
-            self.live.log_metric(name, value)
+            self.live.log_metric(wandb_name(name), value)
         self.live.next_step()
         if self._run is not None:
             self._run.log({"epoch": epoch, **{wandb_name(k): v for k, v in values.items()}}, step=epoch)
