@@ -216,3 +216,46 @@ def test_wandb_init_failure_is_a_user_error_without_the_key(tmp_path, repo_param
     assert FAKE_KEY not in str(info.value) and "UsageError" in str(info.value)
     out, err = capfd.readouterr()
     assert FAKE_KEY not in out + err
+
+
+def test_dvclive_resume_continues_and_a_fresh_run_starts_over(tmp_path, repo_params) -> None:
+    run_dir = tmp_path / "runs" / "r"
+    with Tracker(train_config(repo_params), run_dir, {}) as tracker:
+        for epoch, metrics in enumerate(EPOCHS[:2], start=1):
+            tracker.log_epoch(epoch, metrics)
+    with Tracker(train_config(repo_params, resume=True), run_dir, {}) as tracker:  # `saepipe train --resume`
+        tracker.log_epoch(3, EPOCHS[2])
+    loss = run_dir / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    with open(loss) as f:
+        assert [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f, delimiter="\t")] == [
+            (1, 3.0), (2, 2.0), (3, 1.0)]
+    with Tracker(train_config(repo_params), run_dir, {}) as tracker:  # a fresh run replaces the old curves
+        tracker.log_epoch(1, EPOCHS[0])
+    with open(loss) as f:
+        assert [int(r["step"]) for r in csv.DictReader(f, delimiter="\t")] == [1]
+
+
+def test_wandb_is_off_by_default(repo_params) -> None:
+    assert repo_params.train.tracking.wandb is False and not repo_params.train.tracking.enabled
+
+
+def test_train_stage_with_wandb_offline_keeps_its_files_in_the_run_folder(trained_pipeline, offline_env,
+                                                                          monkeypatch, tmp_path) -> None:
+    from helpers import with_section
+    from saepipe.paths import run_dir
+    from saepipe.stages import train
+
+    monkeypatch.delenv("WANDB_DIR")  # the default: W&B writes beside the run's checkpoints and live metrics
+    params = with_section(trained_pipeline, "train", run_name="wandb-run", wandb=True, wandb_mode="offline",
+                          wandb_project="saepipe-test", wandb_log_final_artifact=True)
+    train.run(params)
+    folder = run_dir(params)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "live", "wandb"]
+    records = finished_run_records(folder)
+    (info,) = of_type(records, "run")
+    assert info.project == "saepipe-test" and info.display_name == "wandb-run"
+    (artifact,) = of_type(records, "artifact")  # the final export only
+    assert {"cfg.json", "sae_weights.safetensors", "weights.pt", "config.json"} <= {
+        c.path for c in artifact.manifest.contents}
+    assert final_summary(records)["status"] == "finished"
+    assert not (tmp_path / "wandb").exists() and not (Path.cwd() / "wandb").exists()
