@@ -129,7 +129,7 @@ def tiny_params(tmp_path, tiny_model_dir, repo_params, tiny_documents, monkeypat
     """Params for running stages in tmp_path (also the working directory) on the tiny model, texts processed."""
     import json
 
-    monkeypatch.chdir(tmp_path)  # stages that write relative paths (dvclive/) stay out of the repo
+    monkeypatch.chdir(tmp_path)  # stages that write relative paths stay out of the repo
 
     processed = tmp_path / "processed"
     processed.mkdir()
@@ -175,7 +175,7 @@ def trained_pipeline(tmp_path_factory, tiny_model_dir, tiny_documents):
                           ablation_max_tokens=200)
     params = with_section(params, "activation_db", device="cpu", batch_size=100, values_dtype="float32")
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)  # train writes dvclive/ relative to the working directory
+        patch.chdir(root)  # relative paths (wandb/) stay beside the pipeline
         tokenize.run(params)
         activations.run(params)
         train.run(params)

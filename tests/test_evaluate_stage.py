@@ -54,7 +54,7 @@ def test_evaluate_writes_the_quick_analysis(pipeline, capsys) -> None:
     assert "CE loss recovered" in out and "FVU" in out and "dead" in out
     quick = Path(pipeline.evaluate.output_dir) / "default" / "quick"
     assert sorted(p.name for p in quick.iterdir()) == sorted(
-        ["metrics.json", "feature_density.npy", "dead_features.json", "density_histogram.json",
+        ["headline.json", "metrics.json", "feature_density.npy", "dead_features.json", "density_histogram.json",
          "density_histogram.png"])
     metrics = json.loads((quick / "metrics.json").read_text())
     assert {"evaluated", "sparsity", "reconstruction", "ablation", "formulas", "timing"} <= set(metrics)
@@ -86,6 +86,11 @@ def test_evaluate_writes_the_quick_analysis(pipeline, capsys) -> None:
     assert ab["kl_sae"] > 0 and ab["kl_zero"] > 0
     want = (ab["ce_zero"] - ab["ce_sae"]) / (ab["ce_zero"] - ab["ce_clean"])
     assert ab["ce_loss_recovered"] == pytest.approx(want)
+
+    # the flat DVC metrics file: one level, the figures above under short names
+    headline = json.loads((quick / "headline.json").read_text())
+    assert headline == {"fvu": rc["fvu"], "l0": sp["l0_mean"], "dead_pct": sp["dead_feature_percentage"],
+                        "ce_recovered": ab["ce_loss_recovered"], "kl": ab["kl_sae"]}
 
 
 def test_identity_sae_through_the_stage(pipeline, tmp_path) -> None:

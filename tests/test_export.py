@@ -14,6 +14,7 @@ import saepipe
 from helpers import with_section
 from saepipe.cli import main
 from saepipe.errors import UserError
+from saepipe.paths import checkpoints_dir
 from saepipe.sae import formats
 from saepipe.sae.formats import check_compatible, load_sae
 from saepipe.stages import export as export_stage
@@ -228,7 +229,8 @@ def test_interrupted_reexport_keeps_the_previous_one(tmp_path, monkeypatch) -> N
 
 # ---- stages and CLI ---------------------------------------------------------------------------------------------
 def test_export_stage_best_and_last(tmp_path, export_params, capsys) -> None:
-    run_dir = tmp_path / "ckpts" / "r1"
+    run_dir = checkpoints_dir(export_params)
+    assert run_dir == tmp_path / "ckpts" / "r1" / "checkpoints"
     with pytest.raises(UserError, match="run `saepipe train` first"):
         export_stage.run(export_params)
     make_checkpoint(epoch_dir(run_dir, 1), "topk", epoch=1)

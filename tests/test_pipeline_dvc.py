@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -126,6 +128,13 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
     second = run(["dvc", "repro"], project)
     assert ran_stages(second) == []
 
+    # each param change marks exactly the stage that reads it (what follows reruns on its changed outputs)
+    original = (project / "params.yaml").read_text()
+    for section, key, value, stage in [("train", "topk", 3, "train"), ("process", "min_words", 30, "process")]:
+        set_param(project, section, key, value)
+        assert set(json.loads(run(["dvc", "status", "--json"], project))) == {stage}, (section, key)
+        (project / "params.yaml").write_text(original)
+
     set_param(project, "summarize", "top_k", 3)  # a summarize param reruns summarize and what reads its outputs
     assert ran_stages(run(["dvc", "repro"], project)) == ["summarize", "interp", "report"]
     assert len(json.loads((project / "analysis/default/feature_summaries.jsonl").read_text().splitlines()[0])
@@ -158,27 +167,118 @@ def test_param_changes_rerun_their_stage_and_what_reads_its_outputs(project: Pat
     exported = json.loads((project / "models/sae/default/config.json").read_text())
     assert exported["d_in"] == 64 and exported["d_sae"] == 128
     assert exported["hook_spec"] == "blocks.1.hook_resid_post"
-    metrics = json.loads((project / "dvclive/metrics.json").read_text())
-    assert {"val_fvu", "val_l0", "dead_feature_percentage"} <= set(metrics)
+    metrics = json.loads((project / "models/runs/default/live/metrics.json").read_text())
+    assert {"fvu", "l0"} <= set(metrics["val"]) and "dead_feature_percentage" in metrics["train"]
+    assert not (project / "dvclive").exists()
     quick = json.loads((project / "analysis/default/quick/metrics.json").read_text())
     assert quick["evaluated"]["hook_spec"] == "blocks.1.hook_resid_post" and 0 < quick["ablation"]["tokens"] <= 128
     assert (project / "analysis/default/quick/feature_density.npy").is_file()
     assert "density_histogram.json" in run(["dvc", "plots", "show", "--json"], project)
 
-
-@pytest.mark.slow
-def test_experiments_vary_a_param_without_editing_params_yaml(project: Path) -> None:
-    repro_once(project)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "baseline"], project)
-    run(["dvc", "exp", "run", "-S", "train.topk=2", "--name", "k2"], project)
-    shown = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], project)))
-    assert "k2" in shown and "val_fvu" in shown and '"topk": 2' in shown
-    for figure in ("fvu", "l0_mean", "dead_feature_percentage", "ce_loss_recovered", "kl_sae"):
-        assert f'"{figure}"' in shown, figure
+    # a process param that changes the texts reruns everything after it, but not base-model
+    set_param(project, "process", "min_words", 30)  # drops the chapters' short introductions
+    assert ran_stages(run(["dvc", "repro"], project)) == ["process", "tokenize", "activations", *downstream]
+    assert len(json.loads((project / "data/processed/texts.json").read_text())) == 6
 
 
 def set_param(project: Path, section: str, key: str, value) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params[section][key] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+# ---- the README's Experiments and Sweeps recipes, exactly as typed ------------------------------------------------
+RECIPE = re.compile(r"<!-- recipe: ([\w-]+) -->\s*```bash\n(.*?)```", re.DOTALL)
+FORWARDS = re.compile(r"^activations: .* ([\d,]+) forward passes", re.MULTILINE)
+
+
+def readme_recipes(repo_dir: Path) -> list[tuple[str, str]]:
+    return RECIPE.findall((repo_dir / "README.md").read_text())
+
+
+def run_recipe(block: str, cwd: Path) -> str:
+    return run(["bash", "-euo", "pipefail", "-c", block], cwd)
+
+
+def wait_for_queue(project: Path, timeout: float = 1800) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(["dvc", "queue", "status"], project)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+
+
+def exp_rows(project: Path) -> tuple[dict, dict[str, dict]]:
+    """`dvc exp show --json` as (the HEAD baseline, its experiments by name), each row
+    {"params": params.yaml's values, "metrics": {file: values}}."""
+
+    def row(exp: dict) -> dict:
+        data = exp.get("data") or {}
+        return {"params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
+                "metrics": {path: value.get("data", {}) for path, value in (data.get("metrics") or {}).items()}}
+
+    (baseline,) = [b for b in json.loads(run(["dvc", "exp", "show", "--json"], project)) if b["rev"] != "workspace"]
+    return row(baseline), {e["name"]: row(e) for ex in baseline.get("experiments") or [] for e in ex["revs"]}
+
+
+HEADLINE = "analysis/default/quick/headline.json"
+
+
+def test_readme_names_its_recipes(repo_dir: Path) -> None:
+    assert [name for name, _ in readme_recipes(repo_dir)] == ["baseline", "adhoc", "experiment", "sweep",
+                                                              "sweep-compare"]
+
+
+@pytest.mark.slow
+def test_readme_experiment_and_sweep_recipes(project: Path, repo_dir: Path) -> None:
+    outputs: dict[str, str] = {}
+    for name, block in readme_recipes(repo_dir):
+        outputs[name] = run_recipe(block, project)
+        if "dvc queue start" in block:
+            outputs[name] += wait_for_queue(project)
+
+        if name == "baseline":
+            assert len(ran_stages(outputs[name])) == 10
+        elif name == "adhoc":  # two derived names that differ in k, beside the untouched default run
+            names = outputs[name].split()
+            assert {"default", "tiny-random-llama.L1.resid_post.batch_topk.x2.k16",
+                    "tiny-random-llama.L1.resid_post.batch_topk.x2.k64"} <= set(names)
+            assert run(["git", "status", "--porcelain", "--untracked-files=no"], project) == ""
+            assert "up to date" in run(["dvc", "status"], project)
+        elif name == "experiment":
+            baseline, rows = exp_rows(project)
+            k64 = rows["k64-x16"]
+            assert (k64["params"]["train"]["topk"], k64["params"]["train"]["sae_expansion"]) == (64, 16)
+            headline = k64["metrics"][HEADLINE]
+            assert set(headline) == {"fvu", "l0", "dead_pct", "ce_recovered", "kl"}  # flat: short columns
+            assert all(isinstance(v, float) for v in headline.values())
+            assert headline != baseline["metrics"][HEADLINE]
+            table = outputs[name]
+            assert all(column in table for column in ("k64-x16", "ce_recovered", "dead_pct", "train.topk"))
+            assert "formulas" not in table and "sparsity.l0_mean" not in table
+            assert "fvu" in (project / "experiments.csv").read_text().splitlines()[0]
+            html = (project / "dvc_plots/index.html").read_text()
+            assert "k64-x16" in html and "val/fvu.tsv" in html  # both revisions' curves in one plot
+            assert yaml.safe_load((project / "params.yaml").read_text())["train"]["topk"] == 4  # baseline back
+        elif name == "sweep":
+            assert outputs[name].count("Success") == 3 and "Failed" not in outputs[name]
+
+    _, rows = exp_rows(project)
+    sweep = {name: row for name, row in rows.items() if name != "k64-x16"}
+    assert sorted(row["params"]["train"]["topk"] for row in sweep.values()) == [16, 32, 64]
+    assert all(row["params"]["train"]["sae_expansion"] == 2 for row in sweep.values())
+    assert all(set(row["metrics"][HEADLINE]) >= {"fvu", "ce_recovered"} for row in sweep.values())
+    assert all(name in outputs["sweep-compare"] for name in sweep)
+    assert "val/fvu.tsv" in (project / "dvc_plots/index.html").read_text()
+
+    # One pass of the base model over the corpus for the baseline, an experiment and a 3-config sweep: count
+    # the activations stage's runs and its forward passes in every command's output and every queued log.
+    logs = "".join(outputs.values()) + "".join(run(["dvc", "queue", "logs", name], project) for name in sweep)
+    assert logs.count("Running stage 'activations'") == 1
+    assert all("Stage 'activations' didn't change" in run(["dvc", "queue", "logs", name], project)
+               for name in sweep)
+    stats = json.loads((project / "data/activations/stats.json").read_text())
+    assert [int(n.replace(",", "")) for n in FORWARDS.findall(logs)] == [stats["forward_passes"]]
+    assert stats["forward_passes"] > 0

@@ -10,6 +10,7 @@ import pytest
 
 from helpers import with_section
 from saepipe.errors import UserError
+from saepipe.paths import checkpoints_dir
 from saepipe.publish import hf
 from saepipe.stages import export as export_stage
 from saepipe.stages import upload as upload_stage
@@ -97,7 +98,7 @@ def test_upload_needs_a_repo_id(tmp_path, hub, monkeypatch) -> None:
 def test_upload_stage(tmp_path, export_params, hub, capsys) -> None:
     with pytest.raises(UserError, match="run `saepipe export` first"):
         upload_stage.run(with_section(export_params, "export", hf_repo_id="me/saes"))
-    make_checkpoint(tmp_path / "ckpts" / "r1" / BEST, "batch_topk")
+    make_checkpoint(checkpoints_dir(export_params) / BEST, "batch_topk")
     params = with_section(export_params, "export", upload_to_hf=True, hf_repo_id="me/saes", hf_private=True)
     export_stage.run(params)
     assert hub["create_repo"]["private"] is True and hub["upload_folder"]["path_in_repo"] == "r1"

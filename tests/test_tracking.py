@@ -39,14 +39,17 @@ def test_dvclive_files_without_wandb(tmp_path, monkeypatch, repo_params, changes
             tracker.log_epoch(epoch, metrics)
         tracker.log_final_artifact(tmp_path / "export")
 
-    summary = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
-    assert summary == {**EPOCHS[-1], "step": len(EPOCHS)}
+    live = tmp_path / "run" / "live"  # inside the run's own folder, never ./dvclive
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary == {"train": {"loss": 1.0, "recon_loss": 0.75}, "val": {"loss": 1.5}, "step": len(EPOCHS)}
     for name in EPOCHS[0]:
-        with open(tmp_path / "dvclive" / "plots" / "metrics" / f"{name}.tsv") as f:
+        tracked = wandb_name(name)  # train/loss, val/loss: the file's column is the last part
+        with open(live / "plots" / "metrics" / f"{tracked}.tsv") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         assert [int(r["step"]) for r in rows] == [1, 2, 3]
-        assert [float(r[name]) for r in rows] == [m[name] for m in EPOCHS]
-    assert not (tmp_path / "dvc.yaml").exists() and not (tmp_path / "dvclive" / "dvc.yaml").exists()
+        assert [float(r[tracked.split("/")[1]]) for r in rows] == [m[name] for m in EPOCHS]
+    assert not (tmp_path / "dvc.yaml").exists() and not (live / "dvc.yaml").exists()
+    assert not (tmp_path / "dvclive").exists()
     assert not (tmp_path / "run" / "wandb").exists()
 
 
@@ -130,9 +133,10 @@ def test_wandb_offline_run(tmp_path, repo_params, offline_env, capfd):
     cfg = train_config(repo_params, wandb=True, wandb_mode="offline", wandb_project="saepipe-test",
                        wandb_group="g1", wandb_tags=["tiny", "test"], wandb_notes="offline check",
                        wandb_log_final_artifact=True)
-    run_dir = tmp_path / "checkpoints" / "tiny-run"
-    (run_dir / "checkpoint_epoch1.pt").mkdir(parents=True)
-    (run_dir / "checkpoint_epoch1.pt" / "optimizer.pt").write_bytes(b"never uploaded")
+    run_dir = tmp_path / "runs" / "tiny-run"
+    checkpoint = run_dir / "checkpoints" / "checkpoint_epoch1.pt"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "optimizer.pt").write_bytes(b"never uploaded")
     export = tmp_path / "sae" / "tiny-run"
     export.mkdir(parents=True)
     (export / "sae.safetensors").write_bytes(b"weights")
@@ -142,7 +146,7 @@ def test_wandb_offline_run(tmp_path, repo_params, offline_env, capfd):
         for epoch, metrics in enumerate(EPOCHS, start=1):
             t.log_epoch(epoch, metrics)
         with pytest.raises(ValueError, match="checkpoint"):
-            t.log_final_artifact(run_dir / "checkpoint_epoch1.pt")
+            t.log_final_artifact(checkpoint)
         t.log_final_artifact(export)
         t.close({"status": "finished", "best_epoch": 3, "model_path": export})
 
@@ -176,7 +180,7 @@ def test_wandb_offline_run(tmp_path, repo_params, offline_env, capfd):
     assert FAKE_KEY not in out + err
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or FAKE_KEY.encode() not in path.read_bytes(), path
-    assert json.loads((tmp_path / "dvclive" / "metrics.json").read_text())["val_loss"] == EPOCHS[-1]["val_loss"]
+    assert json.loads((run_dir / "live" / "metrics.json").read_text())["val"]["loss"] == EPOCHS[-1]["val_loss"]
 
 
 def test_wandb_failed_run_and_no_artifact_unless_asked(tmp_path, repo_params, offline_env):
@@ -212,3 +216,46 @@ def test_wandb_init_failure_is_a_user_error_without_the_key(tmp_path, repo_param
     assert FAKE_KEY not in str(info.value) and "UsageError" in str(info.value)
     out, err = capfd.readouterr()
     assert FAKE_KEY not in out + err
+
+
+def test_dvclive_resume_continues_and_a_fresh_run_starts_over(tmp_path, repo_params) -> None:
+    run_dir = tmp_path / "runs" / "r"
+    with Tracker(train_config(repo_params), run_dir, {}) as tracker:
+        for epoch, metrics in enumerate(EPOCHS[:2], start=1):
+            tracker.log_epoch(epoch, metrics)
+    with Tracker(train_config(repo_params, resume=True), run_dir, {}) as tracker:  # `saepipe train --resume`
+        tracker.log_epoch(3, EPOCHS[2])
+    loss = run_dir / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    with open(loss) as f:
+        assert [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f, delimiter="\t")] == [
+            (1, 3.0), (2, 2.0), (3, 1.0)]
+    with Tracker(train_config(repo_params), run_dir, {}) as tracker:  # a fresh run replaces the old curves
+        tracker.log_epoch(1, EPOCHS[0])
+    with open(loss) as f:
+        assert [int(r["step"]) for r in csv.DictReader(f, delimiter="\t")] == [1]
+
+
+def test_wandb_is_off_by_default(repo_params) -> None:
+    assert repo_params.train.tracking.wandb is False and not repo_params.train.tracking.enabled
+
+
+def test_train_stage_with_wandb_offline_keeps_its_files_in_the_run_folder(trained_pipeline, offline_env,
+                                                                          monkeypatch, tmp_path) -> None:
+    from helpers import with_section
+    from saepipe.paths import run_dir
+    from saepipe.stages import train
+
+    monkeypatch.delenv("WANDB_DIR")  # the default: W&B writes beside the run's checkpoints and live metrics
+    params = with_section(trained_pipeline, "train", run_name="wandb-run", wandb=True, wandb_mode="offline",
+                          wandb_project="saepipe-test", wandb_log_final_artifact=True)
+    train.run(params)
+    folder = run_dir(params)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "live", "wandb"]
+    records = finished_run_records(folder)
+    (info,) = of_type(records, "run")
+    assert info.project == "saepipe-test" and info.display_name == "wandb-run"
+    (artifact,) = of_type(records, "artifact")  # the final export only
+    assert {"cfg.json", "sae_weights.safetensors", "weights.pt", "config.json"} <= {
+        c.path for c in artifact.manifest.contents}
+    assert final_summary(records)["status"] == "finished"
+    assert not (tmp_path / "wandb").exists() and not (Path.cwd() / "wandb").exists()

@@ -13,6 +13,7 @@ from saepipe.activations.cache import ActivationCache
 from saepipe.cli import main
 from saepipe.errors import UserError
 from saepipe.model.loading import load_hooked_model
+from saepipe.paths import checkpoints_dir
 from saepipe.sae.formats import check_compatible, load_sae
 from saepipe.stages import activations, export, tokenize, train
 
@@ -32,7 +33,10 @@ def test_train_then_export_gives_an_sae_that_fits_the_model(cached, capsys) -> N
     out = capsys.readouterr().out
     assert "best epoch" in out
     run_dir = Path(cached.train.output_dir) / "default"
-    assert {p.name for p in run_dir.iterdir()} >= {"checkpoint_epoch1.pt", "checkpoint_epoch2.pt", "best_model.pt"}
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "live"}  # siblings: DVC out, dvclive (paths.py)
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"checkpoint_epoch1.pt", "checkpoint_epoch2.pt",
+                                                                      "best_model.pt"}
+    assert json.loads((run_dir / "live" / "metrics.json").read_text())["step"] == 2
     export.run(cached)
     sae_dir = Path(cached.export.output_dir) / "default"
     sae = load_sae(sae_dir)
@@ -64,7 +68,7 @@ def test_end_to_end_losses_train_through_the_model(cached) -> None:
                           end_to_end_windows=2, num_epochs=1)
     params = with_section(params, "activations", hook_layer=0)
     train.run(params)
-    history = json.loads((Path(params.train.output_dir) / "default" / "history.json").read_text())
+    history = json.loads((checkpoints_dir(params) / "history.json").read_text())
     record = history[-1]
     assert record["logit_kl"] > 0 and record["block_mse"] > 0
     assert "block_mse_layer1" in record and "kl_contribution" in record

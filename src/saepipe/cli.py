@@ -30,7 +30,8 @@ class Stage:
     section: str | None
     """The params.yaml section its flags override (None: it reads no section and runs as `run(args)`)."""
     reads: tuple[str, ...] = ()
-    """Other sections it reads (built and validated along with its own; the rest are never looked at)."""
+    """Other sections it reads (built and validated along with its own; the rest are never looked at). Every
+    stage after `train` loads `activations` too: a null `train.run_name` is derived from the activation cache."""
     arguments: bool = False
     """The module adds arguments of its own (`add_arguments(parser)`) and runs as `run(params, args)`."""
 
@@ -41,20 +42,20 @@ STAGES: dict[str, Stage] = {
     "tokenize": Stage("saepipe.stages.tokenize", "tokenize", ("process", "base_model")),
     "activations": Stage("saepipe.stages.activations", "activations", ("tokenize", "base_model")),
     "train": Stage("saepipe.stages.train", "train", ("activations", "tokenize", "base_model")),
-    "export": Stage("saepipe.stages.export", "export", ("train",)),
+    "export": Stage("saepipe.stages.export", "export", ("train", "activations")),
     "evaluate": Stage("saepipe.stages.evaluate", "evaluate",
                       ("export", "train", "activations", "tokenize", "base_model")),
     "activation-db": Stage("saepipe.stages.activation_db", "activation_db",
                            ("evaluate", "export", "train", "activations", "tokenize")),
-    "matrices": Stage("saepipe.stages.matrices", "matrices", ("evaluate", "export", "train")),
+    "matrices": Stage("saepipe.stages.matrices", "matrices", ("evaluate", "export", "train", "activations")),
     "summarize": Stage("saepipe.stages.summarize", "summarize",
-                       ("matrices", "evaluate", "export", "train", "tokenize", "base_model")),
+                       ("matrices", "evaluate", "export", "train", "tokenize", "base_model", "activations")),
     "interp": Stage("saepipe.stages.interp", "interp",
                     ("summarize", "evaluate", "export", "train", "process", "tokenize", "activations", "base_model")),
-    "report": Stage("saepipe.stages.report", "report", ("evaluate", "export", "train", "base_model")),
-    "upload": Stage("saepipe.stages.upload", "export", ("train",)),
+    "report": Stage("saepipe.stages.report", "report", ("evaluate", "export", "train", "base_model", "activations")),
+    "upload": Stage("saepipe.stages.upload", "export", ("train", "activations")),
     "show-feature": Stage("saepipe.stages.show_feature", "summarize",
-                          ("evaluate", "export", "train", "tokenize", "base_model"), arguments=True),
+                          ("evaluate", "export", "train", "tokenize", "base_model", "activations"), arguments=True),
     "models": Stage("saepipe.stages.models", None, arguments=True),
 }
 # Subcommands whose purpose is not their params section's (they share it with another stage).

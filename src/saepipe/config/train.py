@@ -109,8 +109,10 @@ class WandbParams:
 class TrainConfig:
     """Activation cache -> a trained SAE, with checkpoints, per-epoch metrics and optional tracking."""
 
-    run_name: str
-    """Names the run's folders: models/checkpoints/<run_name>/ and models/sae/<run_name>/."""
+    run_name: str | None
+    """Names the run's folders (<output_dir>/<run_name>/, models/sae/<run_name>/, analysis/<run_name>/); null:
+    derived from the activation cache and the SAE (model.L<layer>.<hook>.<sae_type>.x<expansion>.k<topk>), for
+    ad-hoc runs only: dvc.yaml's paths need an explicit name."""
     sae: SAEParams
     aux_coefficient: float
     """Weight of the AuxK loss."""
@@ -153,10 +155,11 @@ class TrainConfig:
     end_to_end: EndToEndParams
     tracking: WandbParams
     output_dir: str
-    """Checkpoints go to <output_dir>/<run_name>/."""
+    """Each run's folder is <output_dir>/<run_name>/: checkpoints/ (resume, export), live/ (dvclive metrics and
+    plots) and wandb/ (W&B's local files, when on)."""
 
     def validate(self) -> None:
-        if not RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name:
+        if self.run_name is not None and (not RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name):
             raise field_error("train.run_name", self.run_name,
                               "a folder name of letters, digits, '.', '_' and '-' (not starting with '.', no '..')")
         check_positive("train", {"num_epochs": self.num_epochs, "batch_size": self.batch_size,

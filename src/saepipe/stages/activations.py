@@ -127,6 +127,7 @@ def run(params: Params) -> None:
         **{k: attrs[k] for k in ("windows", "documents", "model_tokens", "cached_rows", "recompute_factor",
                                  "padding_fraction")},
         "max_tokens": cfg.max_tokens,
+        "forward_passes": len(batches),  # extract() runs the model once per batch
         "tokens_per_second": model_tokens / forward_seconds,
         **summary,
         "storage_dtype": cfg.storage_dtype,
@@ -142,7 +143,8 @@ def run(params: Params) -> None:
         f"{'' if cfg.max_tokens is None else ' sampled'} of {tokens.n_documents:,} documents ({cfg.storage_dtype}, "
         f"{size / 2**20:,.0f} MiB); {outliers} outlier rows above {summary['outlier_threshold']:.4g} "
         f"(= {cfg.outlier_factor:g} x median norm {summary['median_norm']:.4g}); "
-        f"{stats['tokens_per_second']:,.0f} tok/s, recompute x{attrs['recompute_factor']:.2f} "
+        f"{len(batches):,} forward passes, {stats['tokens_per_second']:,.0f} tok/s, "
+        f"recompute x{attrs['recompute_factor']:.2f} "
         f"-> {out_dir / CACHE_FILE} [{stats['seconds']:.0f} s]"
     )
 

@@ -2,7 +2,8 @@
 
 Writes `<evaluate.output_dir>/<SAE folder>/quick/` in one piece (a temporary directory renamed when complete):
 
-    metrics.json             every figure (DVC metrics), the formulas, and what was evaluated
+    headline.json            the five figures runs are compared by, flat (DVC metrics: `dvc exp show` columns)
+    metrics.json             every figure, the formulas, and what was evaluated
     feature_density.npy      float64 [d_sae]: fraction of evaluated tokens each feature fires on
     dead_features.json       {"count", "ids"}: features that never fire on the evaluated tokens
     density_histogram.json   log10-density histogram of alive features (a DVC plot: x log10_density, y features)
@@ -34,6 +35,7 @@ from saepipe.sae.formats import check_compatible, load_sae
 from saepipe.storage import atomic_dir, write_json
 
 METRICS = "metrics.json"
+HEADLINE = "headline.json"
 DENSITY = "feature_density.npy"
 DEAD = "dead_features.json"
 HISTOGRAM = "density_histogram.json"
@@ -137,10 +139,23 @@ def run(params: Params) -> None:
     print(summary(figures, out_dir))
 
 
+def headline(figures: dict[str, Any]) -> dict[str, float]:
+    """The figures runs are compared by, one flat level so that `dvc exp show` gives each a short column:
+    `fvu` (on the evaluated split, outliers left out), `l0` (mean), `dead_pct`, and with the ablation pass
+    `ce_recovered` (CE loss recovered against zero ablation) and `kl` (KL(clean || SAE spliced in))."""
+    sp, rc = figures["sparsity"], figures["reconstruction"]
+    values = {"fvu": rc["fvu"], "l0": sp["l0_mean"], "dead_pct": sp["dead_feature_percentage"]}
+    ab = figures.get("ablation")
+    if ab:
+        values.update(ce_recovered=ab["ce_loss_recovered"], kl=ab["kl_sae"])
+    return {name: float(value) for name, value in values.items()}
+
+
 def write_outputs(out_dir: Path, figures: dict[str, Any], activations: ActivationEvaluation,
                   histogram: DensityHistogram) -> None:
     result = activations.sparsity
     with atomic_dir(out_dir) as tmp:
+        write_json(tmp / HEADLINE, headline(figures))
         write_json(tmp / METRICS, figures)
         np.save(tmp / DENSITY, result.density)
         write_json(tmp / DEAD, {"count": len(result.dead_ids), "tokens": result.tokens,

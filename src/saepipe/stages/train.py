@@ -1,4 +1,4 @@
-"""Stage `train`: the activation cache -> a trained SAE's checkpoints under models/checkpoints/<run_name>/."""
+"""Stage `train`: the activation cache -> a trained SAE's checkpoints and metrics under models/runs/<run_name>/."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from saepipe.corpus.tokens import read_token_cache
 from saepipe.errors import UserError
 from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model, resolve_device
-from saepipe.paths import activation_cache, checkpoints_dir
+from saepipe.paths import activation_cache, checkpoints_dir, run_dir, with_run_name
 from saepipe.sae import build_sae, config_from_params
 from saepipe.sae.formats import export_sae
 from saepipe.sae.provenance import RunRecord
@@ -87,6 +87,7 @@ def end_to_end_loss(params: Params, data: ActivationData, device: torch.device) 
 
 
 def run(params: Params) -> None:
+    params = with_run_name(params)
     cfg = params.train
     device = resolve_device(cfg.device, "train.device")
     cache_path = activation_cache(params)
@@ -95,22 +96,22 @@ def run(params: Params) -> None:
                                 seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     sae = build_sae(config_from_params(cfg.sae, data.d_in))
-    run_dir = checkpoints_dir(params)
+    ckpt_dir = checkpoints_dir(params)
     record = run_record(params, data, cache_path)
     print(f"train: {cfg.sae.sae_type} SAE {data.d_in} -> {sae.d_sae} on {record.hook.full_name}, "
           f"{data.train.shape[0]:,} train / {data.validation.shape[0]:,} validation rows "
           f"({sum(data.dropped_outliers.values())} outliers left out), scale {data.scale:.4g}, {device}")
     e2e = end_to_end_loss(params, data, device) if cfg.end_to_end.use_end_to_end else None
-    with Tracker(cfg, run_dir, record.to_dict()) as tracker:
-        result = Trainer(sae, data, cfg, run_dir, record, device, logger=tracker, end_to_end=e2e).fit()
+    with Tracker(cfg, run_dir(params), record.to_dict()) as tracker:
+        result = Trainer(sae, data, cfg, ckpt_dir, record, device, logger=tracker, end_to_end=e2e).fit()
         if cfg.tracking.enabled and cfg.tracking.wandb_log_final_artifact:
             with tempfile.TemporaryDirectory() as tmp:  # the same export `saepipe export` writes
                 final = Path(tmp) / cfg.run_name
-                best = load_checkpoint(run_dir / BEST)
+                best = load_checkpoint(ckpt_dir / BEST)
                 export_sae(best.sae, record, best.history, final, best.identity())
                 tracker.log_final_artifact(final)
     final = result.history[-1]
     best_epoch = result.history[result.best_epoch - 1]
     print(f"train: {cfg.run_name}: best epoch {result.best_epoch} (val fvu "
           f"{best_epoch.get('val_fvu', float('nan')):.4f}, val l0 {best_epoch.get('val_l0', float('nan')):.1f}); "
-          f"final dead {final['dead_feature_percentage']:.1f}% -> {run_dir} [{result.seconds:.0f} s]")
+          f"final dead {final['dead_feature_percentage']:.1f}% -> {run_dir(params)} [{result.seconds:.0f} s]")

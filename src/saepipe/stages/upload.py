@@ -14,7 +14,7 @@ from saepipe.sae.formats import load_sae
 def upload(params: Params, sae_dir: Path) -> None:
     repo_id = resolve_repo_id(params.export.hf_repo_id)  # before any work: a missing repo id is the usual mistake
     load_sae(sae_dir)  # refuse a damaged export before anything leaves the machine
-    url = upload_sae(sae_dir, repo_id, params.export.hf_private, path_in_repo=params.train.run_name)
+    url = upload_sae(sae_dir, repo_id, params.export.hf_private, path_in_repo=sae_dir.name)
     print(f"uploaded {sae_dir} to {url}{' (private)' if params.export.hf_private else ''}")
 
 

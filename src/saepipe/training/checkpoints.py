@@ -1,6 +1,6 @@
 """Checkpoints, laid out as the predecessor did: directories that end in `.pt`.
 
-    <output_dir>/<run_name>/
+    <train.output_dir>/<run_name>/checkpoints/   (saepipe.paths.checkpoints_dir)
         checkpoint_epoch<N>.pt/     every `checkpoint_freq` epochs and the last one
         best_model.pt/              the epoch with the lowest validation loss
         history.json                per-epoch metrics so far

@@ -1,7 +1,9 @@
 """Experiment tracking: epoch aggregates to dvclive (always) and Weights & Biases (optional).
 
-dvclive writes `dvclive/metrics.json` (the latest value of every metric, for `dvc exp show`) and
-`dvclive/plots/metrics/<name>.tsv` (one row per epoch, for `dvc plots show`). It runs inside the
+dvclive writes into the run's own folder (`saepipe.paths`): `<run>/live/metrics.json` (the latest value of
+every metric, for `dvc exp show`) and `<run>/live/plots/metrics/{train,val}/<name>.tsv` (one row per epoch, for
+`dvc plots`),
+so an ad-hoc run with another run name never overwrites the pipeline's tracked metrics. It runs inside the
 DVC stage, so it must neither write `dvc.yaml` nor save experiments or git-commit by itself: the
 pipeline declares those files and `dvc exp run` records them.
 
@@ -21,20 +23,24 @@ from typing import Any
 
 from saepipe.config import TrainConfig, flat_values
 from saepipe.errors import UserError
+from saepipe.paths import LIVE
 
-DVCLIVE_DIR = "dvclive"
 SECRET_KEY = re.compile(r"api_?key|token|secret|password", re.IGNORECASE)
 
 
 def wandb_name(metric: str) -> str:
-    """`val_loss` -> `val/loss`; everything else is a training figure: `loss` -> `train/loss`."""
+    """`val_loss` -> `val/loss`; everything else is a training figure: `loss` -> `train/loss`. Both trackers
+    use these names: in dvclive's metrics.json they nest as {"train": {...}, "val": {...}}, so `dvc exp show`
+    columns read `train.fvu`, `val.fvu` and never collide with evaluate's headline `fvu`, `l0`."""
     return f"val/{metric[4:]}" if metric.startswith("val_") else f"train/{metric}"
 
 
 class Tracker:
     """What the trainer reports to: `log_epoch` each epoch, `log_final_artifact` once, `close` at the end.
 
-    Usable as a context manager: an exception inside the block closes the run with status "failed".
+    `run_dir` is the run's folder (`saepipe.paths.run_dir`): dvclive writes `run_dir/live/`, W&B `run_dir/wandb/`
+    (or `$WANDB_DIR/wandb/`). Usable as a context manager: an exception inside the block closes the run with
+    status "failed".
     """
 
     def __init__(self, config: TrainConfig, run_dir: Path, run_info: Mapping[str, Any]):
@@ -47,7 +53,7 @@ class Tracker:
         self._closed = False
         self._run: Any = None
         # resume continues dvclive's step and files instead of wiping them, like the trainer's checkpoints.
-        self.live = Live(dir=DVCLIVE_DIR, resume=config.resume, save_dvc_exp=False, dvcyaml=None,
+        self.live = Live(dir=str(self.run_dir / LIVE), resume=config.resume, save_dvc_exp=False, dvcyaml=None,
                          report=None, monitor_system=False)
         if self.wandb_enabled:
             try:
@@ -96,7 +102,7 @@ class Tracker:
         values = {name: float(value) for name, value in metrics.items()}
         self.live.step = epoch
         for name, value in values.items():
-            self.live.log_metric(name, value)
+            self.live.log_metric(wandb_name(name), value)
         self.live.next_step()
         if self._run is not None:
             self._run.log({"epoch": epoch, **{wandb_name(k): v for k, v in values.items()}}, step=epoch)

@@ -129,7 +129,7 @@ class Trainer:
         self.epoch, self.step, self.tokens_seen = state["epoch"], state["step"], state["tokens_seen"]
         self.best_val_loss, self.best_epoch = state["best_val_loss"], state["best_epoch"]
         self.history = checkpoint.history
-        print(f"train: resuming {self.run_dir.name} from {latest.name} (epoch {self.epoch}, step {self.step})")
+        print(f"train: resuming {self.run_dir} from {latest.name} (epoch {self.epoch}, step {self.step})")
 
     def _clear_run_dir(self) -> None:
         if not self.run_dir.is_dir():
@@ -205,7 +205,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.resume_or_start()
         if self.epoch >= self.cfg.num_epochs:
-            print(f"train: {self.run_dir.name}: the run is complete at epoch {self.epoch} "
+            print(f"train: {self.run_dir}: the run is complete at epoch {self.epoch} "
                   f"(train.num_epochs={self.cfg.num_epochs}); nothing to do. To train further, pass "
                   f"--resume --num-epochs {self.epoch + 1} (or more)")
             return TrainResult(self.history, self.best_epoch, self.run_dir, time.perf_counter() - started)
