@@ -22,9 +22,17 @@ from saepipe.config import SECTIONS, flat_fields, load_params
 from saepipe.config.fields import is_group
 
 DVC_ORDER = ["process", "base-model", "tokenize", "activations", "train", "export", "evaluate", "activation-db",
-             "matrices", "summarize"]
+             "matrices", "summarize", "interp", "report"]
 # Branches the first pass does not take, run again so that what they read is recorded too.
 SECOND_PASS = {"train": {"use_end_to_end": True, "end_to_end_windows": 1}}  # reads the model and token cache
+
+
+def label_documents(params) -> None:
+    """Give the tiny corpus (read from process.data_path, hence unlabelled) subjects and chapters, so that interp
+    runs its probes, and reads what they read, rather than skipping them."""
+    labels = Path(params.process.output_dir) / "labels.json"
+    n = len(json.loads(labels.read_text()))
+    labels.write_text(json.dumps([{"subject": f"s{i % 2}", "chapter": f"s{i % 2}_c{i % 4}"} for i in range(n)]))
 
 
 def section_classes() -> dict[type, tuple[str, set[str]]]:
@@ -88,6 +96,8 @@ def tiny_project(tmp_path, monkeypatch, repo_dir, tiny_model_dir, tiny_documents
     params["evaluate"].update(ablation_max_tokens=64, batch_size=256, device="cpu")
     params["activation_db"].update(device="cpu")
     params["summarize"].update(top_k=3)
+    params["interp"].update(features=2, score_examples=2, explain_examples=3, max_new_tokens=4, batch_size=4,
+                            device="cpu")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return tmp_path
 
@@ -103,6 +113,8 @@ def test_each_stage_reads_exactly_the_params_dvc_yaml_lists(tiny_project, repo_d
         recorder.reads = set()
         for overrides in ({}, *([SECOND_PASS[stage]] if stage in SECOND_PASS else [])):
             params = load_params("params.yaml", {spec.section: overrides}, sections=(spec.section, *spec.reads))
+            if stage == "interp":
+                label_documents(params)
             recorder.on = True
             try:
                 module.run(params)
