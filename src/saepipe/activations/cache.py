@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 ROW_FIELDS = {"token_ids": np.int32, "doc_ids": np.int32, "positions": np.int32, "norms": np.float32}
 CHUNK_ROWS = 1024
+MANIFEST = "manifest"
 
 
 def to_storage(acts: torch.Tensor, storage_dtype: str) -> np.ndarray:
@@ -162,9 +163,11 @@ class ActivationCacheWriter:
 
 
 class ActivationCache(OpenFile):
-    """Read access to a finished activation cache."""
+    """Read access to a finished activation cache: a single file, or a manifest over per-rank shards and
+    several hooks (`activations.manifest`), read the same way. `hook` picks one hook of a cache that holds
+    several (its full name); a one-hook cache takes None or its own hook."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, hook: str | None = None):
         self.path = require_file(path, "activation cache", "run `saepipe activations` first")
         try:
             self.file = h5py.File(self.path, "r")
@@ -176,15 +179,34 @@ class ActivationCache(OpenFile):
         if attrs.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{self.path}: activation cache version {attrs.get('format_version')}, expected "
                             f"{FORMAT_VERSION}; rerun `saepipe activations`")
-        self.attrs: dict[str, Any] = {k: plain(v) for k, v in attrs.items()}
+        root_attrs = {k: plain(v) for k, v in attrs.items()}
+        hooks = list(root_attrs.get("hooks", [root_attrs.get("hook_spec")]))
+        if hook is None and len(hooks) > 1:
+            raise UserError(f"{self.path} holds several hooks ({', '.join(hooks)}); set train.hook to one of them")
+        if hook is not None and hook not in hooks:
+            raise UserError(f"{self.path} holds {', '.join(hooks)}, not {hook}; set train.hook to one of them "
+                            "or rerun `saepipe activations` with that hook")
+        self.hook: str = hook or hooks[0]
+        self.root: h5py.Group = self.file
+        self.attrs: dict[str, Any] = root_attrs
+        if root_attrs.get("layout") == MANIFEST:
+            from saepipe.activations.manifest import check_shards
+
+            self.root = self.file[self.hook]
+            self.attrs = {**root_attrs, **{k: plain(v) for k, v in self.root.attrs.items()}}
+            check_shards(self.path, self.root, SPLITS)
         self.storage_dtype: str = self.attrs["storage_dtype"]
+
+    def dataset(self, split: str) -> h5py.Dataset:
+        """The split's activations dataset (rows at storage dtype), for block-wise reading."""
+        return self.root[self._split(split)]["activations"]
 
     @property
     def d_model(self) -> int:
         return int(self.attrs["d_model"])
 
     def n_rows(self, split: str) -> int:
-        return self.file[self._split(split)]["activations"].shape[0]
+        return self.dataset(split).shape[0]
 
     def _split(self, split: str) -> str:
         if split not in SPLITS:
@@ -193,17 +215,17 @@ class ActivationCache(OpenFile):
 
     def column(self, split: str, name: str) -> np.ndarray:
         """A whole per-row field: token_ids, doc_ids, positions, norms or outlier."""
-        return self.file[self._split(split)][name][:]
+        return self.root[self._split(split)][name][:]
 
     def mean(self, split: str = "train") -> np.ndarray:
-        return self.file[self._split(split)]["mean"][:]
+        return self.root[self._split(split)]["mean"][:]
 
     def split_attrs(self, split: str) -> dict[str, Any]:
-        return {k: plain(v) for k, v in self.file[split].attrs.items()}
+        return {k: plain(v) for k, v in self.root[self._split(split)].attrs.items()}
 
     def read(self, split: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) as float32."""
-        return from_storage(self.file[self._split(split)]["activations"][start:stop], self.storage_dtype)
+        return from_storage(self.dataset(split)[start:stop], self.storage_dtype)
 
     def iter_batches(self, split: str, batch_rows: int, include_outliers: bool = False
                      ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:

@@ -154,6 +154,9 @@ class TrainConfig:
     tracking: WandbParams
     output_dir: str
     """Checkpoints go to <output_dir>/<run_name>/."""
+    hook: str | None
+    """The cached hook to train on (e.g. blocks.3.hook_resid_post) when the activation cache holds several
+    (activations.hooks); null: the cache's only hook."""
 
     def validate(self) -> None:
         if not RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name:
