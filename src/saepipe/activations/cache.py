@@ -41,6 +41,7 @@ SPLITS = ("train", "validation")
 ROW_FIELDS = {"token_ids": np.int32, "doc_ids": np.int32, "positions": np.int32, "norms": np.float32}
 CHUNK_ROWS = 1024
 MANIFEST = "manifest"
+SHARD = "shard"
 
 
 def to_storage(acts: torch.Tensor, storage_dtype: str) -> np.ndarray:
@@ -69,8 +70,11 @@ class ActivationCacheWriter:
     """Streams rows into the cache under a temporary name; `close()` finalises stats and renames it."""
 
     def __init__(self, path: str | Path, d_model: int, storage_dtype: str, outlier_factor: float,
-                 attrs: dict[str, Any]):
+                 attrs: dict[str, Any], shard: bool = False):
+        """With `shard`, the file is one process's share of a sharded cache: `close()` keeps the raw
+        per-split sums, and the manifest (`activations.manifest`) derives the statistics over all shards."""
         self.path = Path(path)
+        self.shard = shard
         self.storage_dtype = storage_dtype
         self.outlier_factor = outlier_factor
         self._stack = ExitStack()
@@ -78,7 +82,7 @@ class ActivationCacheWriter:
         self.file = self._stack.enter_context(h5py.File(tmp, "w"))
         self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, **attrs,
                                 "storage_dtype": storage_dtype, "outlier_factor": outlier_factor,
-                                "d_model": d_model})
+                                "d_model": d_model, **({"layout": SHARD} if shard else {})})
         self.sums = {s: np.zeros(d_model, np.float64) for s in SPLITS}
         self.err_sum = 0.0
         self.err_max = 0.0
@@ -116,6 +120,8 @@ class ActivationCacheWriter:
     def close(self) -> dict[str, Any]:
         """Flag outliers, write per-split statistics, rename into place; returns the summary."""
         total = sum(self.rows(s) for s in SPLITS)
+        if self.shard:
+            return self._close_shard(total)
         if self.rows("train") == 0:
             raise UserError("no training rows were cached: the corpus is too small for this window "
                             "(check activations.max_text_length and the token cache)")
@@ -135,39 +141,59 @@ class ActivationCacheWriter:
         self._stack.close()
         return summary
 
+    def _close_shard(self, total: int) -> dict[str, Any]:
+        for split in SPLITS:
+            self.file[split].create_dataset("sum", data=self.sums[split])
+        self.file.attrs.update({"roundtrip_rel_error_sum": self.err_sum, "roundtrip_rel_error_max": self.err_max,
+                                "rows": total})
+        self._stack.close()
+        return {"rows": total}
+
     def _finish_split(self, split: str, threshold: float) -> dict[str, Any]:
         group = self.file[split]
-        norms = group["norms"][:]
-        outlier = norms > threshold
-        group.create_dataset("outlier", data=outlier)
-        rows = len(norms)
-        kept = rows - int(outlier.sum())
-        total = self.sums[split].copy()
-        for index in np.flatnonzero(outlier):  # few: subtract them back out of the running sum
-            total -= from_storage(group["activations"][index], self.storage_dtype).double().numpy()
-        mean = total / kept if kept else total
-        group.create_dataset("mean", data=mean)
-        stats = {
-            "rows": rows,
-            "outliers": int(outlier.sum()),
-            "mean_norm": float(norms[~outlier].mean()) if kept else 0.0,
-            "median_norm": float(np.median(norms)) if rows else 0.0,
-            "max_norm": float(norms.max()) if rows else 0.0,
-        }
-        group.attrs.update(stats)
-        return stats
+        return finish_split(group, group["norms"][:], threshold, self.sums[split].copy(), self.storage_dtype)
 
     def abort(self) -> None:
         """Drop everything written so far (the temporary file is removed, nothing is renamed)."""
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
+def sae_hook(sae: Any) -> str | None:
+    """The full hook name an exported SAE was trained on (to pick its hook in a several-hook cache)."""
+    provenance = getattr(sae, "provenance", None)
+    hook = getattr(provenance, "hook", None)
+    return hook.full_name if hook is not None else None
+
+
+def finish_split(group: h5py.Group, norms: np.ndarray, threshold: float, total: np.ndarray, storage_dtype: str
+                 ) -> dict[str, Any]:
+    """Write a split's `outlier` flags, `mean` (of the non-outlier rows, from `total`, the float64 sum of
+    all rows, and the few outlier rows read back from `group["activations"]`) and its attrs."""
+    outlier = norms > threshold
+    group.create_dataset("outlier", data=outlier)
+    rows = len(norms)
+    kept = rows - int(outlier.sum())
+    for index in np.flatnonzero(outlier):  # few: subtract them back out of the running sum
+        total -= from_storage(group["activations"][index], storage_dtype).double().numpy()
+    mean = total / kept if kept else total
+    group.create_dataset("mean", data=mean)
+    stats = {
+        "rows": rows,
+        "outliers": int(outlier.sum()),
+        "mean_norm": float(norms[~outlier].mean()) if kept else 0.0,
+        "median_norm": float(np.median(norms)) if rows else 0.0,
+        "max_norm": float(norms.max()) if rows else 0.0,
+    }
+    group.attrs.update(stats)
+    return stats
+
+
 class ActivationCache(OpenFile):
     """Read access to a finished activation cache: a single file, or a manifest over per-rank shards and
     several hooks (`activations.manifest`), read the same way. `hook` picks one hook of a cache that holds
-    several (its full name); a one-hook cache takes None or its own hook."""
+    several (its full name); a one-hook cache takes None or its own hook (any hook, with `strict=False`)."""
 
-    def __init__(self, path: str | Path, hook: str | None = None):
+    def __init__(self, path: str | Path, hook: str | None = None, strict: bool = True):
         self.path = require_file(path, "activation cache", "run `saepipe activations` first")
         try:
             self.file = h5py.File(self.path, "r")
@@ -180,7 +206,14 @@ class ActivationCache(OpenFile):
             raise UserError(f"{self.path}: activation cache version {attrs.get('format_version')}, expected "
                             f"{FORMAT_VERSION}; rerun `saepipe activations`")
         root_attrs = {k: plain(v) for k, v in attrs.items()}
+        if root_attrs.get("layout") == SHARD:
+            raise UserError(f"{self.path} is one process's shard of an activation cache; open the cache's "
+                            "activations.h5 instead")
+        if isinstance(root_attrs.get("hooks"), np.ndarray):
+            root_attrs["hooks"] = [str(h) for h in root_attrs["hooks"]]
         hooks = list(root_attrs.get("hooks", [root_attrs.get("hook_spec")]))
+        if not strict and hook not in hooks and len(hooks) == 1:
+            hook = None  # the caller checks the one hook against what it needs, with its own message
         if hook is None and len(hooks) > 1:
             raise UserError(f"{self.path} holds several hooks ({', '.join(hooks)}); set train.hook to one of them")
         if hook is not None and hook not in hooks:
