@@ -33,7 +33,8 @@ class World:
             cuda = device is not None and device.type == "cuda"
             if cuda:
                 torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl" if cuda else "gloo")
+            # NCCL for CUDA tensors, gloo for the few CPU ones (counts, flags) the stages also exchange
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
         return cls(rank, size, local_rank)
 
     @property

@@ -18,7 +18,8 @@ Layout (HDF5):
         attrs: rows, outliers, mean_norm (non-outlier rows), median_norm
 
 Rows are grouped by window batch, not sorted; (doc_ids, positions) place each row in the corpus.
-This module is the only reader and writer of that layout.
+This module is the only reader and writer of that layout. A cache written by several processes or for
+several hooks is a manifest over shard files (`activations.manifest`); `ActivationCache` reads both.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from saepipe.config import TrainConfig
 from saepipe.distributed import World
 from saepipe.kernels import decode_sparse
 from saepipe.sae import SAEOutput, SparseAutoencoder
-from saepipe.sae.base import decoded_mse
+from saepipe.sae.base import AuxKTerm, decoded_mse
 from saepipe.sae.provenance import RunRecord
 from saepipe.storage import write_json
 from saepipe.training.allocator import keep_freed_memory
@@ -189,7 +189,8 @@ class Trainer:
             **extra,
         }, sums=out.sums)
 
-    def _parallel_step(self, x: Tensor, out: SAEOutput, aux, penalty: float, metrics: EpochMetrics) -> None:
+    def _parallel_step(self, x: Tensor, out: SAEOutput, aux: AuxKTerm | None, penalty: float,
+                       metrics: EpochMetrics) -> None:
         """The rest of a step when this rank holds one block of the global batch (`training.parallel`)."""
         cfg, rows = self.cfg, x.shape[0]
         global_rows = self.world.sum_int(rows, self.device)
