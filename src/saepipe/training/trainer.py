@@ -225,6 +225,12 @@ class Trainer:
         if rows.shape[0] == 0:  # under data parallelism only rank 0 holds the validation split
             return {}
         shards, self.sae.shards = self.sae.shards, None  # every row on its own: nothing to share
+        try:
+            return self._validate(rows)
+        finally:
+            self.sae.shards = shards
+
+    def _validate(self, rows: Tensor) -> dict[str, float]:
         self.sae.eval()
         metrics = EpochMetrics(self.sae.d_sae)
         dead = self.dead.mask(self.tokens_seen)
@@ -241,7 +247,6 @@ class Trainer:
                                                "weighted_l1_loss": self.cfg.sparsity_penalty * sparsity.item()},
                         sums=sums)
         self.sae.train()
-        self.sae.shards = shards
         return metrics.summary("val_")
 
     def fit(self) -> TrainResult:
