@@ -18,7 +18,8 @@ Layout (HDF5):
         attrs: rows, outliers, mean_norm (non-outlier rows), median_norm
 
 Rows are grouped by window batch, not sorted; (doc_ids, positions) place each row in the corpus.
-This module is the only reader and writer of that layout.
+This module is the only reader and writer of that layout. A cache written by several processes or for
+several hooks is a manifest over shard files (`activations.manifest`); `ActivationCache` reads both.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 ROW_FIELDS = {"token_ids": np.int32, "doc_ids": np.int32, "positions": np.int32, "norms": np.float32}
 CHUNK_ROWS = 1024
+MANIFEST = "manifest"
+SHARD = "shard"
 
 
 def to_storage(acts: torch.Tensor, storage_dtype: str) -> np.ndarray:
@@ -69,15 +72,18 @@ class ActivationCacheWriter:
     """Streams rows into the cache under a temporary name; `close()` finalises stats and renames it."""
 
     def __init__(self, path: str | Path, d_model: int, storage_dtype: str, outlier_factor: float,
-                 attrs: dict[str, Any]):
+                 attrs: dict[str, Any], shard: bool = False):
+        """With `shard`, the file is one process's share of a sharded cache: `close()` keeps the raw
+        per-split sums, and the manifest (`activations.manifest`) derives the statistics over all shards."""
         self.path = Path(path)
+        self.shard = shard
         self.storage_dtype = storage_dtype
         self.outlier_factor = outlier_factor
         self._stack = ExitStack()
         self.file = self._stack.enter_context(atomic_h5(self.path))
         self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, **attrs,
                                 "storage_dtype": storage_dtype, "outlier_factor": outlier_factor,
-                                "d_model": d_model})
+                                "d_model": d_model, **({"layout": SHARD} if shard else {})})
         self.sums = {s: np.zeros(d_model, np.float64) for s in SPLITS}
         self.err_sum = 0.0
         self.err_max = 0.0
@@ -131,6 +137,8 @@ class ActivationCacheWriter:
     def close(self) -> dict[str, Any]:
         """Flag outliers, write per-split statistics, rename into place; returns the summary."""
         total = sum(self.rows(s) for s in SPLITS)
+        if self.shard:
+            return self._close_shard(total)
         if self.rows("train") == 0:
             raise UserError("no training rows were cached: the corpus is too small for this window "
                             "(check activations.max_text_length and the token cache)")
@@ -150,27 +158,17 @@ class ActivationCacheWriter:
         self._stack.close()
         return summary
 
+    def _close_shard(self, total: int) -> dict[str, Any]:
+        for split in SPLITS:
+            self.file[split].create_dataset("sum", data=self.sums[split])
+        self.file.attrs.update({"roundtrip_rel_error_sum": self.err_sum, "roundtrip_rel_error_max": self.err_max,
+                                "rows": total})
+        self._stack.close()
+        return {"rows": total}
+
     def _finish_split(self, split: str, threshold: float) -> dict[str, Any]:
         group = self.file[split]
-        norms = group["norms"][:]
-        outlier = norms > threshold
-        group.create_dataset("outlier", data=outlier)
-        rows = len(norms)
-        kept = rows - int(outlier.sum())
-        total = self.sums[split].copy()
-        for index in np.flatnonzero(outlier):  # few: subtract them back out of the running sum
-            total -= from_storage(group["activations"][index], self.storage_dtype).double().numpy()
-        mean = total / kept if kept else total
-        group.create_dataset("mean", data=mean)
-        stats = {
-            "rows": rows,
-            "outliers": int(outlier.sum()),
-            "mean_norm": float(norms[~outlier].mean()) if kept else 0.0,
-            "median_norm": float(np.median(norms)) if rows else 0.0,
-            "max_norm": float(norms.max()) if rows else 0.0,
-        }
-        group.attrs.update(stats)
-        return stats
+        return finish_split(group, group["norms"][:], threshold, self.sums[split].copy(), self.storage_dtype)
 
     def abort(self) -> None:
         """Drop everything written so far (the temporary file is removed, nothing is renamed)."""
@@ -186,10 +184,42 @@ def check_finite_rows(rows: torch.Tensor, path: Path, split: str, index: np.ndar
                         "rerun `saepipe activations`")
 
 
-class ActivationCache(OpenFile):
-    """Read access to a finished activation cache."""
+def sae_hook(sae: Any) -> str | None:
+    """The full hook name an exported SAE was trained on (to pick its hook in a several-hook cache)."""
+    provenance = getattr(sae, "provenance", None)
+    hook = getattr(provenance, "hook", None)
+    return hook.full_name if hook is not None else None
 
-    def __init__(self, path: str | Path):
+
+def finish_split(group: h5py.Group, norms: np.ndarray, threshold: float, total: np.ndarray, storage_dtype: str
+                 ) -> dict[str, Any]:
+    """Write a split's `outlier` flags, `mean` (of the non-outlier rows, from `total`, the float64 sum of
+    all rows, and the few outlier rows read back from `group["activations"]`) and its attrs."""
+    outlier = norms > threshold
+    group.create_dataset("outlier", data=outlier)
+    rows = len(norms)
+    kept = rows - int(outlier.sum())
+    for index in np.flatnonzero(outlier):  # few: subtract them back out of the running sum
+        total -= from_storage(group["activations"][index], storage_dtype).double().numpy()
+    mean = total / kept if kept else total
+    group.create_dataset("mean", data=mean)
+    stats = {
+        "rows": rows,
+        "outliers": int(outlier.sum()),
+        "mean_norm": float(norms[~outlier].mean()) if kept else 0.0,
+        "median_norm": float(np.median(norms)) if rows else 0.0,
+        "max_norm": float(norms.max()) if rows else 0.0,
+    }
+    group.attrs.update(stats)
+    return stats
+
+
+class ActivationCache(OpenFile):
+    """Read access to a finished activation cache: a single file, or a manifest over per-rank shards and
+    several hooks (`activations.manifest`), read the same way. `hook` picks one hook of a cache that holds
+    several (its full name); a one-hook cache takes None or its own hook (any hook, with `strict=False`)."""
+
+    def __init__(self, path: str | Path, hook: str | None = None, strict: bool = True):
         self.path = require_file(path, "activation cache", "run `saepipe activations` first")
         try:
             self.file = h5py.File(self.path, "r")
@@ -201,14 +231,36 @@ class ActivationCache(OpenFile):
         if attrs.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{self.path}: activation cache version {attrs.get('format_version')}, expected "
                             f"{FORMAT_VERSION}; rerun `saepipe activations`")
-        self.attrs: dict[str, Any] = {k: plain(v) for k, v in attrs.items()}
+        root_attrs = {k: plain(v) for k, v in attrs.items()}
+        if root_attrs.get("layout") == SHARD:
+            raise UserError(f"{self.path} is one process's shard of an activation cache; open the cache's "
+                            "activations.h5 instead")
+        if isinstance(root_attrs.get("hooks"), np.ndarray):
+            root_attrs["hooks"] = [str(h) for h in root_attrs["hooks"]]
+        hooks = list(root_attrs.get("hooks", [root_attrs.get("hook_spec")]))
+        if not strict and hook not in hooks and len(hooks) == 1:
+            hook = None  # the caller checks the one hook against what it needs, with its own message
+        if hook is None and len(hooks) > 1:
+            raise UserError(f"{self.path} holds several hooks ({', '.join(hooks)}); set train.hook to one of them")
+        if hook is not None and hook not in hooks:
+            raise UserError(f"{self.path} holds {', '.join(hooks)}, not {hook}; set train.hook to one of them "
+                            "or rerun `saepipe activations` with that hook")
+        self.hook: str = hook or hooks[0]
+        self.root: h5py.Group = self.file
+        self.attrs: dict[str, Any] = root_attrs
+        if root_attrs.get("layout") == MANIFEST:
+            from saepipe.activations.manifest import check_shards
+
+            self.root = self.file[self.hook]
+            self.attrs = {**root_attrs, **{k: plain(v) for k, v in self.root.attrs.items()}}
+            check_shards(self.path, self.root, SPLITS)
         self.storage_dtype: str = self.attrs["storage_dtype"]
         self._check_layout()
 
     def _check_layout(self) -> None:
         """Every split and field present with one row count: a file cut short or damaged fails here, on open."""
         for split in SPLITS:
-            group = self.file.get(split)
+            group = self.root.get(split)
             names = ("activations", *ROW_FIELDS, "outlier", "mean")
             try:
                 missing = [n for n in names if group is None or n not in group]
@@ -222,12 +274,16 @@ class ActivationCache(OpenFile):
                 raise UserError(f"{self.path}: the {split} fields disagree on the row count; rerun "
                                 "`saepipe activations`")
 
+    def dataset(self, split: str) -> h5py.Dataset:
+        """The split's activations dataset (rows at storage dtype), for block-wise reading."""
+        return self.root[self._split(split)]["activations"]
+
     @property
     def d_model(self) -> int:
         return int(self.attrs["d_model"])
 
     def n_rows(self, split: str) -> int:
-        return self.file[self._split(split)]["activations"].shape[0]
+        return self.dataset(split).shape[0]
 
     def _split(self, split: str) -> str:
         if split not in SPLITS:
@@ -237,21 +293,21 @@ class ActivationCache(OpenFile):
     def column(self, split: str, name: str) -> np.ndarray:
         """A whole per-row field: token_ids, doc_ids, positions, norms or outlier."""
         try:
-            return self.file[self._split(split)][name][:]
+            return self.root[self._split(split)][name][:]
         except OSError as exc:
             raise UserError(f"{self.path}: cannot read {split}/{name} ({exc}); the activation cache is damaged, "
                             "rerun `saepipe activations`") from None
 
     def mean(self, split: str = "train") -> np.ndarray:
-        return self.file[self._split(split)]["mean"][:]
+        return self.root[self._split(split)]["mean"][:]
 
     def split_attrs(self, split: str) -> dict[str, Any]:
-        return {k: plain(v) for k, v in self.file[split].attrs.items()}
+        return {k: plain(v) for k, v in self.root[self._split(split)].attrs.items()}
 
     def read_stored(self, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) as stored; a damaged file is a one-line error naming it."""
         try:
-            return self.file[self._split(split)]["activations"][start:stop]
+            return self.dataset(split)[start:stop]
         except (OSError, KeyError) as exc:
             raise UserError(f"{self.path}: cannot read {split} rows {start}:{stop} ({exc}); the activation cache is "
                             "damaged, rerun `saepipe activations`") from None

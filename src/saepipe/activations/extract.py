@@ -6,7 +6,7 @@ bare forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,13 +62,22 @@ def build_batch(plan: WindowPlan, batch: np.ndarray, cache: TokenCache, bos_id: 
 
 def hook_activations(model: Any, hook: HookSpec, tokens: torch.Tensor) -> torch.Tensor:
     """The hook's activations [batch, seq, d_model]; blocks after the hook's layer are not run."""
-    captured: list[torch.Tensor] = []
+    return hooks_activations(model, [hook], tokens)[0]
 
-    def grab(activation: torch.Tensor, hook: Any) -> None:
-        captured.append(activation)
 
-    model.run_with_hooks(tokens, fwd_hooks=[(hook.full_name, grab)], stop_at_layer=hook.stop_at_layer)
-    return captured[0]
+def hooks_activations(model: Any, hooks: Sequence[HookSpec], tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Each hook's activations from one forward pass that stops after the deepest hook's layer."""
+    captured: list[torch.Tensor | None] = [None] * len(hooks)
+
+    def grabber(index: int) -> Callable[[torch.Tensor, Any], None]:
+        def grab(activation: torch.Tensor, hook: Any) -> None:
+            captured[index] = activation
+
+        return grab
+
+    model.run_with_hooks(tokens, fwd_hooks=[(h.full_name, grabber(i)) for i, h in enumerate(hooks)],
+                         stop_at_layer=max(h.stop_at_layer for h in hooks))
+    return captured  # type: ignore[return-value]
 
 
 def extract(
@@ -84,15 +93,32 @@ def extract(
     progress: bool = True,
 ) -> int:
     """Feed every batch through the model and hand the kept float32 rows to `sink`; returns model tokens."""
-    total = int(plan.length.sum()) + (len(plan) if bos_id is not None else 0)
+    return extract_hooks(model, [hook], plan, batches, cache, bos_id, pad_id, device,
+                         lambda rows, wb: sink(rows[0], wb), progress)
+
+
+def extract_hooks(
+    model: Any,
+    hooks: Sequence[HookSpec],
+    plan: WindowPlan,
+    batches: list[np.ndarray],
+    cache: TokenCache,
+    bos_id: int | None,
+    pad_id: int,
+    device: torch.device,
+    sink: Callable[[list[torch.Tensor], WindowBatch], None],
+    progress: bool = True,
+) -> int:
+    """`extract` for several hooks: one forward pass per batch, `sink` gets each hook's rows in order."""
+    lengths = plan.length[np.concatenate(batches)] if batches else plan.length[:0]
+    total = int(lengths.sum()) + (len(lengths) if bos_id is not None else 0)
     done = 0
     with torch.inference_mode(), tqdm(total=total, desc="activations", unit="tok", unit_scale=True,
                                       disable=not progress, smoothing=0.1) as bar:
         for wb in iter_window_batches(plan, batches, cache, bos_id, pad_id):
-            acts = hook_activations(model, hook, wb.tokens.to(device))
-            b, p = wb.row_select
-            rows = acts[b.to(device), p.to(device)].float().cpu()
-            sink(rows, wb)
+            b, p = (index.to(device) for index in wb.row_select)
+            acts = hooks_activations(model, hooks, wb.tokens.to(device))
+            sink([a[b, p].float().cpu() for a in acts], wb)
             done += wb.model_tokens
             bar.update(wb.model_tokens)
     return done

@@ -111,6 +111,9 @@ class ActivationsConfig:
     """Load the model 4-bit quantized with bitsandbytes (CUDA only)."""
     output_dir: str
     """Where `activations.h5` and `stats.json` are written."""
+    hooks: list[str] | None
+    """Several hooks cached from one forward pass, each a full name (blocks.<layer>.<hook name>, e.g.
+    blocks.3.hook_resid_post); null: the one hook of hook_layer and hook_name. `train.hook` picks one."""
 
     def overlap(self) -> int:
         return self.max_text_length // 4 if self.context_overlap is None else self.context_overlap

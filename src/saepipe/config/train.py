@@ -157,6 +157,9 @@ class TrainConfig:
     output_dir: str
     """Each run's folder is <output_dir>/<run_name>/: checkpoints/ (resume, export), live/ (dvclive metrics and
     plots) and wandb/ (W&B's local files, when on)."""
+    hook: str | None
+    """The cached hook to train on (e.g. blocks.3.hook_resid_post) when the activation cache holds several
+    (activations.hooks); null: the cache's only hook."""
 
     def validate(self) -> None:
         if self.run_name is not None and (not RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name):

@@ -9,7 +9,7 @@ Everything here takes tensors and knows nothing of an SAE's parameters or of lan
 operators take over wherever the compiled loops do not apply (a GPU, other dtypes).
 """
 
-from saepipe.kernels.select import batch_top_k, codes_above, row_top_k
+from saepipe.kernels.select import batch_top_k, codes_above, row_top_k, sharded_batch_top_k
 from saepipe.kernels.sparse import (
     BatchSums,
     SparseCodes,
@@ -33,4 +33,5 @@ __all__ = [
     "gather_columns",
     "row_top_k",
     "sampled_dots",
+    "sharded_batch_top_k",
 ]

@@ -8,6 +8,7 @@ one gather over the set bits, no dense mask or nonzero); elsewhere, torch operat
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from torch import Tensor
 from saepipe.kernels import sparse  # `sparse.compiled` through the module: tests patch that one name
 from saepipe.kernels.cpu import count_above, gather_marked, keep_top
 from saepipe.kernels.sparse import SparseCodes, codes_from_csr, row_offsets
+
+if TYPE_CHECKING:
+    from saepipe.distributed import World
 
 
 def batch_top_k(pre: Tensor, k_total: int, hint: float | None = None, bias: Tensor | None = None) -> SparseCodes:
@@ -55,6 +59,50 @@ def batch_top_k(pre: Tensor, k_total: int, hint: float | None = None, bias: Tens
         candidates, values = candidates[keep], values[keep]
     rows, cols = candidates // n_latents, candidates % n_latents
     return codes_from_csr(row_offsets(rows, n_rows), cols, values, n_latents)
+
+
+def sharded_batch_top_k(pre: Tensor, k_per_row: int, world: World, hint: float | None = None,
+                        bias: Tensor | None = None) -> tuple[SparseCodes, float]:
+    """`batch_top_k` over a global batch whose rows are split across the ranks of `world`, rank r holding
+    the r-th contiguous block: the same entries a single process would keep on the whole batch (ties at
+    the cut in global row-major order), and the smallest kept value (the same on every rank).
+
+    Each rank marks its entries above a threshold common to all ranks (the hint, else the smallest of
+    the ranks' sampled quantiles, else 0) until together they hold at least k_per_row x global rows;
+    the candidates' values are then gathered to find the global cut.
+    """
+    if bias is not None:
+        pre.add_(bias)
+    n_rows, n_latents = pre.shape
+    global_rows = world.sum_int(n_rows, pre.device)
+    k_total = min(k_per_row * global_rows, global_rows * n_latents)
+    thresholds: list[float] = [hint, 0.85 * hint, 0.7 * hint] if hint is not None and hint > 0 else []
+    local_share = max(1, round(k_total * n_rows / max(global_rows, 1)))
+    thresholds.append(-1.0)  # placeholder for the sampled cut, computed only if the hints fall short
+    thresholds.append(0.0)
+    for threshold in thresholds:
+        if threshold == -1.0:
+            threshold = world.min_float(next(_falling_thresholds(pre.reshape(-1), local_share, n_latents, None)),
+                                        pre.device)
+        candidates = codes_above(pre, threshold)
+        found = world.sum_int(candidates.nnz, pre.device)
+        if found >= k_total:
+            break
+    values = world.gather(candidates.values.detach())
+    every = torch.cat(values)
+    if every.numel() <= k_total:
+        return candidates, float(every.min()) if every.numel() else float("inf")
+    cut = float(torch.topk(every, k_total, sorted=False).values.min())
+    above = [int((v > cut).sum()) for v in values]
+    ties = [int((v == cut).sum()) for v in values]
+    ties_wanted = k_total - sum(above)
+    mine = min(max(ties_wanted - sum(ties[: world.rank]), 0), ties[world.rank])
+    local = candidates.values.detach()
+    keep = local > cut
+    if mine:
+        keep[(local == cut).nonzero().squeeze(1)[:mine]] = True
+    rows = candidates.rows[keep]
+    return codes_from_csr(row_offsets(rows, n_rows), candidates.cols[keep], local[keep], n_latents), cut
 
 
 def codes_above(pre: Tensor, threshold: float) -> SparseCodes:

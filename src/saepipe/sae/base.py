@@ -33,6 +33,7 @@ from saepipe.kernels import (
 
 if TYPE_CHECKING:
     from saepipe.config import SAEParams
+    from saepipe.distributed import World
     from saepipe.sae.provenance import Provenance
 
 
@@ -185,6 +186,9 @@ class SparseAutoencoder(nn.Module):
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     sparse_training: ClassVar[bool] = True
     """True: select active latents without autograd, then train through the sparse kernels only."""
+    shards: World | None = None
+    """Set by a data-parallel trainer: the ranks that each hold a block of every training batch, so that
+    batch-wide quantities (BatchTopK's cut, AuxK's residual variance) are taken over the global batch."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -310,7 +314,13 @@ class SparseAutoencoder(nn.Module):
         fitted = features @ (dead_rows @ dead_rows.t())
         residual_sq = float(sums.error_sq)
         # sum of squares about the per-dimension mean, ||r||^2 - n ||mean||^2: the residual's mean is small
-        variance = max(residual_sq - float(sums.residual_sum.square().sum()) / len(residual), 1e-12)
+        if self.shards is not None and self.shards.distributed:  # the global batch's variance
+            packed = torch.cat([sums.error_sq.reshape(1).double(), sums.residual_sum.double(),
+                                torch.tensor([len(residual)], dtype=torch.float64, device=x.device)])
+            packed = self.shards.sum_(packed)
+            variance = max(float(packed[0]) - float(packed[1:-1].square().sum()) / float(packed[-1]), 1e-12)
+        else:
+            variance = max(residual_sq - float(sums.residual_sum.square().sum()) / len(residual), 1e-12)
         error_sq = float(torch.linalg.vecdot(features.flatten(), (fitted - 2 * projected).flatten())) + residual_sq
         scale = min(1.0, n_dead / self.cfg.k_aux)
         loss = torch.tensor(max(error_sq, 0.0) * scale / variance, device=x.device)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saepipe.kernels import SparseCodes, batch_top_k, codes_above
+from saepipe.kernels import SparseCodes, batch_top_k, codes_above, sharded_batch_top_k
 from saepipe.sae.base import SAEOutput, register
 from saepipe.sae.topk import TopKConfig, TopKSAE
 
@@ -53,6 +53,9 @@ class BatchTopKSAE(TopKSAE):
         hint = None
         if int(self.threshold_steps) > 0:
             hint = 0.9 * min(float(self.threshold), self._last_cut)
+        if self.shards is not None and self.shards.distributed:
+            codes, self._last_cut = sharded_batch_top_k(pre, self.cfg.k, self.shards, hint=hint, bias=bias)
+            return codes
         codes = batch_top_k(pre, self.cfg.k * pre.shape[0], hint=hint, bias=bias)
         if codes.nnz:
             self._last_cut = float(codes.values.min())
@@ -67,12 +70,20 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def after_step(self, out: SAEOutput) -> None:
         positive = out.codes.values[out.codes.values > 0]
-        if positive.numel() == 0:
+        if self.shards is not None and self.shards.distributed:  # the global batch's smallest kept value
+            smallest = self.shards.min_float(float(positive.min()) if positive.numel() else math.inf,
+                                             positive.device)
+            if math.isinf(smallest):
+                return
+            lowest = torch.tensor(smallest, dtype=self.threshold.dtype, device=self.threshold.device)
+        elif positive.numel() == 0:
             return
+        else:
+            lowest = positive.min()
         self.threshold_steps += 1
         # A running mean at first, then an exponential average that forgets the early, larger values.
         rate = max(1.0 / int(self.threshold_steps), self.cfg.threshold_momentum)
-        self.threshold.lerp_(positive.min(), rate)
+        self.threshold.lerp_(lowest, rate)
 
     def inference_threshold(self) -> Tensor:
         return self.threshold.expand(self.d_sae)

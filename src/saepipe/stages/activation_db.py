@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import saepipe
-from saepipe.activations.cache import ActivationCache
+from saepipe.activations.cache import ActivationCache, sae_hook
 from saepipe.analysis.activation_db import sae_weights_sha256
 from saepipe.analysis.db_build import build_activation_db
 from saepipe.config import Params
@@ -24,7 +24,7 @@ def run(params: Params) -> None:
     tokens = read_token_cache(params.tokenize.output)
     cache_path = activation_cache(params)
     out = activation_db(params)
-    with ActivationCache(cache_path) as cache:
+    with ActivationCache(cache_path, hook=sae_hook(sae), strict=False) as cache:
         attrs = cache.attrs
         try:
             check_compatible(sae, d_model=cache.d_model, hook_spec=attrs["hook_spec"], model_name=attrs["model_name"])

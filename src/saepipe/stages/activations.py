@@ -1,7 +1,14 @@
-"""Stage `activations`: token cache + base model -> the hook's activations in HDF5."""
+"""Stage `activations`: token cache + base model -> the hook's activations in HDF5.
+
+One hook in one process writes `activations.h5` itself. Several hooks (`activations.hooks`, one forward
+pass for all) or several processes (`torchrun -m saepipe activations`: rank r runs every world_size-th
+window batch) write shard files under `parts/` and rank 0 a manifest `activations.h5` over them
+(`activations.manifest`), which later stages read the same way.
+"""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,12 +17,14 @@ import numpy as np
 import torch
 
 from saepipe.activations.cache import ActivationCacheWriter
-from saepipe.activations.extract import WindowBatch, extract
+from saepipe.activations.extract import WindowBatch, extract, extract_hooks
+from saepipe.activations.manifest import PARTS_DIR, shard_path, write_manifest
 from saepipe.activations.windows import WindowPlan, batch_windows, padding_fraction, plan_windows, sample_documents
 from saepipe.config import ActivationsConfig, Params
 from saepipe.corpus.tokens import TRAIN, VALIDATION, TokenCache, read_token_cache
+from saepipe.distributed import World
 from saepipe.errors import UserError, field_error
-from saepipe.model.hooks import block_hook_names, resolve_hook
+from saepipe.model.hooks import HookSpec, block_hook_names, resolve_hook
 from saepipe.model.loading import check_4bit, load_hooked_model, resolve_device
 from saepipe.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 from saepipe.storage import write_json
@@ -52,10 +61,50 @@ def plan_documents(tokens: TokenCache, cfg: ActivationsConfig, tokens_path: str)
     return plan
 
 
+def resolve_hooks(cfg: ActivationsConfig, n_layers: int, available: list[str]) -> list[HookSpec]:
+    """`activations.hooks` checked against the model, else the one hook of hook_layer and hook_name."""
+    if cfg.hooks is None:
+        return [resolve_hook(cfg.hook_layer, cfg.hook_name, cfg.middle_layer_strategy, n_layers, available)]
+    hooks = []
+    for full_name in cfg.hooks:
+        try:
+            hook = HookSpec.parse(full_name)
+        except ValueError:
+            raise field_error("activations.hooks", cfg.hooks, f"full hook names (blocks.<layer>.<hook name>); "
+                              f"{full_name!r} is not one") from None
+        if not 0 <= hook.layer < n_layers:
+            raise field_error("activations.hooks", cfg.hooks, f"layers in [0, {n_layers - 1}] ({n_layers} layers); "
+                              f"{full_name!r} is not")
+        if hook.name not in available:
+            raise field_error("activations.hooks", cfg.hooks, f"hooks inside a block; {full_name!r} is not one "
+                              f"(e.g. blocks.{hook.layer}.hook_resid_post)")
+        hooks.append(hook)
+    if not hooks or len(set(hooks)) < len(hooks):
+        raise field_error("activations.hooks", cfg.hooks, "a non-empty list of distinct hooks, or null")
+    return hooks
+
+
+def tidy_parts(out_dir: Path, keep: set[Path]) -> None:
+    """`parts/` (a DVC output) holds exactly this run's shards: empty after a one-file run."""
+    parts = out_dir / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+    for path in parts.iterdir():
+        if path not in keep:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def run(params: Params) -> None:
+    device = resolve_device(params.activations.device)
+    world = World.from_env(device)
+    try:
+        _run(params, world.device(device), world)
+    finally:
+        world.close()
+
+
+def _run(params: Params, device: torch.device, world: World) -> None:
     cfg = params.activations
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
     if cfg.load_in_4bit:
         check_4bit(device)
     tokens = read_token_cache(params.tokenize.output)
@@ -75,8 +124,8 @@ def run(params: Params) -> None:
 
     model = load_hooked_model(model_dir, device=device, dtype=cfg.forward_dtype, load_in_4bit=cfg.load_in_4bit)
     n_layers, d_model, n_ctx = model.cfg.n_layers, model.cfg.d_model, model.cfg.n_ctx
-    hook = resolve_hook(cfg.hook_layer, cfg.hook_name, cfg.middle_layer_strategy, n_layers,
-                        block_hook_names(model.hook_dict))
+    hooks = resolve_hooks(cfg, n_layers, block_hook_names(model.hook_dict))
+    hook = hooks[0]
     if n_ctx and cfg.max_text_length > n_ctx:
         raise field_error("activations.max_text_length", cfg.max_text_length,
                           f"at most the model's context length {n_ctx}")
@@ -110,6 +159,9 @@ def run(params: Params) -> None:
         "padding_fraction": padding_fraction(model_lengths, batches),
     }
     out_dir = Path(cfg.output_dir)
+    if world.distributed or len(hooks) > 1:
+        _run_sharded(params, model, hooks, plan, batches, tokens, attrs, (bos_id, pad_id), device, world, started)
+        return
     writer = ActivationCacheWriter(out_dir / CACHE_FILE, d_model, cfg.storage_dtype, cfg.outlier_factor, attrs)
 
     sink = split_sink(writer, tokens.split)
@@ -135,6 +187,7 @@ def run(params: Params) -> None:
         "seconds": time.perf_counter() - started,
     }
     write_json(out_dir / STATS_FILE, stats)
+    tidy_parts(out_dir, set())
     size = (out_dir / CACHE_FILE).stat().st_size
     outliers = summary["train"]["outliers"] + summary["validation"]["outliers"]
     print(
@@ -149,3 +202,66 @@ def run(params: Params) -> None:
     )
 
 
+def _run_sharded(params: Params, model, hooks: list[HookSpec], plan: WindowPlan, batches: list[np.ndarray],
+                 tokens: TokenCache, attrs: dict, ids: tuple[int | None, int], device: torch.device, world: World,
+                 started: float) -> None:
+    """This rank's window batches through the model once for every hook, into one shard per hook; then
+    rank 0 writes the manifest, the stats and the summary line."""
+    cfg = params.activations
+    out_dir = Path(cfg.output_dir)
+    common = {k: v for k, v in attrs.items() if k not in ("hook_layer", "hook_name", "hook_spec")}
+    if world.is_main:
+        tidy_parts(out_dir, set())  # no shard of an earlier run may stay beside this run's
+    world.barrier()
+    d_model = model.cfg.d_model
+    writers = [ActivationCacheWriter(shard_path(out_dir, h.full_name, world.rank), d_model, cfg.storage_dtype,
+                                     cfg.outlier_factor, {**common, "hook_layer": h.layer, "hook_name": h.name,
+                                                          "hook_spec": h.full_name, "rank": world.rank}, shard=True)
+               for h in hooks]
+    sinks = [split_sink(writer, tokens.split) for writer in writers]
+
+    def sink(rows: list[torch.Tensor], wb: WindowBatch) -> None:
+        for hook_sink, hook_rows in zip(sinks, rows, strict=True):
+            hook_sink(hook_rows, wb)
+
+    forward_started = time.perf_counter()
+    try:
+        model_tokens = extract_hooks(model, hooks, plan, batches[world.rank :: world.size], tokens, *ids, device,
+                                     sink, progress=world.is_main)
+        forward_seconds = time.perf_counter() - forward_started
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    model_tokens = world.sum_int(model_tokens)
+    world.barrier()
+    if not world.is_main:
+        return
+    shards = {h.full_name: [shard_path(out_dir, h.full_name, r) for r in range(world.size)] for h in hooks}
+    summaries = write_manifest(out_dir / CACHE_FILE, shards, common, world.size)
+    first = summaries[hooks[0].full_name]
+    stats = {
+        "hook_spec": hooks[0].full_name,
+        "hooks": {name: summary for name, summary in summaries.items()} if len(hooks) > 1 else None,
+        "world_size": world.size,
+        "d_model": d_model,
+        **{k: attrs[k] for k in ("windows", "documents", "model_tokens", "cached_rows", "recompute_factor",
+                                 "padding_fraction")},
+        "max_tokens": cfg.max_tokens,
+        "tokens_per_second": model_tokens / forward_seconds,
+        **first,
+        "storage_dtype": cfg.storage_dtype,
+        "forward_dtype": cfg.forward_dtype,
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(out_dir / STATS_FILE, stats)
+    size = sum(p.stat().st_size for p in (out_dir / PARTS_DIR).iterdir())
+    print(
+        f"activations: {', '.join(shards)}, {first['train']['rows']:,} train + {first['validation']['rows']:,} "
+        f"validation rows x {d_model} per hook from {attrs['documents']:,} documents in {world.size} process"
+        f"{'es' if world.size > 1 else ''} ({cfg.storage_dtype}, {size / 2**20:,.0f} MiB in "
+        f"{len(hooks) * world.size} shards); {stats['tokens_per_second']:,.0f} tok/s, recompute "
+        f"x{attrs['recompute_factor']:.2f} -> {out_dir / CACHE_FILE} [{stats['seconds']:.0f} s]"
+    )

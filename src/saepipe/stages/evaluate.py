@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saepipe.activations.cache import ActivationCache
+from saepipe.activations.cache import ActivationCache, sae_hook
 from saepipe.analysis import ablation, reconstruction, sparsity
 from saepipe.analysis.quick import ActivationEvaluation, cache_batches, evaluate_activations
 from saepipe.analysis.sparsity import DensityHistogram, log10_density_histogram
@@ -81,7 +81,7 @@ def run(params: Params) -> None:
     path = evaluated_sae(params)
     sae = load_sae(path, device)
     cache_path = activation_cache(params)
-    with ActivationCache(cache_path) as cache:
+    with ActivationCache(cache_path, hook=sae_hook(sae), strict=False) as cache:
         attrs = cache.attrs
         _compatible(sae, f"the activation cache {cache_path} holds {attrs['model_name']} {attrs['hook_spec']}",
                     d_model=cache.d_model, hook_spec=attrs["hook_spec"], model_name=attrs["model_name"])

@@ -1,7 +1,13 @@
-"""Stage `train`: the activation cache -> a trained SAE's checkpoints and metrics under models/runs/<run_name>/."""
+"""Stage `train`: the activation cache -> a trained SAE's checkpoints and metrics under models/runs/<run_name>/.
+
+Under `torchrun --nproc-per-node N -m saepipe train` it trains data-parallel (`training.parallel`): each
+process reads its block of every global batch, rank 0 alone validates, writes checkpoints, dvclive and
+history, and prints.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import tempfile
 from pathlib import Path
@@ -11,7 +17,8 @@ import torch
 import saepipe
 from saepipe.config import Params, flat_values
 from saepipe.corpus.tokens import read_token_cache
-from saepipe.errors import UserError
+from saepipe.distributed import World
+from saepipe.errors import UserError, field_error
 from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model, resolve_device
 from saepipe.paths import activation_cache, checkpoints_dir, run_dir, with_run_name
@@ -22,6 +29,7 @@ from saepipe.storage import plain, sha256_file
 from saepipe.training.checkpoints import BEST, load_checkpoint
 from saepipe.training.data import ActivationData, load_activation_data
 from saepipe.training.end_to_end import make_end_to_end_loss
+from saepipe.training.parallel import rows_needed
 from saepipe.training.tracking import Tracker
 from saepipe.training.trainer import EndToEndLoss, Trainer
 
@@ -39,7 +47,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_record(params: Params, data: ActivationData, cache_path: Path) -> RunRecord:
+def run_record(params: Params, data: ActivationData, cache_path: Path, sha256: bool = True) -> RunRecord:
     """What an exported SAE records about where it came from: model, hook, scale, data and code versions."""
     attrs = data.attrs
     return RunRecord(
@@ -54,8 +62,8 @@ def run_record(params: Params, data: ActivationData, cache_path: Path) -> RunRec
         train_config=flat_values(params.train),
         data={
             "activation_cache": str(cache_path),
-            "activation_cache_sha256": sha256_file(cache_path),
-            "train_rows": int(data.train.shape[0]),
+            "activation_cache_sha256": sha256_file(cache_path) if sha256 else None,
+            "train_rows": data.n_train,
             "validation_rows": int(data.validation.shape[0]),
             "outliers_left_out": data.dropped_outliers,
             "cache_attrs": {k: plain(attrs[k]) for k in CACHE_ATTRS if k in attrs},
@@ -86,24 +94,58 @@ def end_to_end_loss(params: Params, data: ActivationData, device: torch.device) 
     )
 
 
+def check_parallel(params: Params, world: World) -> None:
+    """What data-parallel training needs of the params, checked before any data is read."""
+    cfg = params.train
+    if cfg.batch_size % world.size:
+        raise field_error("train.batch_size", cfg.batch_size,
+                          f"a multiple of the {world.size} torchrun processes (each takes batch_size / "
+                          f"{world.size} rows of every batch)")
+    if cfg.end_to_end.use_end_to_end:
+        raise field_error("train.use_end_to_end", True, f"false under torchrun ({world.size} processes): "
+                          "end-to-end losses train in one process")
+
+
 def run(params: Params) -> None:
     params = with_run_name(params)
     cfg = params.train
     device = resolve_device(cfg.device, "train.device")
+    world = World.from_env(device)
+    try:
+        _train(params, world.device(device), world)
+    finally:
+        world.close()
+
+
+def _train(params: Params, device: torch.device, world: World) -> None:
+    cfg = params.train
+    shard = None
+    if world.distributed:
+        check_parallel(params, world)
+
+        def shard(n_rows: int):
+            return rows_needed(n_rows, cfg.batch_size, cfg.seed, range(1, cfg.num_epochs + 1), world)
+
     cache_path = activation_cache(params)
     data = load_activation_data(cache_path, include_outliers=cfg.include_outliers,
                                 max_train_rows=cfg.max_train_rows, normalize=cfg.normalize_activations,
-                                seed=cfg.seed)
+                                seed=cfg.seed, hook=cfg.hook, shard=shard, validation=world.is_main)
     torch.manual_seed(cfg.seed)
     sae = build_sae(config_from_params(cfg.sae, data.d_in))
     ckpt_dir = checkpoints_dir(params)
-    record = run_record(params, data, cache_path)
-    print(f"train: {cfg.sae.sae_type} SAE {data.d_in} -> {sae.d_sae} on {record.hook.full_name}, "
-          f"{data.train.shape[0]:,} train / {data.validation.shape[0]:,} validation rows "
-          f"({sum(data.dropped_outliers.values())} outliers left out), scale {data.scale:.4g}, {device}")
+    record = run_record(params, data, cache_path, sha256=world.is_main)
+    say = print if world.is_main else _quiet
+    parallel = f" x {world.size} processes ({data.train.shape[0]:,} rows on rank 0)" if world.distributed else ""
+    say(f"train: {cfg.sae.sae_type} SAE {data.d_in} -> {sae.d_sae} on {record.hook.full_name}, "
+        f"{data.n_train:,} train / {data.validation.shape[0]:,} validation rows "
+        f"({sum(data.dropped_outliers.values())} outliers left out), scale {data.scale:.4g}, {device}{parallel}")
     e2e = end_to_end_loss(params, data, device) if cfg.end_to_end.use_end_to_end else None
-    with Tracker(cfg, run_dir(params), record.to_dict()) as tracker:
-        result = Trainer(sae, data, cfg, ckpt_dir, record, device, logger=tracker, end_to_end=e2e).fit()
+    tracking = Tracker(cfg, run_dir(params), record.to_dict()) if world.is_main else contextlib.nullcontext()
+    with tracking as tracker:
+        result = Trainer(sae, data, cfg, ckpt_dir, record, device, logger=tracker, end_to_end=e2e,
+                         world=world).fit()
+        if not world.is_main:
+            return
         if cfg.tracking.enabled and cfg.tracking.wandb_log_final_artifact:
             with tempfile.TemporaryDirectory() as tmp:  # the same export `saepipe export` writes
                 final = Path(tmp) / cfg.run_name
@@ -115,3 +157,7 @@ def run(params: Params) -> None:
     print(f"train: {cfg.run_name}: best epoch {result.best_epoch} (val fvu "
           f"{best_epoch.get('val_fvu', float('nan')):.4f}, val l0 {best_epoch.get('val_l0', float('nan')):.1f}); "
           f"final dead {final['dead_feature_percentage']:.1f}% -> {run_dir(params)} [{result.seconds:.0f} s]")
+
+
+def _quiet(*args: object) -> None:
+    """`print` on the ranks other than 0."""

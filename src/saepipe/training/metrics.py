@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from saepipe.distributed import World
 from saepipe.kernels import BatchSums, batch_sums
 
 
@@ -45,6 +46,22 @@ class EpochMetrics:
         self.x_sq += float(x_sq.sum())
         self.x_sum = sums.x_sum.double() if self.x_sum is None else self.x_sum + sums.x_sum.double()
         self.cos_sum += float((x_dot_x_hat / (x_sq * x_hat_sq).sqrt().clamp_min(1e-8)).sum())
+
+    def reduce_(self, world: World, device: torch.device) -> None:
+        """Sum the epoch's figures over the ranks of a data-parallel run (every rank gets the totals)."""
+        if not world.distributed:
+            return
+        names = sorted(self.sums)
+        scalars = torch.tensor([self.rows, self.steps, self.active, self.cos_sum, self.error_sq, self.x_sq,
+                                *(self.sums[name] for name in names)], dtype=torch.float64, device=device)
+        x_sum = self.x_sum.to(device) if self.x_sum is not None else torch.zeros(0, dtype=torch.float64,
+                                                                                  device=device)
+        packed = world.sum_(torch.cat([scalars, x_sum]))
+        values = packed[: len(scalars)].tolist()
+        self.rows, self.steps, self.active = int(values[0]), int(values[1]) // world.size, int(values[2])
+        self.cos_sum, self.error_sq, self.x_sq = values[3:6]
+        self.sums = dict(zip(names, values[6:], strict=True))
+        self.x_sum = packed[len(scalars) :].cpu() if self.x_sum is not None else None
 
     def summary(self, prefix: str = "") -> dict[str, float]:
         if self.rows == 0:

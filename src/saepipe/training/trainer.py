@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,9 +21,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from saepipe.config import TrainConfig
+from saepipe.distributed import World
 from saepipe.kernels import decode_sparse
 from saepipe.sae import SAEOutput, SparseAutoencoder
-from saepipe.sae.base import decoded_mse
+from saepipe.sae.base import AuxKTerm, decoded_mse
 from saepipe.sae.provenance import RunRecord
 from saepipe.storage import write_json
 from saepipe.training.allocator import keep_freed_memory
@@ -39,6 +40,7 @@ from saepipe.training.data import ActivationData, epoch_order, geometric_median,
 from saepipe.training.guards import check_finite_loss
 from saepipe.training.metrics import EpochMetrics, lr_factor, warmup_factor
 from saepipe.training.optimizer import ConstrainedAdam
+from saepipe.training.parallel import batch_bounds, gather_sample, rank_block, scale_gradients_, share_gradients_
 
 DEFAULT_DEAD_WINDOW = 10_000_000
 B_DEC_SAMPLE_ROWS = 32_768
@@ -76,8 +78,15 @@ class DeadLatents:
 class Trainer:
     def __init__(self, sae: SparseAutoencoder, data: ActivationData, cfg: TrainConfig, run_dir: Path,
                  run: RunRecord | None, device: torch.device, logger: EpochLogger | None = None,
-                 end_to_end: EndToEndLoss | None = None, progress: bool = True):
+                 end_to_end: EndToEndLoss | None = None, progress: bool = True, world: World | None = None):
+        self.world = world or World()
+        if self.world.distributed and end_to_end is not None:
+            raise ValueError("end-to-end losses are not supported in data-parallel training")
         self.sae = sae.to(device)
+        if self.world.distributed:
+            self.sae.shards = self.world
+            for tensor in (*self.sae.parameters(), *self.sae.buffers()):  # one starting point for every rank
+                self.world.broadcast_(tensor.data)
         self.data = data
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -86,9 +95,9 @@ class Trainer:
         self.logger = logger
         self.end_to_end = end_to_end
         self.progress = progress
-        self.steps_per_epoch = math.ceil(data.train.shape[0] / cfg.batch_size)
+        self.steps_per_epoch = len(batch_bounds(data.n_train, cfg.batch_size, self.world))
         self.total_steps = self.steps_per_epoch * cfg.num_epochs
-        window = cfg.dead_window_tokens or min(DEFAULT_DEAD_WINDOW, data.train.shape[0])
+        window = cfg.dead_window_tokens or min(DEFAULT_DEAD_WINDOW, data.n_train)
         self.dead = DeadLatents(sae.d_sae, window, device)
         # The decoder's rows stay unit-norm: the optimizer projects their gradients and renormalises them.
         others = [param for param in self.sae.parameters() if param is not self.sae.W_dec]
@@ -107,9 +116,13 @@ class Trainer:
         if self.cfg.b_dec_init == "zeros":
             return
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        n = self.data.train.shape[0]
+        n = self.data.n_train
         sample = torch.randperm(n, generator=generator)[:B_DEC_SAMPLE_ROWS]
-        rows = self.data.train[sample].float() * self.data.scale
+        if self.data.train_ids is not None:  # the same sample, each row from a rank that holds it
+            rows = gather_sample(self.data.train, self.data.train_ids, sample, self.world, self.device)
+            rows = rows * self.data.scale
+        else:
+            rows = self.data.train[sample].float() * self.data.scale
         centre = geometric_median(rows) if self.cfg.b_dec_init == "geometric_median" else rows.mean(0)
         with torch.no_grad():
             self.sae.b_dec.copy_(centre.to(self.device))
@@ -132,7 +145,7 @@ class Trainer:
         print(f"train: resuming {self.run_dir} from {latest.name} (epoch {self.epoch}, step {self.step})")
 
     def _clear_run_dir(self) -> None:
-        if not self.run_dir.is_dir():
+        if not self.run_dir.is_dir() or not self.world.is_main:
             return
         for path in self.run_dir.iterdir():
             if EPOCH_RE.match(path.name) or path.name == BEST:
@@ -157,6 +170,9 @@ class Trainer:
             loss = loss + e2e_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world.distributed:
+            self._parallel_step(x, out, aux, penalty, metrics)
+            return
         if aux is not None:
             aux.add_grads_(cfg.aux_coefficient)
         total = loss.detach() + cfg.aux_coefficient * aux.loss if aux is not None else loss.detach()
@@ -176,12 +192,48 @@ class Trainer:
             **extra,
         }, sums=out.sums)
 
+    def _parallel_step(self, x: Tensor, out: SAEOutput, aux: AuxKTerm | None, penalty: float,
+                       metrics: EpochMetrics) -> None:
+        """The rest of a step when this rank holds one block of the global batch (`training.parallel`)."""
+        cfg, rows = self.cfg, x.shape[0]
+        global_rows = self.world.sum_int(rows, self.device)
+        params = [param for param in self.sae.parameters() if param.requires_grad]
+        scale_gradients_(params, rows / global_rows)  # the mean losses: this block's share of the batch
+        if aux is not None:
+            aux.add_grads_(cfg.aux_coefficient)  # already a sum over the batch with its global variance
+        fired = torch.zeros(self.sae.d_sae, device=self.device)
+        fired[out.codes.cols] = 1.0
+        figures = torch.tensor([out.recon_loss.item() * rows, out.sparsity_loss.item() * rows,
+                                float(aux.loss) if aux is not None else 0.0], device=self.device)
+        shared = share_gradients_(params, self.world, torch.cat([fired, figures]))
+        self.optimizer.step()  # the same summed gradients on every rank: the same step
+        self.sae.after_step(out)
+        self.tokens_seen += global_rows
+        self.dead.update(shared[: self.sae.d_sae].nonzero().squeeze(1), self.tokens_seen)
+        self.step += 1
+        recon, sparsity, aux_loss = (float(v) for v in shared[self.sae.d_sae :].detach().double())
+        recon, sparsity = recon / global_rows, sparsity / global_rows
+        metrics.add(x, out.x_hat, out.codes.nnz, {
+            "loss": recon + penalty * sparsity + cfg.aux_coefficient * aux_loss,
+            "recon_loss": recon,
+            "l1_loss": sparsity,
+            "weighted_l1_loss": penalty * sparsity,
+            "aux_loss": aux_loss,
+        }, sums=out.sums)
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Validation through the inference path: what an exported SAE does, token by token."""
         rows = self.data.validation
-        if rows.shape[0] == 0:
+        if rows.shape[0] == 0:  # under data parallelism only rank 0 holds the validation split
             return {}
+        shards, self.sae.shards = self.sae.shards, None  # every row on its own: nothing to share
+        try:
+            return self._validate(rows)
+        finally:
+            self.sae.shards = shards
+
+    def _validate(self, rows: Tensor) -> dict[str, float]:
         self.sae.eval()
         metrics = EpochMetrics(self.sae.d_sae)
         dead = self.dead.mask(self.tokens_seen)
@@ -212,15 +264,15 @@ class Trainer:
         # Only now: loading and initialising free their large temporaries back to the OS; the steps below
         # reuse the same blocks every time, which a heap that is never trimmed serves without page faults.
         keep_freed_memory()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.sae.train()
         for epoch in range(self.epoch + 1, self.cfg.num_epochs + 1):
             epoch_started = time.perf_counter()
             metrics = EpochMetrics(self.sae.d_sae)
-            order = epoch_order(self.data.train.shape[0], self.cfg.seed, epoch)
-            batches = iter_batches(self.data.train, order, self.cfg.batch_size, self.data.scale, self.device)
+            batches = self._batches(epoch)
             with tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.cfg.num_epochs}",
-                      unit="step", disable=not self.progress) as bar:
+                      unit="step", disable=not self.progress or not self.world.is_main) as bar:
                 for x in bar:
                     self.train_step(x, metrics)
                     if self.step % self.cfg.log_freq == 0:
@@ -228,6 +280,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", l0=f"{last['l0']:.1f}",
                                         fvu=f"{last['fvu']:.3f}")
             train_seconds = time.perf_counter() - epoch_started
+            metrics.reduce_(self.world, self.device)
             dead = self.dead.mask(self.tokens_seen)
             record = {"epoch": epoch, **metrics.summary(), "dead_features": int(dead.sum()),
                       "dead_feature_percentage": 100.0 * float(dead.float().mean())}
@@ -240,11 +293,23 @@ class Trainer:
             record["activations_per_second"] = metrics.rows / train_seconds  # training steps and data loading
             self.history.append(record)
             self.epoch = epoch
-            self._checkpoint(record)
-            if self.logger is not None:
-                self.logger.log_epoch(epoch, record)
-            print(self._epoch_line(record))
+            if self.world.is_main:  # one writer; the others' records hold no validation figures
+                self._checkpoint(record)
+                if self.logger is not None:
+                    self.logger.log_epoch(epoch, record)
+                print(self._epoch_line(record))
+        self.world.barrier()  # every checkpoint is written before any rank returns
         return TrainResult(self.history, self.best_epoch, self.run_dir, time.perf_counter() - started)
+
+    def _batches(self, epoch: int) -> Iterator[Tensor]:
+        """The epoch's batches; under data parallelism, this rank's block of each global batch."""
+        order = epoch_order(self.data.n_train, self.cfg.seed, epoch)
+        if not self.world.distributed:
+            return iter_batches(self.data.train, order, self.cfg.batch_size, self.data.scale, self.device)
+        blocks = (self.data.local_index(rank_block(order[start:stop], self.world))
+                  for start, stop in batch_bounds(self.data.n_train, self.cfg.batch_size, self.world))
+        return (self.data.train[index].to(device=self.device, dtype=torch.float32) * self.data.scale
+                for index in blocks)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _checkpoint(self, record: dict[str, float]) -> None:
