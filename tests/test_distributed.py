@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from helpers import with_section
+from saepipe.paths import checkpoints_dir
 from saepipe.stages import activations, tokenize, train
 from saepipe.training.checkpoints import load_checkpoint
 
@@ -83,9 +84,10 @@ def train_both(params, tmp_path: Path, **changes) -> tuple[Path, Path, subproces
     done = torchrun(["train", "--params", params_file(params, tmp_path / "p.yaml"), "--run-name", "parallel"],
                     tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = Path(params.train.output_dir)
     last = f"checkpoint_epoch{params.train.num_epochs}.pt"
-    return runs / "single" / last, runs / "parallel" / last, done
+    single, parallel = (checkpoints_dir(with_section(params, "train", run_name=name)) / last
+                        for name in ("single", "parallel"))
+    return single, parallel, done
 
 
 def test_two_processes_train_what_one_does(cached, tmp_path) -> None:
