@@ -206,10 +206,10 @@ def test_models_pipeline_runs_the_single_pipelines_stages_per_model(repo_dir) ->
         assert mine["cmd"] == cmd, name
         assert sorted(set(mine["deps"])) == sorted({per_model(d) for d in single["deps"]}), name
         assert mine["params"] == params, name
-        for kind in ("outs", "metrics", "plots"):
-            # Paths the single pipeline fixes for the whole repo (dvclive/) cannot be declared twice.
-            expected = [(per_model(p), o) for p, o in _entries(single, kind) if "${" in p]
+        for kind in ("outs", "metrics", "plots"):  # train's dvclive curves included: they are per run
+            expected = [(per_model(p), o) for p, o in _entries(single, kind)]
             assert _entries(mine, kind) == expected, (name, kind)
+            assert all(p.startswith(("${output_root}/${key}/", many_models.CORPUS)) for p, _ in expected), name
 
 
 def test_configure_stage_deps_cover_what_it_imports(repo_dir) -> None:
