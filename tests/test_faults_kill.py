@@ -142,7 +142,7 @@ def test_train_killed_then_resumed_equals_an_uninterrupted_run(project: Path) ->
     assert not (project / "models/sae/killed").exists()
     resumed = saepipe(["train", "--run-name", "killed", "--resume"], project)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming killed from checkpoint_epoch" in resumed.stdout
+    assert f"resuming {run_dir.relative_to(project)} from checkpoint_epoch" in resumed.stdout
     assert temporaries(run_dir) == []
     reference = project / "models/runs/default/checkpoints"
     for checkpoint in ("checkpoint_epoch4.pt", "best_model.pt"):
