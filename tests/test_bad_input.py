@@ -178,7 +178,7 @@ CASES = [
          "activation cache: file not found: cases/none/activations.h5",
          params_file("cases/no_acts.yaml", "activations:\n  output_dir: cases/none\n")),
     Case("export without checkpoints", ["export", "--params", "cases/never.yaml"],
-         "no best_model.pt in models/checkpoints/never",
+         "no best_model.pt in models/runs/never/checkpoints",
          params_file("cases/never.yaml", "train:\n  run_name: never\n")),
     Case("evaluate without an export", ["evaluate", "--sae-path", "cases/no_sae"],
          "SAE not found: cases/no_sae is not a directory"),

@@ -96,10 +96,10 @@ TARGETS = {
     "sae_weights.safetensors": (["evaluate", "--sae-path", "cases/sae"], "", "models/sae/default", "cases/sae"),
     "checkpoint weights": (["export", "--params", "cases/p.yaml"],
                            "train:\n  output_dir: cases/ckpts\nexport:\n  output_dir: cases/sae_out\n",
-                           "models/checkpoints/default", "cases/ckpts/default"),
+                           "models/runs/default/checkpoints", "cases/ckpts/default/checkpoints"),
     "checkpoint optimizer state": (["train", "--params", "cases/p.yaml", "--resume", "--num-epochs", "3"],
                                    "train:\n  output_dir: cases/ckpts\n",
-                                   "models/checkpoints/default", "cases/ckpts/default"),
+                                   "models/runs/default/checkpoints", "cases/ckpts/default/checkpoints"),
     "activation DB": (["matrices", "--params", "cases/p.yaml"], "evaluate:\n  output_dir: cases/analysis\n",
                       "analysis/default/activation_db.h5", "cases/analysis/default/activation_db.h5"),
 }
@@ -132,11 +132,11 @@ def test_a_damaged_file_is_one_line_naming_it(project: Path, target: str, damage
 def test_a_corrupted_json_in_a_checkpoint_is_one_line(project: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(project)
     shutil.rmtree(project / "cases", ignore_errors=True)
-    shutil.copytree(project / "models/checkpoints/default", project / "cases/ckpts/default")
-    (project / "cases/ckpts/default/best_model.pt/sae_config.json").write_text('{"sae_type": ')
+    shutil.copytree(project / "models/runs/default/checkpoints", project / "cases/ckpts/default/checkpoints")
+    (project / "cases/ckpts/default/checkpoints/best_model.pt/sae_config.json").write_text('{"sae_type": ')
     (project / "cases/p.yaml").write_text("train:\n  output_dir: cases/ckpts\nexport:\n  output_dir: cases/out\n")
     line = one_line_error(["export", "--params", "cases/p.yaml"], capsys)
-    assert "cases/ckpts/default/best_model.pt/sae_config.json" in line and "not valid JSON" in line
+    assert "cases/ckpts/default/checkpoints/best_model.pt/sae_config.json" in line and "not valid JSON" in line
 
 
 # ---- NaN and Inf ----------------------------------------------------------------------------------------------
@@ -184,8 +184,8 @@ def test_a_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(p
     """lr 1e30 makes the weights overflow within a few steps of the resumed epoch: the loss turns Inf/NaN."""
     monkeypatch.chdir(project)
     shutil.rmtree(project / "cases", ignore_errors=True)
-    shutil.copytree(project / "models/checkpoints/default", project / "cases/ckpts/default")
-    run_dir = project / "cases/ckpts/default"
+    shutil.copytree(project / "models/runs/default/checkpoints", project / "cases/ckpts/default/checkpoints")
+    run_dir = project / "cases/ckpts/default/checkpoints"
     before = tree_digest(run_dir)
     (project / "cases/p.yaml").write_text("train:\n  output_dir: cases/ckpts\nexport:\n  output_dir: cases/sae\n")
     line = one_line_error(["train", "--params", "cases/p.yaml", "--resume", "--num-epochs", "3", "--lr", "1e30"],
@@ -194,7 +194,7 @@ def test_a_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(p
     step = int(line.split(" at step ")[1].split()[0])
     steps_per_epoch = json.loads((run_dir / "checkpoint_epoch2.pt/state.json").read_text())["step"] // 2
     assert 2 * steps_per_epoch < step <= 3 * steps_per_epoch
-    assert "cases/ckpts/default/checkpoint_epoch2.pt, is kept" in line
+    assert "cases/ckpts/default/checkpoints/checkpoint_epoch2.pt, is kept" in line
     assert tree_digest(run_dir) == before  # nothing of epoch 3, not even history.json
     # the run is still the 2-epoch run it was: its export has finite weights
     assert main(["export", "--params", "cases/p.yaml"]) == 0
@@ -205,8 +205,8 @@ def test_a_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(p
 def test_non_finite_weights_are_never_checkpointed_nor_exported(project: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(project)
     shutil.rmtree(project / "cases", ignore_errors=True)
-    shutil.copytree(project / "models/checkpoints/default", project / "cases/ckpts/default")
-    best = project / "cases/ckpts/default/best_model.pt"
+    shutil.copytree(project / "models/runs/default/checkpoints", project / "cases/ckpts/default/checkpoints")
+    best = project / "cases/ckpts/default/checkpoints/best_model.pt"
     checkpoint = load_checkpoint(best)
     with torch.no_grad():
         checkpoint.sae.W_enc[0, 0] = float("nan")
@@ -228,8 +228,8 @@ def test_export_refuses_a_run_that_stopped_early(project: Path, capsys, monkeypa
     """What a kill after epoch 1 of 2 leaves: epoch 1's checkpoints. Export must not take them for the result."""
     monkeypatch.chdir(project)
     shutil.rmtree(project / "cases", ignore_errors=True)
-    shutil.copytree(project / "models/checkpoints/default", project / "cases/ckpts/default")
-    shutil.rmtree(project / "cases/ckpts/default/checkpoint_epoch2.pt")
+    shutil.copytree(project / "models/runs/default/checkpoints", project / "cases/ckpts/default/checkpoints")
+    shutil.rmtree(project / "cases/ckpts/default/checkpoints/checkpoint_epoch2.pt")
     (project / "cases/p.yaml").write_text("train:\n  output_dir: cases/ckpts\nexport:\n  output_dir: cases/sae\n")
     line = one_line_error(["export", "--params", "cases/p.yaml"], capsys)
     assert "training stopped after epoch 1 of 2" in line and "saepipe train --resume" in line
@@ -261,12 +261,12 @@ def test_dvc_ignores_temporaries(tmp_path: Path, repo_dir: Path) -> None:
         pytest.skip("dvc is not installed")
     shutil.copy(repo_dir / ".dvcignore", tmp_path / ".dvcignore")
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
-    paths = ["models/checkpoints/default/.checkpoint_epoch2.pt.123.abc.tmp/sae.safetensors",
-             "data/activations/.activations.h5.4567.k2j3.tmp", "models/checkpoints/default/.best_model.pt.old"]
+    paths = ["models/runs/default/checkpoints/.checkpoint_epoch2.pt.123.abc.tmp/sae.safetensors",
+             "data/activations/.activations.h5.4567.k2j3.tmp", "models/runs/default/checkpoints/.best_model.pt.old"]
     for path in paths:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("partial")
-    kept = tmp_path / "models/checkpoints/default/checkpoint_epoch1.pt/sae.safetensors"
+    kept = tmp_path / "models/runs/default/checkpoints/checkpoint_epoch1.pt/sae.safetensors"
     kept.parent.mkdir(parents=True)
     kept.write_text("complete")
     result = subprocess.run([dvc, "check-ignore", *paths, str(kept.relative_to(tmp_path))], cwd=tmp_path,
@@ -300,7 +300,8 @@ FULL_DISK = {
     "activations": ("data/activations", "activations.h5", ["--storage-dtype", "float32"]),
     "export": ("models/sae", "default/sae_weights.safetensors", []),
     # a fresh run starts by clearing its run folder; a resumed one must leave the earlier epochs as they were
-    "train": ("models/checkpoints", "default/best_model.pt/sae.safetensors", ["--resume", "--num-epochs", "3"]),
+    "train": ("models/runs/default/checkpoints", "best_model.pt/sae.safetensors",
+              ["--resume", "--num-epochs", "3"]),
     "activation-db": ("analysis/default", "activation_db.h5", ["--values-dtype", "float32"]),
 }
 

@@ -135,16 +135,16 @@ def test_train_killed_then_resumed_equals_an_uninterrupted_run(project: Path) ->
     rng = random.Random(SEED)
     epoch, delay = rng.randint(1, 2), rng.uniform(0.0, 0.3)
     run_and_kill(["train", "--run-name", "killed"], project, lambda out: f"epoch {epoch}: loss" in out, delay)
-    run_dir = project / "models/checkpoints/killed"
+    run_dir = project / "models/runs/killed/checkpoints"
     (project / "killed.yaml").write_text("train:\n  run_name: killed\nexport:\n  output_dir: models/sae\n")
     refused = saepipe(["export", "--params", "killed.yaml"], project)
     assert refused.returncode == 2 and "training stopped after epoch" in refused.stderr, refused.stderr
     assert not (project / "models/sae/killed").exists()
     resumed = saepipe(["train", "--run-name", "killed", "--resume"], project)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming killed from checkpoint_epoch" in resumed.stdout
+    assert f"resuming {run_dir.relative_to(project)} from checkpoint_epoch" in resumed.stdout
     assert temporaries(run_dir) == []
-    reference = project / "models/checkpoints/default"
+    reference = project / "models/runs/default/checkpoints"
     for checkpoint in ("checkpoint_epoch4.pt", "best_model.pt"):
         ours, theirs = load_file(run_dir / checkpoint / "sae.safetensors"), load_file(
             reference / checkpoint / "sae.safetensors")

@@ -206,10 +206,10 @@ def test_models_pipeline_runs_the_single_pipelines_stages_per_model(repo_dir) ->
         assert mine["cmd"] == cmd, name
         assert sorted(set(mine["deps"])) == sorted({per_model(d) for d in single["deps"]}), name
         assert mine["params"] == params, name
-        for kind in ("outs", "metrics", "plots"):
-            # Paths the single pipeline fixes for the whole repo (dvclive/) cannot be declared twice.
-            expected = [(per_model(p), o) for p, o in _entries(single, kind) if "${" in p]
+        for kind in ("outs", "metrics", "plots"):  # train's dvclive curves included: they are per run
+            expected = [(per_model(p), o) for p, o in _entries(single, kind)]
             assert _entries(mine, kind) == expected, (name, kind)
+            assert all(p.startswith(("${output_root}/${key}/", many_models.CORPUS)) for p, _ in expected), name
 
 
 def test_configure_stage_deps_cover_what_it_imports(repo_dir) -> None:
@@ -304,6 +304,12 @@ def test_two_tiny_models_reproduce_apart_and_rerun_only_what_changed(tmp_path, r
             assert f.attrs["model_name"] == f"tiny/{key}" and f.attrs["max_text_length"] == 32
         quick = json.loads((pipeline / f"per_model/{key}/analysis/default/quick/metrics.json").read_text())
         assert quick["evaluated"]["sae_path"] == f"{PIPELINE}/per_model/{key}/sae/default"
+        run_dir = pipeline / f"per_model/{key}/runs/default"  # checkpoints and dvclive curves, per model
+        assert (run_dir / "checkpoints/best_model.pt").is_dir() and not (run_dir / "checkpoints/live").exists()
+        assert "loss" in json.loads((run_dir / "live/metrics.json").read_text())["train"]
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], pipeline))
+    files = {Path(f).as_posix() for rev in shown.values() for f in rev.get("data", {})}
+    assert {f"per_model/{key}/runs/default/live/metrics.json" for key in ("qwen3-0.6b", "qwen3-1.7b")} <= files
     assert not (root / "models").exists() and not (root / "data/processed").exists()  # nothing of the single one
     assert ran_stages(run(["dvc", "repro"], pipeline)) == []
     assert "@" not in run(["dvc", "status"], root)  # the single pipeline's DVC project does not see the models

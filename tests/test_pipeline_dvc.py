@@ -147,8 +147,13 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
                                                                            "interp", "report"}
 
 
+def stage_count(project: Path) -> int:
+    """How many stages a first `dvc repro` runs: every stage of the project's dvc.yaml."""
+    return len(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+
+
 def repro_once(project: Path) -> None:
-    assert len(ran_stages(run(["dvc", "repro"], project))) == 11
+    assert len(ran_stages(run(["dvc", "repro"], project))) == stage_count(project)
 
 
 @pytest.mark.slow
@@ -192,12 +197,13 @@ RECIPE = re.compile(r"<!-- recipe: ([\w-]+) -->\s*```bash\n(.*?)```", re.DOTALL)
 FORWARDS = re.compile(r"^activations: .* ([\d,]+) forward passes", re.MULTILINE)
 
 
-EXPERIMENT_RECIPES = ("baseline", "adhoc", "experiment", "sweep", "sweep-compare")
+EXPERIMENT_RECIPES = ["baseline", "adhoc", "experiment", "sweep", "sweep-compare"]
+# Recipes of other README sections, each run by its section's tests (test_many_models, test_remote_storage).
+OTHER_RECIPES = ["many-models", "sharing", "sharing-artifact", "remote-s3", "remote-gcs", "remote-ssh"]
 
 
 def readme_recipes(repo_dir: Path) -> list[tuple[str, str]]:
-    """The README's Experiments and Sweeps recipes, in order (the other sections' recipes have tests of their own:
-    tests/test_many_models.py, tests/test_remote_storage.py)."""
+    """The Experiments and Sweeps recipes, in README order (the test below runs them in one project)."""
     return [(name, block) for name, block in RECIPE.findall((repo_dir / "README.md").read_text())
             if name in EXPERIMENT_RECIPES]
 
@@ -233,7 +239,9 @@ HEADLINE = "analysis/default/quick/headline.json"
 
 
 def test_readme_names_its_recipes(repo_dir: Path) -> None:
-    assert [name for name, _ in readme_recipes(repo_dir)] == list(EXPERIMENT_RECIPES)
+    assert [name for name, _ in readme_recipes(repo_dir)] == EXPERIMENT_RECIPES
+    every = [name for name, _ in RECIPE.findall((repo_dir / "README.md").read_text())]
+    assert sorted(every) == sorted(EXPERIMENT_RECIPES + OTHER_RECIPES)  # a new recipe needs a test that runs it
 
 
 @pytest.mark.slow
@@ -245,7 +253,7 @@ def test_readme_experiment_and_sweep_recipes(project: Path, repo_dir: Path) -> N
             outputs[name] += wait_for_queue(project)
 
         if name == "baseline":
-            assert len(ran_stages(outputs[name])) == 10
+            assert len(ran_stages(outputs[name])) == stage_count(project)
         elif name == "adhoc":  # two derived names that differ in k, beside the untouched default run
             names = outputs[name].split()
             assert {"default", "tiny-random-llama.L1.resid_post.batch_topk.x2.k16",

@@ -136,7 +136,8 @@ def reproduced(tmp_path_factory, repo_dir, tiny_model_dir, tiny_training_text) -
     """The tiny project after one `dvc repro`, not yet committed (pipelines/ as shipped: its models never run)."""
     root = make_project(tmp_path_factory.mktemp("reproduced") / "project", repo_dir, tiny_model_dir,
                         tiny_training_text)
-    assert len(ran_stages(run(["dvc", "repro"], root))) == 10
+    ran = ran_stages(run(["dvc", "repro"], root))
+    assert sorted(ran) == sorted(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])  # every stage, once
     return root
 
 

@@ -34,7 +34,7 @@ LAYOUT: dict[tuple[str, str], str] = {
     ("base_model", "output_dir"): "base",
     ("tokenize", "output"): "tokens.h5",
     ("activations", "output_dir"): "activations",
-    ("train", "output_dir"): "checkpoints",
+    ("train", "output_dir"): "runs",  # runs/<run_name>/{checkpoints,live}
     ("export", "output_dir"): "sae",
     ("evaluate", "output_dir"): "analysis",
 }
@@ -56,7 +56,7 @@ class ModelsFile:
     path: str
     """The file it was read from (named in every error)."""
     output_root: str
-    """Model K's outputs go to <output_root>/<K>/ (base, tokens.h5, activations, checkpoints, sae, analysis),
+    """Model K's outputs go to <output_root>/<K>/ (base, tokens.h5, activations, runs, sae, analysis),
     relative to the list's folder."""
     params_dir: str
     """Model K's generated params file is <params_dir>/<K>.yaml, relative to the list's folder."""
