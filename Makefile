@@ -28,9 +28,12 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	ruff check src tests benchmarks
 
-bench: $(STAMP)
+bench: $(STAMP)  # each prints one JSON object as its last line; train_throughput and interp read the default run
 	python benchmarks/activations.py
+	python benchmarks/train_throughput.py
 	python benchmarks/evaluate.py
+	python benchmarks/analysis.py
+	python benchmarks/interp.py
 
 clean-venv:
 	rm -rf $(VENV)
