@@ -41,6 +41,8 @@ TINY = {
     "evaluate": {"ablation_max_tokens": 128, "batch_size": 256, "device": "cpu"},
     "activation_db": {"device": "cpu"},
     "summarize": {"top_k": 5},
+    "interp": {"features": 2, "score_examples": 2, "explain_examples": 3, "max_new_tokens": 4, "batch_size": 4,
+               "device": "cpu"},  # the tiny random model explains and judges, in seconds
 }
 
 
