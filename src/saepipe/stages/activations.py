@@ -95,11 +95,8 @@ def tidy_parts(out_dir: Path, keep: set[Path]) -> None:
 
 def run(params: Params) -> None:
     device = resolve_device(params.activations.device)
-    world = World.from_env(device)
-    try:
+    with World.from_env(device) as world:
         _run(params, world.device(device), world)
-    finally:
-        world.close()
 
 
 def _run(params: Params, device: torch.device, world: World) -> None:

@@ -110,11 +110,8 @@ def run(params: Params) -> None:
     params = with_run_name(params)
     cfg = params.train
     device = resolve_device(cfg.device, "train.device")
-    world = World.from_env(device)
-    try:
+    with World.from_env(device) as world:
         _train(params, world.device(device), world)
-    finally:
-        world.close()
 
 
 def _train(params: Params, device: torch.device, world: World) -> None:
