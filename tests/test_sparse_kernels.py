@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from saepipe.kernels import batch_sums, batch_top_k, csr_matmul, gather_columns, row_top_k, sampled_dots, sparse
+from saepipe.kernels import (
+    batch_sums,
+    batch_top_k,
+    csr_matmul,
+    exact_cut,
+    gather_columns,
+    row_top_k,
+    sampled_dots,
+    sparse,
+)
 from saepipe.kernels.cpu import count_above, gather_marked, keep_top, order_by_column
 from saepipe.sae.base import decoded_mse
 
@@ -173,3 +182,24 @@ def test_decoded_mse_gradients_match_autograd():
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(reference_x_hat, x).detach())
     torch.testing.assert_close(decoded.grad, reference_decoded.grad)
     torch.testing.assert_close(bias.grad, reference_bias.grad)
+
+
+@pytest.mark.parametrize(("n_rows", "d", "k", "batch"), [(1000, 300, 5, 128), (777, 64, 3, 100), (4096, 96, 8, 4096)])
+def test_exact_cut_keeps_k_per_row_over_all_batches(n_rows, d, k, batch):
+    """The threshold leaves exactly k x rows entries of the whole sample above it, though no batch alone
+    keeps k per row: a batch cut or a mean of batch cuts would not."""
+    torch.manual_seed(n_rows)
+    pre = torch.randn(n_rows, d) - 1.0
+    pre[: n_rows // 3] += 0.5  # batches differ: the first ones hold more of the large values
+    threshold, l0 = exact_cut((pre[i : i + batch] for i in range(0, n_rows, batch)), k, n_rows)
+    assert int((pre > threshold).sum()) == k * n_rows
+    assert l0 == k
+    ranked = pre.flatten().sort(descending=True).values
+    assert ranked[k * n_rows] < threshold < ranked[k * n_rows - 1]
+
+
+def test_exact_cut_keeps_every_positive_entry_when_there_are_too_few():
+    pre = torch.full((50, 20), -1.0)
+    pre[torch.arange(50), torch.arange(50) % 20] = torch.rand(50) + 0.1  # one positive entry per row
+    threshold, l0 = exact_cut(iter([pre[:16], pre[16:]]), 3, 50)
+    assert threshold == 0.0 and l0 == 1.0

@@ -213,3 +213,86 @@ def test_auxk_term_matches_autograd(n_dead: int) -> None:
     for param, expected in zip([sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec], grads, strict=True):
         assert torch.allclose(param.grad, expected, atol=1e-6, rtol=1e-4)
     assert sae.auxk_term(x, out, torch.zeros(64, dtype=torch.bool)) is None
+
+
+# ---- BatchTopK's inference threshold is calibrated, not estimated ---------------------------------------------
+def calibrated_run(repo_params, tmp_path, arch: str, k: int, **changes):
+    rows, _ = synthetic(4096, m=96, active=6)
+    val, _ = synthetic(1024, m=96, active=6, seed=1)
+    extra = {"matryoshka_prefixes": [24, 48]} if arch == "matryoshka" else {}
+    torch.manual_seed(0)
+    sae = build_sae(sae_config(arch, d_in=32, d_sae=128, k=k, k_aux=16, **extra))
+    cfg = train_config(repo_params, num_epochs=2, topk=k, **changes)  # 32 steps: a running estimate still lags
+    result = Trainer(sae, make_data(rows, val), cfg, tmp_path / arch / str(k), None, torch.device("cpu"),
+                     progress=False).fit()
+    return sae, rows, result.history
+
+
+@pytest.mark.parametrize("arch", ["batch_topk", "matryoshka"])
+def test_inference_keeps_k_latents_on_the_training_rows(repo_params, tmp_path, arch) -> None:
+    sae, rows, history = calibrated_run(repo_params, tmp_path, arch, k=6)
+    with torch.no_grad():
+        l0 = float((sae.encode(rows) != 0).sum(1).float().mean())
+    record = history[-1]
+    assert l0 == pytest.approx(6, rel=0.01)
+    assert record["calibration_rows"] == 4096 and record["calibration_l0"] == pytest.approx(6, rel=0.01)
+    assert record["inference_threshold"] == pytest.approx(float(sae.threshold))
+    assert record["val_l0"] == pytest.approx(6, rel=0.2)  # held-out rows: close to k, not pinned to it
+
+
+def test_calibration_uses_a_seeded_sample_when_the_split_is_larger(repo_params, tmp_path) -> None:
+    sae, rows, history = calibrated_run(repo_params, tmp_path, "batch_topk", k=6, calibration_rows=1000)
+    assert history[-1]["calibration_rows"] == 1000
+    with torch.no_grad():
+        l0 = float((sae.encode(rows) != 0).sum(1).float().mean())
+    assert l0 == pytest.approx(6, rel=0.1)  # the whole split: a 1,000-row sample (per-row sd ~4) generalises
+
+
+def test_validated_l0_grows_with_k(repo_params, tmp_path) -> None:
+    """The sweep that exposed the lagging estimate: evaluated L0 stayed flat whatever k was."""
+    l0s = [calibrated_run(repo_params, tmp_path, "batch_topk", k=k)[2][-1]["val_l0"] for k in (3, 6, 12)]
+    assert l0s == sorted(l0s)
+    for k, l0 in zip((3, 6, 12), l0s, strict=True):
+        assert 0.8 * k <= l0 <= 1.25 * k, (k, l0)
+
+
+def test_both_exports_carry_the_calibrated_threshold(repo_params, tmp_path) -> None:
+    """Ours and SAELens's loader encode with the calibrated threshold: k latents per training token."""
+    from saepipe.sae.formats import CONFIG, export_sae, load_sae
+
+    _, rows, history = calibrated_run(repo_params, tmp_path, "batch_topk", k=6)
+    checkpoint = load_checkpoint(tmp_path / "batch_topk" / "6" / "best_model.pt")
+    record = RunRecord(**{**RECORD.__dict__, "d_in": 32})
+    out = tmp_path / "export"
+    export_sae(checkpoint.sae, record, checkpoint.history, out, checkpoint.identity())
+    written = json.loads((out / CONFIG).read_text())["calibration"]
+    best = history[checkpoint.state["epoch"] - 1]
+    assert written == {"threshold": best["inference_threshold"], "rows": 4096, "train_l0": best["calibration_l0"],
+                       "val_l0": best["val_l0"]}
+    with torch.no_grad():
+        ours = load_sae(out).encode(rows)
+    assert float((ours != 0).sum(1).float().mean()) == pytest.approx(6, rel=0.01)
+    sae_lens = pytest.importorskip("sae_lens")
+    with torch.no_grad():
+        theirs = sae_lens.SAE.load_from_disk(str(out)).encode(rows)
+    torch.testing.assert_close(theirs, ours)
+
+
+def test_only_the_newest_epoch_checkpoints_are_kept(repo_params, tmp_path) -> None:
+    rows, _ = synthetic(512)
+    cfg = train_config(repo_params, num_epochs=4, keep_checkpoints=2, checkpoint_freq=1)
+    sae = build_sae(sae_config("topk", d_in=32, d_sae=64, k=3, k_aux=16))
+    Trainer(sae, make_data(rows, rows[:128]), cfg, tmp_path / "run", None, torch.device("cpu"), progress=False).fit()
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["best_model.pt", "checkpoint_epoch3.pt", "checkpoint_epoch4.pt", "history.json"]
+
+
+def test_a_token_budget_sets_the_epochs(repo_params, tmp_path) -> None:
+    rows, _ = synthetic(512)
+    cfg = train_config(repo_params, num_epochs=None, training_tokens=1300, batch_size=128)
+    assert cfg.epochs(512) == 3 and replace_values(cfg, num_epochs=5).epochs(512) == 5
+    sae = build_sae(sae_config("topk", d_in=32, d_sae=64, k=3, k_aux=16))
+    result = Trainer(sae, make_data(rows, rows[:128]), cfg, tmp_path / "run", None, torch.device("cpu"),
+                     progress=False).fit()
+    assert len(result.history) == 3
+    assert load_checkpoint(tmp_path / "run" / "checkpoint_epoch3.pt").state["num_epochs"] == 3

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -120,8 +121,14 @@ class TrainConfig:
     """Weight of the sparsity loss: L1 weighted by decoder row norm (standard), or L0 (jumprelu)."""
     sparsity_warmup_steps: int
     """Steps over which the sparsity penalty ramps up linearly from 0 (standard, jumprelu)."""
-    num_epochs: int
-    """Passes over the cached training split."""
+    num_epochs: int | None
+    """Passes over the cached training split; null: as many as it takes to see train.training_tokens."""
+    training_tokens: int | None
+    """Training budget in tokens (activation rows) when num_epochs is null: ceil(training_tokens / training
+    rows) epochs, so a small cache is seen many times and a large one about once, in similar time."""
+    calibration_rows: int
+    """Training rows (a seeded sample; all when fewer) on which BatchTopK's and Matryoshka's inference threshold
+    is calibrated at each validation, so that they keep train.topk latents per token on average."""
     batch_size: int
     """Activations per optimizer step."""
     lr: float
@@ -146,6 +153,8 @@ class TrainConfig:
     """Seed of initialisation and of each epoch's shuffle."""
     checkpoint_freq: int
     """Save a checkpoint every this many epochs (the last epoch and the best one are always saved)."""
+    keep_checkpoints: int | None
+    """Epoch checkpoints kept on disk, the newest (best_model.pt is kept besides); null: every one."""
     log_freq: int
     """Update the progress bar's loss figures every this many steps."""
     resume: bool
@@ -161,12 +170,26 @@ class TrainConfig:
     """The cached hook to train on (e.g. blocks.3.hook_resid_post) when the activation cache holds several
     (activations.hooks); null: the cache's only hook."""
 
+    def epochs(self, train_rows: int) -> int:
+        """Epochs this run trains over `train_rows` cached rows: num_epochs, or enough to see training_tokens."""
+        if self.num_epochs is not None:
+            return self.num_epochs
+        assert self.training_tokens is not None  # validate()
+        return max(1, math.ceil(self.training_tokens / max(train_rows, 1)))
+
     def validate(self) -> None:
         if self.run_name is not None and (not RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name):
             raise field_error("train.run_name", self.run_name,
                               "a folder name of letters, digits, '.', '_' and '-' (not starting with '.', no '..')")
-        check_positive("train", {"num_epochs": self.num_epochs, "batch_size": self.batch_size,
+        check_positive("train", {"batch_size": self.batch_size, "calibration_rows": self.calibration_rows,
                                  "checkpoint_freq": self.checkpoint_freq, "log_freq": self.log_freq})
+        for name in ("num_epochs", "training_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise field_error(f"train.{name}", value, "an integer >= 1 or null")
+        if self.num_epochs is None and self.training_tokens is None:
+            raise field_error("train.num_epochs", None, "an integer >= 1 when train.training_tokens is null "
+                              "(one of the two sets the training budget)")
         if self.lr <= 0:
             raise field_error("train.lr", self.lr, "a number > 0")
         check_nonnegative("train", {"lr_warmup_steps": self.lr_warmup_steps,
@@ -177,7 +200,7 @@ class TrainConfig:
             raise field_error("train.lr_decay_fraction", self.lr_decay_fraction, "a number in [0, 1]")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise field_error("train.adam_betas", self.adam_betas, "two numbers in [0, 1)")
-        for name in ("dead_window_tokens", "max_train_rows"):
+        for name in ("dead_window_tokens", "max_train_rows", "keep_checkpoints"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise field_error(f"train.{name}", value, "an integer >= 1 or null")

@@ -1,4 +1,5 @@
-"""Which latents a batch keeps: per-row top-k, the batch-wide top-k, everything above a threshold.
+"""Which latents a batch keeps: per-row top-k, the batch-wide top-k, everything above a threshold, and
+the exact threshold that keeps k per row on average over many batches.
 
 The results are `SparseCodes` with their CSR pattern already built, sorted by row then latent. On CPU
 float tensors the batch-wide selections run the compiled loops of `kernels.cpu` (one bit-marking pass and
@@ -7,7 +8,8 @@ one gather over the set bits, no dense mask or nonzero); elsewhere, torch operat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -113,6 +115,38 @@ def codes_above(pre: Tensor, threshold: float) -> SparseCodes:
         return codes_from_csr(torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(kept), pre.shape[1])
     rows, cols = (pre > threshold).nonzero(as_tuple=True)
     return codes_from_csr(row_offsets(rows, pre.shape[0]), cols, pre[rows, cols], pre.shape[1])
+
+
+def exact_cut(batches: Iterable[Tensor], k_per_row: int, n_rows: int) -> tuple[float, float]:
+    """(threshold, mean kept per row): the threshold above which exactly k_per_row x n_rows entries of all
+    `batches` (pre-activations, n_rows rows in all) lie, and the count above it per row (k_per_row unless
+    there are fewer positive entries, or ties at the cut).
+
+    One pass, exact, memory bounded by about twice the kept entries plus one batch: the (k N + 1)-th largest
+    value seen so far can only rise as batches arrive, so entries below it are dropped as they come. The
+    threshold is the midpoint between the k N-th and (k N + 1)-th largest values, so that a token encoded
+    with `pre > threshold` keeps the same entries whatever the rounding of the last bit.
+    """
+    want = k_per_row * n_rows + 1
+    kept: list[Tensor] = []
+    n_kept, floor = 0, 0.0
+    for pre in batches:
+        values = codes_above(pre, math.nextafter(floor, -math.inf) if floor > 0 else 0.0).values.detach()
+        kept.append(values.float().cpu())
+        n_kept += values.numel()
+        if n_kept > 2 * want:
+            everything = torch.cat(kept)
+            floor = float(torch.kthvalue(everything, everything.numel() - want + 1).values)
+            kept = [everything[everything >= floor]]
+            n_kept = kept[0].numel()
+    everything = torch.cat(kept) if kept else torch.zeros(0)
+    if everything.numel() < want:  # every positive entry is kept
+        return 0.0, everything.numel() / max(n_rows, 1)
+    top = torch.topk(everything, want).values  # sorted, largest first
+    threshold = float((top[-2].double() + top[-1].double()) / 2)
+    if not top[-1] < threshold < top[-2]:  # adjacent floats or a tie at the cut: keep the k N-th
+        threshold = float(top[-1])
+    return threshold, int((everything > threshold).sum()) / n_rows
 
 
 def _falling_thresholds(flat: Tensor, k_total: int, n_latents: int, hint: float | None) -> Iterator[float]:

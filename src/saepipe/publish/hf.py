@@ -27,6 +27,14 @@ HEADLINE = ("val_fvu", "val_explained_variance", "val_l0", "val_cos_sim", "val_l
             "fvu", "l0", "loss", "dead_feature_percentage")
 
 
+
+def calibration_line(calibration: dict[str, Any] | None) -> str:
+    """The model card's row for a calibrated inference threshold (BatchTopK, Matryoshka), or nothing."""
+    if not calibration:
+        return ""
+    return (f"| inference threshold | {calibration['threshold']:.6g}, calibrated so that {calibration.get('rows')} "
+            f"training tokens keep {calibration.get('train_l0'):.4g} latents each on average |\n")
+
 def resolve_repo_id(repo_id: str | None) -> str:
     repo_id = repo_id or os.environ.get(REPO_ENV) or None
     if repo_id is None:
@@ -70,6 +78,7 @@ def model_card(config: dict[str, Any], history: list[dict[str, Any]], repo_id: s
         f"| architecture | {sae_type} (SAELens: {saelens_name(sae_type)}) |\n",
         f"| d_in -> d_sae | {config.get('d_in')} -> {config.get('d_sae')} |\n",
         k_line if sae_type in ("topk", "batch_topk", "matryoshka") else "",
+        calibration_line(config.get("calibration")),
         f"| checkpoint | {ckpt.get('name')} (epoch {ckpt.get('epoch')}, {ckpt.get('tokens_seen')} tokens) |\n",
         f"| context size / BOS | {config.get('context_size')} / {config.get('prepend_bos')} |\n",
         f"| input scale folded | {norm.get('activation_scale')} (takes raw activations) |\n",
@@ -77,9 +86,9 @@ def model_card(config: dict[str, Any], history: list[dict[str, Any]], repo_id: s
     ]
     metrics = final_metrics(config, history)
     metric_rows = "".join(f"| {name} | {value:.4g} |\n" for name, value in metrics.items()) or "| (none) | |\n"
-    train_keys = ("num_epochs", "batch_size", "lr", "sae_expansion", "topk", "aux_coefficient", "sparsity_penalty",
-                  "normalize_activations", "seed")
-    train_rows = "".join(f"| {key} | {training[key]} |\n" for key in train_keys if key in training)
+    train_keys = ("num_epochs", "training_tokens", "batch_size", "lr", "sae_expansion", "topk", "aux_coefficient",
+                  "sparsity_penalty", "normalize_activations", "seed")
+    train_rows = "".join(f"| {key} | {training[key]} |\n" for key in train_keys if training.get(key) is not None)
     return (
         "---\ntags:\n- sparse-autoencoder\n- saelens\n- saepipe\n---\n\n"
         f"# {sae_type} SAE on `{model}` at `{hook}`\n\n"

@@ -14,7 +14,7 @@ from its input: pre = (x - b_dec) @ W_enc + b_enc, x_hat = f @ W_dec + b_dec.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -234,7 +234,12 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput) -> None:
-        """Update running state after an optimizer step (BatchTopK's inference threshold, say)."""
+        """Update running state after an optimizer step (BatchTopK's running threshold, say)."""
+
+    def calibrate_(self, batches: Iterable[Tensor], n_rows: int) -> dict[str, float] | None:
+        """Fit what inference needs beyond the trained weights on training rows (`batches`, n_rows in all);
+        returns the figures to record, or None when the architecture encodes with its weights alone."""
+        return None
 
     # ---- shared machinery ---------------------------------------------------------------------------
     @property

@@ -1,21 +1,27 @@
 """BatchTopK SAE (Bussmann et al. 2024): the batch keeps its k x batch largest latents.
 
 Tokens may use more or fewer than k latents as long as the batch averages k. At inference a batch
-rule would make one token's code depend on its neighbours, so training keeps a running estimate of
-the smallest activation it kept, and inference keeps every activation above that threshold (a
-JumpReLU with one shared threshold), token by token.
+rule would make one token's code depend on its neighbours, so inference keeps every activation above
+one shared threshold (a JumpReLU with one threshold), token by token.
+
+That threshold is calibrated, not estimated: `calibrate_` sets it to the value above which the
+training rows keep exactly k latents per token on average. A running average of each batch's smallest
+kept value (what the paper and SAELens export) lags the falling cut over a short run: it carried the
+early, larger cuts and kept about half of k at inference on our default run. The running value is
+still kept during training, as the hint that makes the exact batch selection cheap.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from saepipe.kernels import SparseCodes, batch_top_k, codes_above, sharded_batch_top_k
+from saepipe.kernels import SparseCodes, batch_top_k, codes_above, exact_cut, sharded_batch_top_k
 from saepipe.sae.base import SAEOutput, register
 from saepipe.sae.topk import TopKConfig, TopKSAE
 
@@ -25,7 +31,7 @@ class BatchTopKConfig(TopKConfig):
     saelens_architecture = "jumprelu"  # as SAELens exports it: one threshold repeated for every latent
 
     threshold_momentum: float = 0.05
-    """Update rate of the running inference threshold."""
+    """Update rate of the running threshold between calibrations (a hint for the batch selection)."""
 
     def saelens_fields(self) -> dict[str, Any]:
         return {}
@@ -84,6 +90,15 @@ class BatchTopKSAE(TopKSAE):
         # A running mean at first, then an exponential average that forgets the early, larger values.
         rate = max(1.0 / int(self.threshold_steps), self.cfg.threshold_momentum)
         self.threshold.lerp_(lowest, rate)
+
+    @torch.no_grad()
+    def calibrate_(self, batches: Iterable[Tensor], n_rows: int) -> dict[str, float]:
+        """Set the inference threshold so that `batches` (training rows, n_rows in all) keep k latents per
+        row on average: the (k n_rows)-th largest pre-activation, found exactly (`kernels.exact_cut`)."""
+        threshold, l0 = exact_cut((self.pre_activations(x) for x in batches), self.cfg.k, n_rows)
+        self.threshold.fill_(threshold)
+        self.threshold_steps.clamp_(min=1)
+        return {"inference_threshold": threshold, "calibration_l0": l0, "calibration_rows": float(n_rows)}
 
     def inference_threshold(self) -> Tensor:
         return self.threshold.expand(self.d_sae)

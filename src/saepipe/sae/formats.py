@@ -11,7 +11,9 @@ An export directory (`models/sae/<run_name>/`) holds the same SAE twice, so that
                              d_sae, k, ...), model_name, hook_layer, hook_name (inside the block),
                              hook_spec ("blocks.L.<hook_name>"), prepend_bos, context_size, dtype,
                              normalization {folded: true, activation_scale, normalize_activations},
-                             run_name, checkpoint {name, epoch, step, tokens_seen}, training (TrainConfig),
+                             run_name, checkpoint {name, epoch, step, tokens_seen}, calibration
+                             (BatchTopK/Matryoshka: threshold, rows, train_l0, val_l0 of the exported epoch;
+                             null for the others), training (TrainConfig),
                              data, code (the run's versions) and exported_with (saepipe at export time)
     history.json             per-epoch metrics up to the exported checkpoint
     cfg.json                 SAELens: architecture, d_in, d_sae, dtype, device, apply_b_dec_to_input=true,
@@ -24,8 +26,9 @@ An export directory (`models/sae/<run_name>/`) holds the same SAE twice, so that
 Both formats take RAW activations: a run trained on `activation_scale * x` has that scale folded into
 its weights at export (`fold_input_scale_`), so no consumer ever needs to know it was normalised.
 SAELens has no BatchTopK or Matryoshka inference SAE: like SAELens itself, they are exported as a
-JumpReLU with their running threshold repeated for every latent, which encodes a token exactly as our
-module does at inference (threshold >= 0, so ReLU then the mask equals the mask alone).
+JumpReLU with their threshold repeated for every latent, which encodes a token exactly as our module
+does at inference (threshold >= 0, so ReLU then the mask equals the mask alone). The threshold is the
+calibrated one (k latents per training token on average), not a running average of batch cuts.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def export_sae(sae: SparseAutoencoder, run: RunRecord, history: list[dict[str, A
     if bad:
         raise UserError(f"{checkpoint.get('name')} (epoch {checkpoint.get('epoch')}): {', '.join(bad)} hold NaN or "
                         "Inf; refusing to export non-finite weights")
-    config = _our_config(sae.cfg, run, checkpoint)
+    config = _our_config(sae.cfg, run, checkpoint, _calibration(history, checkpoint.get("epoch")))
     saelens_cfg, saelens_tensors = _saelens_export(sae.cfg, config, tensors)
     with atomic_dir(out_dir) as tmp:
         torch.save(tensors, tmp / WEIGHTS)
@@ -86,7 +89,22 @@ def export_sae(sae: SparseAutoencoder, run: RunRecord, history: list[dict[str, A
             file.chmod(0o644)
 
 
-def _our_config(cfg: SAEConfig, run: RunRecord, checkpoint: dict[str, Any]) -> dict[str, Any]:
+CALIBRATION_KEYS = {"inference_threshold": "threshold", "calibration_rows": "rows", "calibration_l0": "train_l0",
+                    "val_l0": "val_l0"}
+
+
+def _calibration(history: list[dict[str, Any]], epoch: Any) -> dict[str, Any] | None:
+    """How the exported epoch's inference threshold was fitted (BatchTopK, Matryoshka), from its history record."""
+    record = next((r for r in history if r.get("epoch") == epoch), None)
+    if record is None or "inference_threshold" not in record:
+        return None
+    out = {name: record[key] for key, name in CALIBRATION_KEYS.items() if key in record}
+    out["rows"] = int(out["rows"]) if "rows" in out else None
+    return out
+
+
+def _our_config(cfg: SAEConfig, run: RunRecord, checkpoint: dict[str, Any], calibration: dict[str, Any] | None
+                ) -> dict[str, Any]:
     record = run.to_dict()
     return {
         "format": FORMAT,
@@ -102,6 +120,7 @@ def _our_config(cfg: SAEConfig, run: RunRecord, checkpoint: dict[str, Any]) -> d
         },
         "run_name": run.run_name,
         "checkpoint": {key: checkpoint.get(key) for key in ("name", "epoch", "step", "tokens_seen")},
+        "calibration": calibration,
         "training": run.train_config,
         "data": run.data,
         "code": run.code,
@@ -146,6 +165,7 @@ def _saelens_export(cfg: SAEConfig, config: dict[str, Any], tensors: dict[str, T
             "trained_with": f"saepipe {config['code'].get('saepipe', saepipe.__version__)}",
             "saepipe_sae_config": cfg.to_dict(),
             "activation_scale_folded": config["normalization"]["activation_scale"],
+            "saepipe_calibration": config["calibration"],
         },
     }
     return saelens_cfg, weights

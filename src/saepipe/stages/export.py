@@ -34,7 +34,7 @@ def check_finished(run_dir: Path) -> None:
     if newest is None:
         return
     state = read_json(newest / "state.json", "checkpoint state")
-    planned = ((state.get("run") or {}).get("train_config") or {}).get("num_epochs")
+    planned = state.get("num_epochs", ((state.get("run") or {}).get("train_config") or {}).get("num_epochs"))
     epoch = state.get("epoch")
     if isinstance(planned, int) and isinstance(epoch, int) and epoch < planned:
         raise UserError(f"{run_dir}: training stopped after epoch {epoch} of {planned} (interrupted?); finish it "

@@ -121,7 +121,7 @@ def _train(params: Params, device: torch.device, world: World) -> None:
         check_parallel(params, world)
 
         def shard(n_rows: int):
-            return rows_needed(n_rows, cfg.batch_size, cfg.seed, range(1, cfg.num_epochs + 1), world)
+            return rows_needed(n_rows, cfg.batch_size, cfg.seed, range(1, cfg.epochs(n_rows) + 1), world)
 
     cache_path = activation_cache(params)
     data = load_activation_data(cache_path, include_outliers=cfg.include_outliers,

@@ -1,7 +1,8 @@
 """Checkpoints, laid out as the predecessor did: directories that end in `.pt`.
 
     <train.output_dir>/<run_name>/checkpoints/   (saepipe.paths.checkpoints_dir)
-        checkpoint_epoch<N>.pt/     every `checkpoint_freq` epochs and the last one
+        checkpoint_epoch<N>.pt/     every `checkpoint_freq` epochs and the last one; the newest
+                                    `keep_checkpoints` of them stay
         best_model.pt/              the epoch with the lowest validation loss
         history.json                per-epoch metrics so far
 
@@ -109,14 +110,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
+def epoch_checkpoints(run_dir: Path) -> list[Path]:
+    """The `checkpoint_epoch<N>.pt` directories of a run, oldest epoch first."""
+    if not run_dir.is_dir():
+        return []
+    epochs = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := EPOCH_RE.match(p.name)) and p.is_dir())
+    return [path for _, path in epochs]
+
+
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The highest-epoch `checkpoint_epoch<N>.pt` that is complete, if any."""
-    if not run_dir.is_dir():
-        return None
-    epochs = sorted(
-        (int(m.group(1)), p) for p in run_dir.iterdir() if (m := EPOCH_RE.match(p.name)) and p.is_dir()
-    )
-    for _, path in reversed(epochs):
-        if (path / "state.json").is_file():
-            return path
-    return None
+    return next((path for path in reversed(epoch_checkpoints(run_dir)) if (path / "state.json").is_file()), None)

@@ -31,6 +31,7 @@ from saepipe.training.allocator import keep_freed_memory
 from saepipe.training.checkpoints import (
     BEST,
     EPOCH_RE,
+    epoch_checkpoints,
     epoch_dir,
     load_checkpoint,
     newest_checkpoint,
@@ -96,7 +97,8 @@ class Trainer:
         self.end_to_end = end_to_end
         self.progress = progress
         self.steps_per_epoch = len(batch_bounds(data.n_train, cfg.batch_size, self.world))
-        self.total_steps = self.steps_per_epoch * cfg.num_epochs
+        self.num_epochs = cfg.epochs(data.n_train)
+        self.total_steps = self.steps_per_epoch * self.num_epochs
         window = cfg.dead_window_tokens or min(DEFAULT_DEAD_WINDOW, data.n_train)
         self.dead = DeadLatents(sae.d_sae, window, device)
         # The decoder's rows stay unit-norm: the optimizer projects their gradients and renormalises them.
@@ -109,6 +111,9 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.best_val_loss = math.inf
         self.best_epoch = 0
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.calibration_ids = torch.randperm(data.n_train, generator=generator)[: cfg.calibration_rows].sort().values
+        self._calibration_rows: Tensor | None = None  # under data parallelism: the sample, gathered once
 
     # ---- setup -----------------------------------------------------------------------------------
     def initialise(self) -> None:
@@ -222,6 +227,29 @@ class Trainer:
         }, sums=out.sums)
 
     @torch.no_grad()
+    def calibrate(self) -> dict[str, float]:
+        """Fit the SAE's inference state (BatchTopK's threshold) on the seeded training sample, so that what
+        validation measures, the best checkpoint is chosen by, and the export encodes with is exact."""
+        n = int(self.calibration_ids.numel())
+        if not self.world.distributed:
+            batches = iter_batches(self.data.train, self.calibration_ids, self.cfg.batch_size, self.data.scale,
+                                   self.device)
+            return self.sae.calibrate_(batches, n) or {}
+        if self._calibration_rows is None:  # every rank gets the same rows, each from a rank that holds it
+            self._calibration_rows = gather_sample(self.data.train, self.data.train_ids, self.calibration_ids,
+                                                   self.world, self.device)
+        shards, self.sae.shards = self.sae.shards, None  # the sample is whole on every rank
+        try:
+            batches = (self._calibration_rows[start : start + self.cfg.batch_size] * self.data.scale
+                       for start in range(0, n, self.cfg.batch_size))
+            figures = self.sae.calibrate_(batches, n) or {}
+        finally:
+            self.sae.shards = shards
+        for buffer in self.sae.buffers():  # rank 0's result, bit for bit, on every rank
+            self.world.broadcast_(buffer)
+        return figures
+
+    @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Validation through the inference path: what an exported SAE does, token by token."""
         rows = self.data.validation
@@ -256,9 +284,9 @@ class Trainer:
         started = time.perf_counter()
         torch.manual_seed(self.cfg.seed)
         self.resume_or_start()
-        if self.epoch >= self.cfg.num_epochs:
+        if self.epoch >= self.num_epochs:
             print(f"train: {self.run_dir}: the run is complete at epoch {self.epoch} "
-                  f"(train.num_epochs={self.cfg.num_epochs}); nothing to do. To train further, pass "
+                  f"(train.num_epochs={self.num_epochs}); nothing to do. To train further, pass "
                   f"--resume --num-epochs {self.epoch + 1} (or more)")
             return TrainResult(self.history, self.best_epoch, self.run_dir, time.perf_counter() - started)
         # Only now: loading and initialising free their large temporaries back to the OS; the steps below
@@ -267,11 +295,11 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.sae.train()
-        for epoch in range(self.epoch + 1, self.cfg.num_epochs + 1):
+        for epoch in range(self.epoch + 1, self.num_epochs + 1):
             epoch_started = time.perf_counter()
             metrics = EpochMetrics(self.sae.d_sae)
             batches = self._batches(epoch)
-            with tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.cfg.num_epochs}",
+            with tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.num_epochs}",
                       unit="step", disable=not self.progress or not self.world.is_main) as bar:
                 for x in bar:
                     self.train_step(x, metrics)
@@ -284,6 +312,7 @@ class Trainer:
             dead = self.dead.mask(self.tokens_seen)
             record = {"epoch": epoch, **metrics.summary(), "dead_features": int(dead.sum()),
                       "dead_feature_percentage": 100.0 * float(dead.float().mean())}
+            record.update(self.calibrate())
             record.update(self.validate())
             if "val_loss" in record:
                 record["val_dead_features"] = record["dead_features"]
@@ -319,6 +348,7 @@ class Trainer:
             self.best_val_loss, self.best_epoch = val_loss, self.epoch
         state = {
             "epoch": self.epoch,
+            "num_epochs": self.num_epochs,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val_loss,
@@ -327,9 +357,12 @@ class Trainer:
         }
         tensors = {"optimizer": self.optimizer.state_dict(), "last_fired": self.dead.last_fired.cpu(),
                    "torch_rng": torch.get_rng_state()}
-        last = self.epoch == self.cfg.num_epochs
+        last = self.epoch == self.num_epochs
         if last or self.epoch % self.cfg.checkpoint_freq == 0:
             save_checkpoint(epoch_dir(self.run_dir, self.epoch), self.sae, state, self.history, tensors)
+            if self.cfg.keep_checkpoints is not None:
+                for old in epoch_checkpoints(self.run_dir)[: -self.cfg.keep_checkpoints]:
+                    shutil.rmtree(old)
         if is_best:
             save_checkpoint(self.run_dir / BEST, self.sae, state, self.history, tensors)
         write_json(self.run_dir / "history.json", self.history)
