@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         sae_lens = saelens_evals = None
         print(NOTE)
 
+    if sae_lens is None and args.only != "ours":  # nothing to compare with: the figure is undefined
+        print(json.dumps(final_line(None, None, None, NOTE), ensure_ascii=False))
+        return
+
     params = load_params(args.params)
     changes = parse_overrides(args.set)
     if args.quick:
@@ -282,7 +286,13 @@ def main(argv: list[str] | None = None) -> None:
         return min(candidates, key=lambda r: r["fvu_ours"]) if candidates else None
 
     ours, theirs = best("ours"), best("saelens")
-    print(json.dumps({
+    schedule = f"warm-up {cfg.lr_warmup_steps} steps, linear decay over the last {cfg.lr_decay_fraction}"
+    print(json.dumps(final_line(ours, theirs, schedule, None), ensure_ascii=False))
+
+
+def final_line(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, schedule: str | None,
+               note: str | None) -> dict[str, Any]:
+    return {
         "benchmark": "quality_fvu_vs_saelens",
         "value": ours["fvu_ours"] if ours else None,
         "unit": "FVU at L0 = k (validation rows, our evaluate code)",
@@ -291,12 +301,12 @@ def main(argv: list[str] | None = None) -> None:
         "baseline": "best SAELens at equal L0",
         "baseline_value": theirs["fvu_ours"] if theirs else None,
         "baseline_sae": f"{theirs['name']} lr {theirs['lr']}" if theirs else None,
+        "baseline_dead_pct": theirs["dead_pct"] if theirs else None,
         "ratio": ours["fvu_ours"] / theirs["fvu_ours"] if ours and theirs else None,
         "goal": GOAL,
-        "lr_schedule": f"warm-up {cfg.lr_warmup_steps} steps, linear decay over the last {cfg.lr_decay_fraction}",
-        "note": None if sae_lens is not None else NOTE,
-    }))
-
+        "lr_schedule": schedule,
+        "note": note,
+    }
 
 if __name__ == "__main__":
     main()
