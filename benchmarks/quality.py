@@ -248,9 +248,10 @@ def main(argv: list[str] | None = None) -> None:
                                 normalize=cfg.normalize_activations, seed=cfg.seed)
     k, d_sae = cfg.sae.topk, cfg.sae.sae_expansion * data.d_in
     val, calib = validation(data), calibration_rows(data, cfg.seed)
-    steps = math.ceil(data.n_train / cfg.batch_size) * cfg.num_epochs
+    epochs = cfg.epochs(data.n_train)  # num_epochs, or what train.training_tokens takes
+    steps = math.ceil(data.n_train / cfg.batch_size) * epochs
     print(json.dumps({"setting": {"cache": str(args.cache), "train_rows": data.n_train,
-                                  "validation_rows": int(val.shape[0]), "epochs": cfg.num_epochs,
+                                  "validation_rows": int(val.shape[0]), "epochs": epochs,
                                   "batch_size": cfg.batch_size, "steps": steps, "d_in": data.d_in, "d_sae": d_sae,
                                   "k": k, "lr_ours": cfg.lr, "overrides": changes}}))
 
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         for arch in archs:
             for lr in dict.fromkeys([args.lr_saelens_default, cfg.lr]):
                 sae, seconds = train_saelens(sae_lens, data, arch, d_sae=d_sae, k=k, lr=lr,
-                                             batch_size=cfg.batch_size, epochs=cfg.num_epochs, seed=cfg.seed,
+                                             batch_size=cfg.batch_size, epochs=epochs, seed=cfg.seed,
                                              warmup=cfg.lr_warmup_steps, decay_fraction=cfg.lr_decay_fraction,
                                              betas=tuple(cfg.adam_betas))
                 report(f"saelens_{arch}", "saelens", arch, lr, sae, seconds, at_k=arch == "topk")
