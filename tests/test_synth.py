@@ -158,12 +158,13 @@ def test_topk_trained_by_the_pipeline_recovers_an_easy_setting(tmp_path, repo_di
     """Generate, `saepipe train` and `export` on the cache unchanged, then `synth score`: >= 90% recovered."""
     monkeypatch.chdir(tmp_path)
     flags = ["--d-in", "32", "--n-features", "24", "--active-per-row", "3", "--hierarchy", "0", "--correlation",
-             "0", "--noise-std", "0", "--bias-norm", "0.5", "--orthogonal", "--rows", "24000", "--name", "easy"]
+             "0", "--noise-std", "0", "--bias-norm", "0.5", "--orthogonal", "--zipf-exponent", "0", "--rows", "16000",
+             "--name", "easy"]
     assert main(["synth", "generate", "--out", "easy", "--no-progress", *flags]) == 0
     params = yaml.safe_load((repo_dir / "params.yaml").read_text())
     params["activations"]["output_dir"] = "easy"
-    params["train"].update(run_name="easy", sae_type="topk", sae_expansion=2, topk=4, topk_aux=16, batch_size=256,
-                           num_epochs=4, lr=0.004, lr_warmup_steps=10, device="cpu", output_dir="runs",
+    params["train"].update(run_name="easy", sae_type="topk", sae_expansion=2, topk=4, topk_aux=16, batch_size=128,
+                           num_epochs=3, lr=0.004, lr_warmup_steps=10, device="cpu", output_dir="runs",
                            log_freq=1000)
     params["export"].update(output_dir="sae")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
