@@ -6,7 +6,7 @@ trains through the real stages (`saepipe train` on the cache unchanged, `saepipe
 width (4,096 latents), rows, epochs, batch and learning rate; the top-k family at k = 30, standard and
 JumpReLU at the fixed sparsity penalties below (their L0 is printed; change them with --penalty). The
 search for penalties that land at L0 30 is NOT done: on this setting standard gave L0 283 at 2.0 (one short
-epoch of 40k rows) and collapsed to L0 1.5 at 8.0 (the default run); see PENALTIES.
+epoch of 40k rows) and collapsed to L0 1.5 at 8.0; JumpReLU stayed dense (L0 920) at 0.5; see PENALTIES.
 Each export is scored by `saepipe synth score`'s core on fresh rows. One JSON line per architecture, then
 the summary: value = BatchTopK's MCC, baseline = a randomly initialised SAE of the same shape scored the
 same way, ratio = value / baseline.
