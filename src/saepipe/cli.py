@@ -57,12 +57,14 @@ STAGES: dict[str, Stage] = {
     "show-feature": Stage("saepipe.stages.show_feature", "summarize",
                           ("evaluate", "export", "train", "tokenize", "base_model", "activations"), arguments=True),
     "models": Stage("saepipe.stages.models", None, arguments=True),
+    "synth": Stage("saepipe.stages.synth", None, arguments=True),
 }
 # Subcommands whose purpose is not their params section's (they share it with another stage).
 SUMMARIES = {
     "upload": "Upload models/sae/<run_name>/ with a generated model card to the Hugging Face hub (not a DVC stage).",
     "show-feature": "Print one feature's stats and top examples, or the features of a token (not a DVC stage).",
     "models": "One SAE per model of pipelines/models/params.yaml: write a model's params, list, or reproduce some.",
+    "synth": "Synthetic activations from a known dictionary (generate), and an SAE scored against it (score).",
 }
 
 
