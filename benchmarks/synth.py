@@ -3,10 +3,9 @@
 One synthetic setting (`saepipe synth generate` defaults: d_in 256, 4,096 true features, ~30 active per row,
 Zipf firing, 20% children, copula correlation 0.1, noise 0.02, a bias), 200k rows. Each architecture
 trains through the real stages (`saepipe train` on the cache unchanged, `saepipe export`) with the same
-width (4,096 latents), rows, epochs, batch and learning rate; the top-k family at k = 30, standard and
-JumpReLU at the fixed sparsity penalties below (their L0 is printed; change them with --penalty). The
-search for penalties that land at L0 30 is NOT done: on this setting standard gave L0 283 at 2.0 (one short
-epoch of 40k rows) and collapsed to L0 1.5 at 8.0; JumpReLU stayed dense (L0 920) at 0.5; see PENALTIES.
+width (4,096 latents), rows, token budget, batch and learning rate: the top-k family at k = 30; standard and
+JumpReLU at a sparsity penalty searched for first (geometric bisection over short runs on a slice of the
+rows, until the validation L0 lands within 15 % of 30; the table prints the L0 the full run reaches).
 Each export is scored by `saepipe synth score`'s core on fresh rows. One JSON line per architecture, then
 the summary: value = BatchTopK's MCC, baseline = a randomly initialised SAE of the same shape scored the
 same way, ratio = value / baseline.
@@ -38,19 +37,22 @@ from saepipe.synth.store import read_truth  # noqa: E402
 
 ARCHITECTURES = ("batch_topk", "topk", "matryoshka", "standard", "jumprelu")
 K = 30
-PENALTIES = {"standard": 8.0, "jumprelu": 0.5}
-"""Sparsity penalties of the two architectures without k: first guesses, not yet tuned to L0 30 (see the
-module docstring); the table's L0 column shows where they land."""
+PENALTIES = {"standard": 3.5, "jumprelu": 2.0}
+"""Starting points of the penalty search for the two architectures without k."""
+SEARCH_TOLERANCE = 0.15
 
 
-def train_and_export(arch: str, root: Path, args: argparse.Namespace, penalty: float) -> tuple[Path, float]:
+def train_and_export(arch: str, root: Path, args: argparse.Namespace, penalty: float, tokens: int | None = None,
+                     rows: int | None = None, name: str | None = None) -> tuple[Path, float]:
+    name = name or arch
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["activations"]["output_dir"] = str(root / "data")
-    params["train"].update(run_name=arch, sae_type=arch, sae_expansion=args.expansion, topk=K, num_epochs=args.epochs,
-                           batch_size=args.batch_size, lr=args.lr, lr_warmup_steps=20, sparsity_penalty=penalty,
-                           device="cpu", output_dir=str(root / "runs"), log_freq=1000, checkpoint_freq=args.epochs)
+    params["train"].update(run_name=name, sae_type=arch, sae_expansion=args.expansion, topk=K, num_epochs=None,
+                           training_tokens=tokens or args.tokens, max_train_rows=rows, batch_size=args.batch_size,
+                           lr=args.lr, sparsity_penalty=penalty, device="cpu", output_dir=str(root / "runs"),
+                           log_freq=1000)
     params["export"].update(output_dir=str(root / "sae"))
-    params_file = root / f"{arch}.yaml"
+    params_file = root / f"{name}.yaml"
     params_file.write_text(yaml.safe_dump(params))
     started = time.perf_counter()
     log = io.StringIO()
@@ -58,7 +60,27 @@ def train_and_export(arch: str, root: Path, args: argparse.Namespace, penalty: f
         code = main(["train", "--params", str(params_file)]) or main(["export", "--params", str(params_file)])
     if code:
         raise SystemExit(f"{arch}: train/export failed:\n{log.getvalue()}")
-    return root / "sae" / arch, time.perf_counter() - started
+    return root / "sae" / name, time.perf_counter() - started
+
+
+def search_penalty(arch: str, root: Path, args: argparse.Namespace) -> tuple[float, list[dict]]:
+    """A sparsity penalty whose short run lands within SEARCH_TOLERANCE of L0 = K: geometric bisection, x4 or
+    /4 until the target is bracketed. Returns the penalty and the runs tried."""
+    low = high = None  # penalties known to give L0 above / below K
+    penalty, tried = PENALTIES[arch], []
+    for step in range(args.search_steps):
+        sae_dir, _ = train_and_export(arch, root, args, penalty, tokens=args.search_tokens, rows=args.search_rows,
+                                      name=f"{arch}-search{step}")
+        l0 = json.loads((sae_dir / "history.json").read_text())[-1]["val_l0"]
+        tried.append({"sparsity_penalty": penalty, "val_l0": round(l0, 2)})
+        if abs(l0 - K) <= SEARCH_TOLERANCE * K:
+            break
+        if l0 > K:
+            low = penalty
+        else:
+            high = penalty
+        penalty = (low * high) ** 0.5 if low and high else penalty * 4 if high is None else penalty / 4
+    return penalty, tried
 
 
 def row(name: str, result: dict, seconds: float | None, **extra) -> dict:
@@ -70,7 +92,7 @@ def row(name: str, result: dict, seconds: float | None, **extra) -> dict:
 def main_benchmark() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic rows, train + validation")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training budget of every architecture")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=0.004)
     parser.add_argument("--expansion", type=int, default=16,
@@ -78,11 +100,14 @@ def main_benchmark() -> None:
     parser.add_argument("--score-rows", type=int, default=20_000)
     parser.add_argument("--only", nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES))
     parser.add_argument("--penalty", nargs=2, action="append", metavar=("ARCH", "VALUE"), default=[],
-                        help="override a sparsity penalty, e.g. --penalty standard 3")
+                        help="use this sparsity penalty instead of searching, e.g. --penalty standard 3")
+    parser.add_argument("--search-steps", type=int, default=5, help="short runs per penalty search at most")
+    parser.add_argument("--search-rows", type=int, default=50_000, help="training rows of a search run")
+    parser.add_argument("--search-tokens", type=int, default=200_000, help="training budget of a search run")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    penalties = {**PENALTIES, **{a: float(v) for a, v in args.penalty}}
+    given = {a: float(v) for a, v in args.penalty}
     with contextlib.ExitStack() as stack:
         root = Path(args.keep) if args.keep else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         started = time.perf_counter()
@@ -91,7 +116,7 @@ def main_benchmark() -> None:
                          "--no-progress"]) == 0
         truth = read_truth(root / "data")
         print(json.dumps({"setting": truth.config.name, "rows": args.rows, "d_in": truth.config.d_in,
-                          "n_features": truth.config.n_features, "epochs": args.epochs, "batch_size": args.batch_size,
+                          "n_features": truth.config.n_features, "tokens": args.tokens, "batch_size": args.batch_size,
                           "generate_seconds": round(time.perf_counter() - started, 1)}), flush=True)
         torch.manual_seed(0)
         random_sae = build_sae(sae_config("topk", d_in=truth.config.d_in, d_sae=truth.config.d_in * args.expansion,
@@ -100,10 +125,15 @@ def main_benchmark() -> None:
         print(json.dumps(row("random init", baseline, None)), flush=True)
         results = {}
         for arch in args.only:
-            penalty = penalties.get(arch, 0.0)
+            extra: dict = {"k": K}
+            penalty = 0.0
+            if arch in PENALTIES:
+                searched = time.perf_counter()
+                penalty, tried = (given[arch], []) if arch in given else search_penalty(arch, root, args)
+                extra = {"sparsity_penalty": penalty, "search": tried,
+                         "search_seconds": round(time.perf_counter() - searched, 1)}
             sae_dir, seconds = train_and_export(arch, root, args, penalty)
             results[arch] = score_sae(load_sae(sae_dir), truth, rows=args.score_rows).summary()
-            extra = {"sparsity_penalty": penalty} if arch in penalties else {"k": K}
             print(json.dumps(row(arch, results[arch], seconds, **extra)), flush=True)
     head = "batch_topk" if "batch_topk" in results else args.only[0]
     value = results[head]["mcc"]
