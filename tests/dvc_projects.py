@@ -113,9 +113,28 @@ def file_hashes(root: Path, under: list[str]) -> dict[str, str]:
     return hashes
 
 
+# A recipe: the fenced bash block right after `<!-- recipe: NAME -->`, in the README or a page of docs/.
+RECIPE = re.compile(r"<!-- recipe: ([\w-]+) -->\s*```bash\n(.*?)```", re.DOTALL)
+
+
+def doc_pages(repo_dir: Path) -> list[Path]:
+    """The documentation: README.md, then docs/*.md by name."""
+    return [repo_dir / "README.md", *sorted((repo_dir / "docs").glob("*.md"))]
+
+
+def recipes(repo_dir: Path) -> dict[str, str]:
+    """Every recipe of the documentation, name -> block as users type it (bash skips the comments), in page
+    order and, within a page, in reading order. A name may be used once."""
+    found: dict[str, str] = {}
+    for page in doc_pages(repo_dir):
+        for name, block in RECIPE.findall(page.read_text(encoding="utf-8")):
+            assert name not in found, f"recipe {name!r} appears twice (again in {page.relative_to(repo_dir)})"
+            found[name] = block
+    return found
+
+
 def recipe(repo_dir: Path, name: str) -> str:
-    """The README's fenced bash block after `<!-- recipe: NAME -->`, as users type it (bash skips the comments)."""
-    readme = (repo_dir / "README.md").read_text()
-    match = re.search(rf"<!-- recipe: {re.escape(name)} -->\s*```bash\n(.*?)```", readme, re.S)
-    assert match, f"README has no recipe {name!r}"
-    return match.group(1)
+    """The recipe called `name`, wherever in the documentation it lives."""
+    every = recipes(repo_dir)
+    assert name in every, f"no recipe {name!r} in README.md or docs/*.md"
+    return every[name]

@@ -287,7 +287,7 @@ def test_two_tiny_models_reproduce_apart_and_rerun_only_what_changed(tmp_path, r
     stages = lambda key, names=chain: [f"{s}@{key}" for s in names]  # noqa: E731
     pipeline = root / PIPELINE
 
-    # The README's recipe, as typed: one model selected, then the rest, then nothing left to do.
+    # docs/many-models.md's recipe, as typed: one model selected, then the rest, then nothing left to do.
     output = run(recipe(repo_dir, "many-models"), root)
     ran = ran_stages(output)
     assert sorted(ran[:8]) == sorted(["process", *stages("qwen3-0.6b")]) and ran[8:] == stages("qwen3-1.7b")

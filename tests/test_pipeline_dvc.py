@@ -15,6 +15,8 @@ import h5py
 import pytest
 import yaml
 
+from dvc_projects import recipes
+
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="dvc is not installed")
 
@@ -192,20 +194,18 @@ def set_param(project: Path, section: str, key: str, value) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-# ---- the README's Experiments and Sweeps recipes, exactly as typed ------------------------------------------------
-RECIPE = re.compile(r"<!-- recipe: ([\w-]+) -->\s*```bash\n(.*?)```", re.DOTALL)
+# ---- docs/experiments.md's Experiments and Sweeps recipes, exactly as typed ----------------------------------------
 FORWARDS = re.compile(r"^activations: .* ([\d,]+) forward passes", re.MULTILINE)
 
 
 EXPERIMENT_RECIPES = ["baseline", "adhoc", "experiment", "sweep", "sweep-compare"]
-# Recipes of other README sections, each run by its section's tests (test_many_models, test_remote_storage).
+# Recipes of other pages, each run by its page's tests (test_many_models, test_remote_storage).
 OTHER_RECIPES = ["many-models", "sharing", "sharing-artifact", "remote-s3", "remote-gcs", "remote-ssh"]
 
 
-def readme_recipes(repo_dir: Path) -> list[tuple[str, str]]:
-    """The Experiments and Sweeps recipes, in README order (the test below runs them in one project)."""
-    return [(name, block) for name, block in RECIPE.findall((repo_dir / "README.md").read_text())
-            if name in EXPERIMENT_RECIPES]
+def experiment_recipes(repo_dir: Path) -> list[tuple[str, str]]:
+    """The Experiments and Sweeps recipes, in reading order (the test below runs them in one project)."""
+    return [(name, block) for name, block in recipes(repo_dir).items() if name in EXPERIMENT_RECIPES]
 
 
 def run_recipe(block: str, cwd: Path) -> str:
@@ -238,16 +238,17 @@ def exp_rows(project: Path) -> tuple[dict, dict[str, dict]]:
 HEADLINE = "analysis/default/quick/headline.json"
 
 
-def test_readme_names_its_recipes(repo_dir: Path) -> None:
-    assert [name for name, _ in readme_recipes(repo_dir)] == EXPERIMENT_RECIPES
-    every = [name for name, _ in RECIPE.findall((repo_dir / "README.md").read_text())]
+def test_docs_names_its_recipes(repo_dir: Path) -> None:
+    """Every recipe in README.md and docs/*.md has a test that runs it; the experiment recipes run in order."""
+    assert [name for name, _ in experiment_recipes(repo_dir)] == EXPERIMENT_RECIPES
+    every = recipes(repo_dir)
     assert sorted(every) == sorted(EXPERIMENT_RECIPES + OTHER_RECIPES)  # a new recipe needs a test that runs it
 
 
 @pytest.mark.slow
-def test_readme_experiment_and_sweep_recipes(project: Path, repo_dir: Path) -> None:
+def test_experiment_and_sweep_recipes(project: Path, repo_dir: Path) -> None:
     outputs: dict[str, str] = {}
-    for name, block in readme_recipes(repo_dir):
+    for name, block in experiment_recipes(repo_dir):
         outputs[name] = run_recipe(block, project)
         if "dvc queue start" in block:
             outputs[name] += wait_for_queue(project)

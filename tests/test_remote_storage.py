@@ -31,7 +31,7 @@ def s3_endpoint():
 @pytest.fixture(scope="module")
 def s3_env(s3_endpoint, tmp_path_factory) -> dict[str, str]:
     """Any credentials do for moto; empty AWS config files keep the machine's own AWS setup out. The endpoint
-    comes from the environment, so the README's S3 recipe runs as written."""
+    comes from the environment, so docs/sharing.md's S3 recipe runs as written."""
     empty = tmp_path_factory.mktemp("aws") / "empty"
     empty.write_text("")
     return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
