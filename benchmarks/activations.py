@@ -95,7 +95,7 @@ def paired_rates(params: Params, device: torch.device, workdir: Path) -> dict:
         "cached_rows": plan.cached_rows,
         "batches": len(batches),
         "padding_fraction": padding_fraction(model_lengths, batches),
-        "hook_spec": hook.full_name,
+        "hook": hook.full_name,
     }
 
 
@@ -126,7 +126,7 @@ def main() -> None:
                 "benchmark": f"activations_stage_{dtype}",
                 "value": round(r["stage"], 1),
                 "unit": "tokens/s",
-                "baseline": f"bare forward of the same model to {r['hook_spec']} on the same batches ({dtype})",
+                "baseline": f"bare forward of the same model to {r['hook']} on the same batches ({dtype})",
                 "baseline_value": round(r["bare"], 1),
                 "ratio": round(r["stage"] / r["bare"], 4),
                 "goal": ">= 0.9",

@@ -72,7 +72,7 @@ def synthetic_cache(path: Path, n_rows: int, seed: int = 0) -> None:
     """Low-rank-plus-noise rows (features then fire unevenly, as in a real cache), docs of DOC tokens."""
     rng = np.random.default_rng(seed)
     basis = torch.from_numpy(rng.standard_normal((64, D_IN)).astype(np.float32))
-    writer = ActivationCacheWriter(path, D_IN, "float16", 10.0, {"model_name": "synthetic", "hook_spec": "blocks.0.x"})
+    writer = ActivationCacheWriter(path, D_IN, "float16", 10.0, {"model_name": "synthetic", "hook": "blocks.0.x"})
     per_doc = DOC - 1
     for start in range(0, n_rows, 65536):
         n = min(65536, n_rows - start)

@@ -87,7 +87,7 @@ def main() -> None:
                     model(x)
                     bare_seconds += time.perf_counter() - started
                 else:
-                    acc.add(model, hook.full_name, splices, x, (rows[scored], targets[scored] - 1))
+                    acc.add(model, hook, splices, x, (rows[scored], targets[scored] - 1))
                     ablation_seconds += time.perf_counter() - started
             positions += wb.model_tokens
     value, baseline = positions / ablation_seconds, positions / bare_seconds
@@ -106,7 +106,7 @@ def main() -> None:
         "model_positions": positions,
         "scored_predictions": acc.tokens,
         "batches": len(batches),
-        "hook_spec": hook.full_name,
+        "hook": hook.full_name,
         "device": str(device),
         "threads": torch.get_num_threads(),
     }), flush=True)

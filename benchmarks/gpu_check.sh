@@ -90,7 +90,7 @@ if stage == "tokenize":
         line.update(documents=int(f.attrs["n_documents"]), tokens=int(f.attrs["n_tokens"]))
 elif stage == "activations":
     s = json.loads((work / "data/activations/stats.json").read_text())
-    line.update(hook=s["hook_spec"], forward_dtype=s["forward_dtype"], rows=s["cached_rows"],
+    line.update(hook=s["hook"], forward_dtype=s["forward_dtype"], rows=s["cached_rows"],
                 model_tokens=s["model_tokens"], tokens_per_second=round(s["tokens_per_second"], 1))
 elif stage == "train":
     r = json.loads((work / "models/checkpoints/default/history.json").read_text())[-1]
@@ -98,7 +98,7 @@ elif stage == "train":
                 val_fvu=r.get("val_fvu"), val_l0=r.get("val_l0"), dead_percent=r["dead_feature_percentage"])
 elif stage == "export":
     c = json.loads((work / "models/sae/default/config.json").read_text())
-    line.update(d_in=c["d_in"], d_sae=c["d_sae"], sae_type=c["sae_type"], hook=c["hook_spec"])
+    line.update(d_in=c["d_in"], d_sae=c["d_sae"], sae_type=c["sae_type"], hook=c["hook"])
 elif stage == "evaluate":
     m = json.loads((work / "analysis/default/quick/metrics.json").read_text())
     ab = m.get("ablation") or {}

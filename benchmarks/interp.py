@@ -40,8 +40,8 @@ from saepipe.analysis.autointerp import (  # noqa: E402
 from saepipe.analysis.explainer import LocalExplainer  # noqa: E402
 from saepipe.config import load_params  # noqa: E402
 from saepipe.model.tokenizer import load_tokenizer  # noqa: E402
-from saepipe.paths import activation_db, analysis_dir  # noqa: E402
-from saepipe.stages.interp import SUMMARIES, read_summaries  # noqa: E402
+from saepipe.paths import SUMMARIES, activation_db, analysis_dir  # noqa: E402
+from saepipe.stages.interp import read_summaries  # noqa: E402
 
 
 def bare_forward(explainer: LocalExplainer, ids: list[list[int]]) -> None:

@@ -116,7 +116,7 @@ def evaluate(sae: Any, rows: torch.Tensor, saelens_evals: Any | None) -> dict[st
 def train_ours(params: Any, data: ActivationData, sae_type: str, lr: float) -> tuple[Any, float]:
     cfg = replace_values(params.train, sae_type=sae_type, lr=lr, device="cpu", wandb=False, resume=False)
     torch.manual_seed(cfg.seed)
-    sae = build_sae(config_from_params(cfg.sae, data.d_in))
+    sae = build_sae(config_from_params(dataclasses.asdict(cfg.sae), data.d_in))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         Trainer(sae, data, cfg, Path(tmp), None, torch.device("cpu"), progress=False).fit()

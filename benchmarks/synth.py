@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -37,8 +38,10 @@ from saepipe.synth.store import read_truth  # noqa: E402
 
 ARCHITECTURES = ("batch_topk", "topk", "matryoshka", "standard", "jumprelu")
 K = 30
-PENALTIES = {"standard": 3.5, "jumprelu": 2.0}
-"""Starting points of the penalty search for the two architectures without k."""
+PENALTIES = {"standard": 0.007, "jumprelu": 1500.0}
+"""Starting points of the penalty search for the two architectures without k (near L0 = 30 at 1M tokens on the
+default setting: standard 0.0034 gave 495, 0.0137 gave 15 at 200k tokens; JumpReLU 2048 gave 25, 512 and below
+left every threshold where it started)."""
 SEARCH_TOLERANCE = 0.15
 
 
@@ -63,24 +66,39 @@ def train_and_export(arch: str, root: Path, args: argparse.Namespace, penalty: f
     return root / "sae" / name, time.perf_counter() - started
 
 
-def search_penalty(arch: str, root: Path, args: argparse.Namespace) -> tuple[float, list[dict]]:
-    """A sparsity penalty whose short run lands within SEARCH_TOLERANCE of L0 = K: geometric bisection, x4 or
-    /4 until the target is bracketed. Returns the penalty and the runs tried."""
-    low = high = None  # penalties known to give L0 above / below K
-    penalty, tried = PENALTIES[arch], []
+def next_penalty(tried: list[dict]) -> float:
+    """Secant step in log-penalty / log-L0 through the two runs nearest the target, x4 or /4 while only one side of
+    K has been seen (L0 falls as the penalty grows)."""
+    above = [t for t in tried if t["val_l0"] > K]
+    below = [t for t in tried if t["val_l0"] <= K]
+    if not below:
+        return max(t["sparsity_penalty"] for t in above) * 4
+    if not above:
+        return min(t["sparsity_penalty"] for t in below) / 4
+    low = max(above, key=lambda t: t["sparsity_penalty"])   # largest penalty still above K
+    high = min(below, key=lambda t: t["sparsity_penalty"])  # smallest penalty already below K
+    x0, x1 = math.log(low["sparsity_penalty"]), math.log(high["sparsity_penalty"])
+    y0, y1 = math.log(max(low["val_l0"], 1e-3)), math.log(max(high["val_l0"], 1e-3))
+    x = x0 + (math.log(K) - y0) * (x1 - x0) / (y1 - y0)
+    margin = 0.1 * (x1 - x0)  # stay strictly inside the bracket
+    return math.exp(min(max(x, x0 + margin), x1 - margin))
+
+
+def search_penalty(arch: str, root: Path, args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """Short runs until one lands within SEARCH_TOLERANCE of L0 = K (at most --search-steps). Returns the run
+    nearest K (log scale), never an untried penalty, and all runs tried."""
+    tried: list[dict] = []
+    penalty = PENALTIES[arch]
     for step in range(args.search_steps):
-        sae_dir, _ = train_and_export(arch, root, args, penalty, tokens=args.search_tokens, rows=args.search_rows,
-                                      name=f"{arch}-search{step}")
+        sae_dir, seconds = train_and_export(arch, root, args, penalty, tokens=args.search_tokens,
+                                            rows=args.search_rows, name=f"{arch}-search{step}")
         l0 = json.loads((sae_dir / "history.json").read_text())[-1]["val_l0"]
-        tried.append({"sparsity_penalty": penalty, "val_l0": round(l0, 2)})
+        tried.append({"sparsity_penalty": penalty, "val_l0": round(l0, 2), "dir": sae_dir, "seconds": seconds})
         if abs(l0 - K) <= SEARCH_TOLERANCE * K:
             break
-        if l0 > K:
-            low = penalty
-        else:
-            high = penalty
-        penalty = (low * high) ** 0.5 if low and high else penalty * 4 if high is None else penalty / 4
-    return penalty, tried
+        penalty = next_penalty(tried)
+    best = min(tried, key=lambda t: abs(math.log(max(t["val_l0"], 1e-3) / K)))
+    return best, [{k: t[k] for k in ("sparsity_penalty", "val_l0")} for t in tried]
 
 
 def row(name: str, result: dict, seconds: float | None, **extra) -> dict:
@@ -101,9 +119,12 @@ def main_benchmark() -> None:
     parser.add_argument("--only", nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES))
     parser.add_argument("--penalty", nargs=2, action="append", metavar=("ARCH", "VALUE"), default=[],
                         help="use this sparsity penalty instead of searching, e.g. --penalty standard 3")
-    parser.add_argument("--search-steps", type=int, default=5, help="short runs per penalty search at most")
-    parser.add_argument("--search-rows", type=int, default=50_000, help="training rows of a search run")
-    parser.add_argument("--search-tokens", type=int, default=200_000, help="training budget of a search run")
+    parser.add_argument("--search-steps", type=int, default=4, help="runs per penalty search at most")
+    parser.add_argument("--search-rows", type=int, default=None,
+                        help="training rows of a search run (default: all; fewer is faster but may land elsewhere)")
+    parser.add_argument("--search-tokens", type=int, default=None,
+                        help="training budget of a search run (default: --tokens, so the run that lands is the "
+                             "one scored; short runs land elsewhere, JumpReLU's thresholds move slowly)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -127,12 +148,19 @@ def main_benchmark() -> None:
         for arch in args.only:
             extra: dict = {"k": K}
             penalty = 0.0
+            final = None
             if arch in PENALTIES:
                 searched = time.perf_counter()
-                penalty, tried = (given[arch], []) if arch in given else search_penalty(arch, root, args)
+                if arch in given:
+                    penalty, tried = given[arch], []
+                else:
+                    best, tried = search_penalty(arch, root, args)
+                    penalty = best["sparsity_penalty"]
+                    if args.search_tokens in (None, args.tokens) and args.search_rows is None:
+                        final = best["dir"], best["seconds"]  # the search ran the full budget: score that run
                 extra = {"sparsity_penalty": penalty, "search": tried,
                          "search_seconds": round(time.perf_counter() - searched, 1)}
-            sae_dir, seconds = train_and_export(arch, root, args, penalty)
+            sae_dir, seconds = final or train_and_export(arch, root, args, penalty)
             results[arch] = score_sae(load_sae(sae_dir), truth, rows=args.score_rows).summary()
             print(json.dumps(row(arch, results[arch], seconds, **extra)), flush=True)
     head = "batch_topk" if "batch_topk" in results else args.only[0]

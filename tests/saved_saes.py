@@ -50,7 +50,7 @@ def run_state(epoch: int = 2, run_name: str = "r1") -> dict:
     return {
         "epoch": epoch, "step": 10 * epoch, "tokens_seen": 640 * epoch, "best_val_loss": 0.25, "best_epoch": epoch,
         "run": {
-            "run_name": run_name, "model_name": MODEL, "hook_layer": LAYER, "hook_name": HOOK, "hook_spec": HOOK_SPEC,
+            "run_name": run_name, "model_name": MODEL, "hook": HOOK_SPEC,
             "d_in": D_IN, "activation_scale": SCALE, "normalize_activations": True, "dtype": "float32",
             "prepend_bos": True, "context_size": 128,
             "train_config": {"run_name": run_name, "num_epochs": 2, "lr": 5e-4},

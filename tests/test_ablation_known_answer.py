@@ -20,11 +20,12 @@ from torch import Tensor
 
 from saepipe.analysis.ablation import ablation_metrics, ablation_plan, evaluate_ablation
 from saepipe.corpus.tokens import TokenCache
+from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model
 from saepipe.sae import build_sae, sae_config
 
 D = 64
-HOOK = "blocks.0.hook_resid_post"
+HOOK = HookSpec(0, "hook_resid_post")
 SHARPEN = 10.0  # the random model's output is near uniform; a larger unembedding makes the figures tell apart
 
 
@@ -69,8 +70,8 @@ class Zero(FedBack):
 
 def hook_rows(model, tokens: Tensor) -> Tensor:
     """The hook's activations at positions >= 1, flattened [batch * (seq - 1), d_model]."""
-    _, cache = model.run_with_cache(tokens, names_filter=HOOK)
-    return cache[HOOK][:, 1:].reshape(-1, D).float()
+    _, cache = model.run_with_cache(tokens, names_filter=HOOK.full_name)
+    return cache[HOOK.full_name][:, 1:].reshape(-1, D).float()
 
 
 def random_sae(seed: int = 0, k: int = 6):
@@ -97,7 +98,7 @@ def independent(model, tokens: Tensor, sae, mean: Tensor | None = None) -> dict[
             return out
 
         with torch.no_grad():
-            return model.run_with_hooks(tokens, fwd_hooks=[(HOOK, hook)]).double()
+            return model.run_with_hooks(tokens, fwd_hooks=[(HOOK.full_name, hook)]).double()
 
     with torch.no_grad():
         clean = model(tokens).double()

@@ -169,7 +169,7 @@ def test_search_tokens_matches_a_brute_force_mean(db, dense, built) -> None:
 def test_attributes_name_the_sources(db, built) -> None:
     attrs = db.attrs
     assert attrs["sae_path"] == str(evaluated_sae(built)) and len(attrs["sae_sha256"]) == 64
-    assert attrs["hook_spec"] == "blocks.0.hook_resid_post"
+    assert attrs["hook"] == "blocks.0.hook_resid_post"
     assert attrs["activation_cache"] == str(activation_cache(built))
     assert attrs["token_cache"] == built.tokenize.output and attrs["saepipe_version"]
     db.check_sae(evaluated_sae(built))

@@ -14,6 +14,7 @@ import pytest
 from helpers import with_section
 from saepipe.activations.cache import ActivationCache
 from saepipe.errors import UserError
+from saepipe.paths import SHARDS_NOTE
 from saepipe.stages import activation_db, activations, evaluate, export, tokenize, train
 from test_distributed import params_file, torchrun
 
@@ -51,7 +52,7 @@ def assert_same_cache(a: ActivationCache, b: ActivationCache) -> None:
         assert stats_a.keys() == stats_b.keys() and stats_a["rows"] == stats_b["rows"] > 0
         for key in stats_a:
             assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-6), key
-    for key in ("hook_spec", "hook_layer", "d_model", "storage_dtype", "median_norm", "outlier_threshold",
+    for key in ("hook", "d_model", "storage_dtype", "median_norm", "outlier_threshold",
                 "model_name", "tokenizer_fingerprint", "cached_rows", "roundtrip_rel_error_max"):
         expected = b.attrs[key]
         assert a.attrs[key] == (pytest.approx(expected, rel=1e-6) if isinstance(expected, float) else expected), key
@@ -60,13 +61,14 @@ def assert_same_cache(a: ActivationCache, b: ActivationCache) -> None:
 def test_two_rank_cache_is_the_single_process_cache_and_later_stages_read_it(tokenized, tmp_path) -> None:
     activations.run(tokenized)
     single_dir = Path(tokenized.activations.output_dir)
-    assert (single_dir / "parts").is_dir() and not any((single_dir / "parts").iterdir())
+    assert (single_dir / "parts").is_dir() and not any((single_dir / "parts").glob("*.h5"))
+    assert (single_dir / "parts" / SHARDS_NOTE).is_file()  # never an empty folder: DVC would warn
     sharded = with_section(tokenized, "activations", output_dir=str(tmp_path / "sharded"))
     done = torchrun(["activations", "--params", params_file(sharded, tmp_path / "p.yaml")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("activations: ") == 1 and "in 2 processes" in done.stdout
     out = tmp_path / "sharded"
-    parts = sorted(p.name for p in (out / "parts").iterdir())
+    parts = sorted(p.name for p in (out / "parts").glob("*.h5"))
     assert parts == [f"{HOOKS[0]}.rank0.h5", f"{HOOKS[0]}.rank1.h5"]
     with h5py.File(out / "parts" / parts[0]) as first, h5py.File(out / "parts" / parts[1]) as second:
         docs = [set(first[s]["doc_ids"][:]) | set(second[s]["doc_ids"][:]) for s in ("train", "validation")]
@@ -93,7 +95,7 @@ def test_two_rank_cache_is_the_single_process_cache_and_later_stages_read_it(tok
         ActivationCache(out / "parts" / parts[0])
     # a one-process run over the same folder leaves no stale shard behind
     activations.run(sharded)
-    assert not any((out / "parts").iterdir())
+    assert [p.name for p in (out / "parts").iterdir()] == [SHARDS_NOTE]
 
 
 def counting_model_loader(monkeypatch) -> list[int]:
@@ -143,10 +145,10 @@ def test_two_hooks_from_one_forward_pass_equal_two_single_hook_runs(tokenized, t
     train.run(deep)
     export.run(deep)
     config = json.loads((Path(deep.export.output_dir) / "default" / "config.json").read_text())
-    assert config["hook_spec"] == HOOKS[1]
+    assert config["hook"] == HOOKS[1]
     evaluate.run(deep)
     evaluated = json.loads((Path(deep.evaluate.output_dir) / "default" / "quick" / "metrics.json").read_text())
-    assert evaluated["evaluated"]["hook_spec"] == HOOKS[1]
+    assert evaluated["evaluated"]["hook"] == HOOKS[1]
     with pytest.raises(UserError, match=re.escape(f"holds {HOOKS[0]}, {HOOKS[1]}, not blocks.5.hook_resid_post")):
         train.run(with_section(both, "train", hook="blocks.5.hook_resid_post"))
 

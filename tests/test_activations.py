@@ -45,7 +45,7 @@ def test_rows_match_the_model_and_cover_every_token_once(tokenized, prepend_bos)
     overlap = 8
     bos = [bridge.tokenizer.bos_token_id] if prepend_bos else []
     with ActivationCache(cache_path(params)) as cache:
-        assert cache.attrs["hook_spec"] == "blocks.0.hook_resid_post"
+        assert cache.attrs["hook"] == "blocks.0.hook_resid_post"
         assert cache.attrs["context_overlap"] == overlap
         assert cache.attrs["prepend_bos"] == prepend_bos
         seen = set()

@@ -25,11 +25,12 @@ from saepipe.analysis.sparsity import (
     sparsity_metrics,
 )
 from saepipe.corpus.tokens import TokenCache
+from saepipe.model.hooks import HookSpec
 from saepipe.model.splice import splice_hook
 from saepipe.sae import build_sae, sae_config
 
 D = 64
-HOOK = "blocks.0.hook_resid_post"
+HOOK = HookSpec(0, "hook_resid_post")
 
 
 

@@ -160,10 +160,10 @@ CASES = [
          edited_export("cases/sae_model", model_name="other/model")),
     Case("SAE of another hook", ["evaluate", "--sae-path", "cases/sae_hook"],
          "was trained on blocks.0.hook_resid_post, not blocks.1.hook_resid_post",
-         edited_export("cases/sae_hook", hook_spec="blocks.0.hook_resid_post", hook_layer=0)),
+         edited_export("cases/sae_hook", hook="blocks.0.hook_resid_post")),
     Case("SAE of another hook, activation-db", ["activation-db", "--params", "cases/db_hook.yaml"],
          "was trained on blocks.0.hook_resid_post",
-         lambda root: (edited_export("cases/sae_hook2", hook_spec="blocks.0.hook_resid_post", hook_layer=0)(root),
+         lambda root: (edited_export("cases/sae_hook2", hook="blocks.0.hook_resid_post")(root),
                        params_file("cases/db_hook.yaml", "evaluate:\n  sae_path: cases/sae_hook2\n")(root))),
     # ---- missing inputs, one per stage -------------------------------------------------------------------------
     Case("tokenize without texts.json", ["tokenize", "--params", "cases/no_texts.yaml"],

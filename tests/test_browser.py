@@ -70,7 +70,7 @@ def built(analysed, tmp_path_factory):
     explained = alive[len(alive) // 2]["id"]
     explanations = {explained: {"explanation": "Mentions of cellular energy", "detection": 0.81, "fuzzing": 0.74}}
     out = tmp_path_factory.mktemp("site") / "browser"
-    run_info = {"run_name": "tiny", "model_name": "tiny-llama", "hook_spec": "blocks.0.hook_resid_post",
+    run_info = {"run_name": "tiny", "model_name": "tiny-llama", "hook": "blocks.0.hook_resid_post",
                 "sae_type": "batch_topk", "d_in": 64, "d_sae": len(analysed.summaries), "metrics": {"fvu": 0.25}}
     with open_db(analysed) as db:
         result = write_browser(out, summaries=analysed.path, db=db, run_info=run_info, features_per_token=PER_TOKEN,

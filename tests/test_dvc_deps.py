@@ -1,9 +1,9 @@
 """dvc.yaml's code deps match what each stage imports, so editing a module reruns every stage that runs it.
 
 Each `saepipe <stage>` stage runs the CLI entry point (`saepipe.cli`) and then the stage's module; its deps
-must cover the static import closure of both within the `saepipe` package. The shared top-level modules
-(`__init__.py`, `cli.py`, `config.py`, `errors.py`, `storage.py`) and package `__init__.py` files are listed
-as files in every stage that runs them, like any other module: the closure decides, with no special case.
+must cover the static import closure of both within the `saepipe` package. Code is listed by layer: a
+subpackage the stage imports from (`src/saepipe/sae`) as its folder, so a new module there needs no dvc.yaml
+edit; top-level modules and the stage's own module in `stages/` as files.
 """
 
 from __future__ import annotations
@@ -160,6 +160,17 @@ def test_stage_code_deps_exist_and_are_imported(dvc_stages, repo_dir: Path) -> N
     assert not problems, "dvc.yaml has stale code deps:\n" + "\n".join(problems)
 
 
+def test_stage_code_deps_are_layer_folders(dvc_stages, repo_dir: Path) -> None:
+    src = repo_dir / "src" / "saepipe"
+    problems = []
+    for name, (deps, _) in sorted(dvc_stages.items()):
+        files = [d for d in deps if d.is_file() and d.parent not in (src, src / "stages")]
+        if files:
+            problems.append(f"`saepipe {name}` lists modules of a layer folder one by one; list the folder: "
+                            + ", ".join(str(d.relative_to(repo_dir)) for d in files))
+    assert not problems, "\n".join(problems)
+
+
 def write_package(root: Path, files: dict[str, str]) -> None:
     for relative, text in files.items():
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -200,3 +211,54 @@ def test_closure_follows_a_package_getattr_import_only_when_its_attribute_is_rea
     assert set(import_closure(["pkg.light"], tmp_path, package="pkg")) == {"pkg", "pkg.light"}
     for reader in ("pkg.reader", "pkg.importer"):
         assert "pkg.heavy" in import_closure([reader], tmp_path, package="pkg"), reader
+
+
+# --- the package's layering ---------------------------------------------------------------------------------
+
+def saepipe_imports(src: Path) -> dict[str, set[str]]:
+    """Module -> the saepipe modules it imports anywhere (functions and `if TYPE_CHECKING:` included)."""
+    modules = {".".join(f.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): f
+               for f in (src / "saepipe").rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+                targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_imports_have_no_cycles(repo_dir: Path) -> None:
+    graph = saepipe_imports(repo_dir / "src")
+    cycles, state = [], dict.fromkeys(graph, 0)  # 0 new, 1 on the path, 2 done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state[target] == 1:
+                cycles.append(" -> ".join([*path[path.index(target):], target]))
+            elif state[target] == 0:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if state[module] == 0:
+            visit(module, [module])
+    assert not cycles, "import cycles (arrows must point one way):\n" + "\n".join(cycles)
+
+
+def test_low_modules_import_only_what_is_below_them(repo_dir: Path) -> None:
+    graph = saepipe_imports(repo_dir / "src")
+    allowed = {"saepipe.paths": {"saepipe.config"}, "saepipe.sae_types": set(), "saepipe.version": set(),
+               "saepipe.errors": set()}
+    for module, below in allowed.items():
+        assert graph[module] <= below, f"{module} imports {sorted(graph[module] - below)}"
+    assert not any(t.startswith("saepipe.config") for m, ts in graph.items() if m.startswith("saepipe.sae")
+                   for t in ts), "the SAE code reads its knobs as a mapping, never the config that checked them"

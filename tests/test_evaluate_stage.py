@@ -28,13 +28,12 @@ def pipeline(trained_pipeline):
     return trained_pipeline
 
 
-def write_export(path: Path, sae, *, model_name: str = MODEL, hook_spec: str = HOOK_SPEC) -> Path:
+def write_export(path: Path, sae, *, model_name: str = MODEL, hook: str = HOOK_SPEC) -> Path:
     """An SAE in saepipe's export layout (weights.pt + config.json), as `saepipe export` writes it."""
     path.mkdir(parents=True)
     torch.save(sae.export_tensors(), path / "weights.pt")
-    _, layer, name = hook_spec.split(".", 2)
-    config = {"format": "saepipe.sae", "format_version": 1, **sae.cfg.to_dict(), "model_name": model_name,
-              "hook_layer": int(layer), "hook_name": name, "hook_spec": hook_spec}
+    config = {"format": "saepipe.sae", "format_version": 2, **sae.cfg.to_dict(), "model_name": model_name,
+              "hook": hook}
     (path / "config.json").write_text(json.dumps(config))
     return path
 
@@ -59,7 +58,7 @@ def test_evaluate_writes_the_quick_analysis(pipeline, capsys) -> None:
     metrics = json.loads((quick / "metrics.json").read_text())
     assert {"evaluated", "sparsity", "reconstruction", "ablation", "formulas", "timing"} <= set(metrics)
     assert "mean(x)" in metrics["formulas"]["fvu"] and "ce_zero" in metrics["formulas"]["ablation_ce_loss_recovered"]
-    assert metrics["evaluated"]["hook_spec"] == HOOK_SPEC and metrics["evaluated"]["split"] == "validation"
+    assert metrics["evaluated"]["hook"] == HOOK_SPEC and metrics["evaluated"]["split"] == "validation"
 
     # the figures are those of the core functions on the same rows
     sae = load_sae(Path(pipeline.export.output_dir) / "default")
@@ -126,7 +125,7 @@ def params_file(params, path: Path) -> str:
 def test_mismatches_exit_2_with_one_line(pipeline, make_tiny_model_dir, tmp_path, capsys) -> None:
     path = params_file(pipeline, tmp_path / "params.yaml")
     cases = [
-        (write_export(tmp_path / "layer1", identity_sae(), hook_spec="blocks.1.hook_resid_post"),
+        (write_export(tmp_path / "layer1", identity_sae(), hook="blocks.1.hook_resid_post"),
          f"was trained on blocks.1.hook_resid_post, not {HOOK_SPEC} (the activation cache"),
         (write_export(tmp_path / "narrow", identity_sae(32)), "takes 32-dimensional activations"),
         (write_export(tmp_path / "other", identity_sae(), model_name="other/model"),

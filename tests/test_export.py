@@ -72,7 +72,7 @@ def test_files_follow_the_contract(exported) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["sae_type"] == ckpt.sae.cfg.sae_type and (config["d_in"], config["d_sae"]) == (D_IN, D_SAE)
     assert config["normalization"] == {"folded": True, "activation_scale": SCALE, "normalize_activations": True}
-    assert config["hook_spec"] == HOOK_SPEC and config["model_name"] == MODEL and config["run_name"] == "r1"
+    assert config["hook"] == HOOK_SPEC and config["model_name"] == MODEL and config["run_name"] == "r1"
     assert config["checkpoint"]["epoch"] == 2 and config["checkpoint"]["name"] == BEST
     assert config["training"]["lr"] == 5e-4 and config["data"]["train_rows"] == 1000
     assert json.loads((out / "history.json").read_text()) == HISTORY
@@ -134,15 +134,15 @@ def test_load_sae_is_exposed_at_top_level() -> None:
 def test_check_compatible(exported) -> None:
     _, out = exported
     sae = load_sae(out)
-    check_compatible(sae, d_model=D_IN, hook_spec=HOOK_SPEC, model_name=MODEL)
+    check_compatible(sae, d_model=D_IN, hook=HOOK_SPEC, model_name=MODEL)
     with pytest.raises(UserError, match=rf"was trained on {HOOK_SPEC}, not blocks\.3\.hook_resid_post$"):
-        check_compatible(sae, hook_spec="blocks.3.hook_resid_post")
+        check_compatible(sae, hook="blocks.3.hook_resid_post")
     with pytest.raises(UserError, match="d_model is 32"):
         check_compatible(sae, d_model=32)
     with pytest.raises(UserError, match="trained on model tiny/model, not other/model"):
         check_compatible(sae, model_name="other/model")
     with pytest.raises(UserError) as err:
-        check_compatible(sae, hook_spec="blocks.3.hook_resid_post")
+        check_compatible(sae, hook="blocks.3.hook_resid_post")
     assert str(out) in str(err.value) and "\n" not in str(err.value)
 
 

@@ -297,7 +297,7 @@ def test_two_tiny_models_reproduce_apart_and_rerun_only_what_changed(tmp_path, r
                           for key, batch in (("qwen3-0.6b", "4"), ("qwen3-1.7b", "5"))]
     for key, layer, d_in in (("qwen3-0.6b", 1, 64), ("qwen3-1.7b", 2, 32)):  # each model's own middle layer
         config = json.loads((pipeline / f"per_model/{key}/sae/default/config.json").read_text())
-        assert (config["hook_spec"], config["d_in"], config["d_sae"]) == (f"blocks.{layer}.hook_resid_post", d_in,
+        assert (config["hook"], config["d_in"], config["d_sae"]) == (f"blocks.{layer}.hook_resid_post", d_in,
                                                                           2 * d_in)
         assert config["sae_type"] == "batch_topk"
         with h5py.File(pipeline / f"per_model/{key}/activations/activations.h5") as f:

@@ -89,6 +89,7 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
     first = run(["dvc", "repro"], project)
     assert ran_stages(first) == ["process", "base-model", "tokenize", "activations", "train", "export", "evaluate",
                                  "activation-db", "matrices", "summarize", "interp", "report"]
+    assert not [line for line in first.splitlines() if "WARNING" in line]  # no empty-file deps, nothing to warn of
 
     texts = yaml.safe_load((project / "data/processed/texts.json").read_text())
     assert len(texts) == 9  # 3 chapters x (intro + 2 non-empty sections)
@@ -100,7 +101,7 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
         assert f["split"].shape == (len(texts),)
         n_tokens = f["tokens"].shape[0]
     with h5py.File(project / "data/activations/activations.h5") as f:
-        assert f.attrs["hook_spec"] == "blocks.1.hook_resid_post"
+        assert f.attrs["hook"] == "blocks.1.hook_resid_post"
         assert f.attrs["model_name"] == "tiny-random-llama"
         rows = f["train/activations"].shape[0] + f["validation/activations"].shape[0]
         assert rows == n_tokens - len(texts)  # every token but each document's position 0
@@ -142,11 +143,14 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
     assert len(json.loads((project / "analysis/default/feature_summaries.jsonl").read_text().splitlines()[0])
                ["top_examples"]) <= 3
 
-    # editing a module reruns the stages that import it (dvc.yaml's code deps; tests/test_dvc_deps.py)
-    with (project / "src/saepipe/model/tokenizer.py").open("a") as f:
+    # code deps are layer folders (tests/test_dvc_deps.py): editing a module reruns the stages that use its
+    # folder, and so does a module added to it, with no edit of dvc.yaml
+    with (project / "src/saepipe/report/plots.py").open("a") as f:
         f.write("\n# edited\n")
-    assert set(json.loads(run(["dvc", "status", "--json"], project))) == {"tokenize", "activations", "summarize",
-                                                                           "interp", "report"}
+    assert set(json.loads(run(["dvc", "status", "--json"], project))) == {"report"}
+    (project / "src/saepipe/analysis/new_module.py").write_text('"""A new analysis."""\n')
+    assert set(json.loads(run(["dvc", "status", "--json"], project))) == {
+        "evaluate", "activation-db", "matrices", "summarize", "interp", "report"}
 
 
 def stage_count(project: Path) -> int:
@@ -173,12 +177,12 @@ def test_param_changes_rerun_their_stage_and_what_reads_its_outputs(project: Pat
     assert ran_stages(run(["dvc", "repro"], project)) == downstream
     exported = json.loads((project / "models/sae/default/config.json").read_text())
     assert exported["d_in"] == 64 and exported["d_sae"] == 128
-    assert exported["hook_spec"] == "blocks.1.hook_resid_post"
+    assert exported["hook"] == "blocks.1.hook_resid_post"
     metrics = json.loads((project / "models/runs/default/live/metrics.json").read_text())
     assert {"fvu", "l0"} <= set(metrics["val"]) and "dead_feature_percentage" in metrics["train"]
     assert not (project / "dvclive").exists()
     quick = json.loads((project / "analysis/default/quick/metrics.json").read_text())
-    assert quick["evaluated"]["hook_spec"] == "blocks.1.hook_resid_post" and 0 < quick["ablation"]["tokens"] <= 128
+    assert quick["evaluated"]["hook"] == "blocks.1.hook_resid_post" and 0 < quick["ablation"]["tokens"] <= 128
     assert (project / "analysis/default/quick/feature_density.npy").is_file()
     assert "density_histogram.json" in run(["dvc", "plots", "show", "--json"], project)
 

@@ -187,8 +187,8 @@ def test_an_interrupted_report_leaves_no_folder(reported, tmp_path, monkeypatch,
 
 
 def test_without_dense_matrices_the_plots_read_the_topk_files(reported, tmp_path) -> None:
+    from saepipe.paths import COOCCURRENCE_TOPK, JACCARD, SIMILARITY, SIMILARITY_TOPK
     from saepipe.report import plots
-    from saepipe.report.inputs import COOCCURRENCE_TOPK, JACCARD, SIMILARITY, SIMILARITY_TOPK
 
     folder = analysis_dir(reported) / "matrices"
     for name in (SIMILARITY_TOPK, COOCCURRENCE_TOPK):  # what the matrices stage writes above dense_max_features

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from saepipe.activations.run_name import derived_run_name, with_run_name
 from saepipe.cli import main
 from saepipe.config import load_params
-from saepipe.paths import checkpoints_dir, derived_run_name, live_dir, run_name
+from saepipe.paths import checkpoints_dir, live_dir, run_name
 from saepipe.stages import activations, tokenize
 
 MODEL_SLUG = "smollm2-135m-instruct"  # the repo's base_model.model_name, as the activation cache records it
@@ -77,7 +78,7 @@ def test_run_names_are_derived_from_the_cache_and_the_sae(project) -> None:
 
     def derived(**train) -> str:
         (project / "p.yaml").write_text(yaml.safe_dump({"train": {"run_name": None, **train}}))
-        return run_name(load_params("p.yaml"))
+        return run_name(with_run_name(load_params("p.yaml")))
 
     assert derived() == f"{MODEL_SLUG}.L0.resid_post.batch_topk.x2.k4"
     assert derived(sae_type="topk", sae_expansion=4, topk=8) == f"{MODEL_SLUG}.L0.resid_post.topk.x4.k8"

@@ -14,7 +14,7 @@ from saepipe.analysis.logit_lens import logit_effects
 from saepipe.errors import UserError
 from saepipe.model.loading import load_hooked_model
 from saepipe.model.tokenizer import load_tokenizer
-from saepipe.paths import activation_db, analysis_dir, evaluated_sae, matrices_dir
+from saepipe.paths import SUMMARY_INDEX, activation_db, analysis_dir, evaluated_sae, matrices_dir
 from saepipe.sae.formats import load_sae
 from saepipe.stages import activation_db as activation_db_stage
 from saepipe.stages import summarize
@@ -109,7 +109,7 @@ def test_neighbours_come_from_the_matrices_files(summarized) -> None:
 
 def test_index_lists_every_feature(summarized) -> None:
     params, summaries, _ = summarized
-    index = json.loads((analysis_dir(params) / summarize.INDEX).read_text())
+    index = json.loads((analysis_dir(params) / SUMMARY_INDEX).read_text())
     assert [e["id"] for e in index] == [s["id"] for s in summaries]
     assert index[0]["top_tokens"] == [t["token"] for t in summaries[0]["top_tokens"][: params.summarize.index_tokens]]
 

@@ -41,14 +41,14 @@ def test_train_then_export_gives_an_sae_that_fits_the_model(cached, capsys) -> N
     sae_dir = Path(cached.export.output_dir) / "default"
     sae = load_sae(sae_dir)
     config = json.loads((sae_dir / "config.json").read_text())
-    assert config["hook_spec"] == "blocks.0.hook_resid_post" and config["d_sae"] == 128
+    assert config["hook"] == "blocks.0.hook_resid_post" and config["d_sae"] == 128
     assert config["training"]["topk"] == 4
     assert config["data"]["activation_cache_sha256"]
 
     bridge = load_hooked_model(cached.base_model.output_dir, device=torch.device("cpu"))
-    check_compatible(sae, d_model=bridge.cfg.d_model, hook_spec="blocks.0.hook_resid_post")
+    check_compatible(sae, d_model=bridge.cfg.d_model, hook="blocks.0.hook_resid_post")
     with pytest.raises(UserError, match=r"blocks\.0\.hook_resid_post"):
-        check_compatible(sae, hook_spec="blocks.1.hook_resid_post")
+        check_compatible(sae, hook="blocks.1.hook_resid_post")
     with pytest.raises(UserError, match="d_model"):
         check_compatible(sae, d_model=32)
 

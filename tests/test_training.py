@@ -36,7 +36,7 @@ def synthetic(n: int, d: int = 32, m: int = 48, active: int = 3, seed: int = 0):
 
 def make_data(rows: torch.Tensor, val_rows: torch.Tensor) -> ActivationData:
     return ActivationData(train=rows, validation=val_rows, scale=1.0,
-                          attrs={"model_name": "synthetic", "hook_spec": "blocks.0.hook_resid_post"},
+                          attrs={"model_name": "synthetic", "hook": "blocks.0.hook_resid_post"},
                           dropped_outliers={"train": 0, "validation": 0})
 
 

@@ -9,21 +9,50 @@ writes into the first one's files:
     <train.output_dir>/<run_name>/wandb/         W&B's local files, with W&B on (not tracked)
 
 The export goes to `<export.output_dir>/<run_name>/`, the analyses to `<evaluate.output_dir>/<run_name>/`.
+A null `train.run_name` is derived before any of these is asked for (`activations.run_name`); this module
+imports only the config.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
 from pathlib import Path
 
 from saepipe.config import Params
-from saepipe.errors import UserError, field_error
 
-ACTIVATION_CACHE = "activations.h5"
-CHECKPOINTS = "checkpoints"
-LIVE = "live"
+# Every file a stage writes for a later one, named here once (relative to the folder shown); the stages, the
+# report and the benchmarks import these names. The formats' inner layouts stay with their owners
+# (`sae.formats`, `analysis.activation_db`, `training.checkpoints`).
+
+# <process.output_dir>/
+TEXTS, LABELS, CORPUS_STATS = "texts.json", "labels.json", "stats.json"
+# <activations.output_dir>/: the cache (or a manifest over shards/ in parts/) and its statistics
+ACTIVATION_CACHE, SHARDS, ACTIVATION_STATS = "activations.h5", "parts", "stats.json"
+SHARDS_NOTE = "README.txt"  # in parts/: what the folder is for (never empty: DVC warns of an empty dep)
+# <train.output_dir>/<run_name>/
+CHECKPOINTS, LIVE = "checkpoints", "live"
+# <export.output_dir>/<run_name>/ (`sae.formats` writes them)
+EXPORT_CONFIG, EXPORT_HISTORY = "config.json", "history.json"
+# <analysis>/quick/ (evaluate)
+QUICK = "quick"
+QUICK_METRICS, QUICK_HEADLINE, QUICK_DENSITY = "metrics.json", "headline.json", "feature_density.npy"
+QUICK_DEAD, QUICK_HISTOGRAM = "dead_features.json", "density_histogram.json"
+QUICK_HISTOGRAM_PNG = "density_histogram.png"
+# <analysis>/ (activation-db)
+ACTIVATION_DB = "activation_db.h5"
+# <analysis>/matrices/, and two files beside it (matrices)
+MATRICES = "matrices"
+SIMILARITY, COOCCURRENCE, JACCARD = "feature_similarity.npy", "feature_cooccurrence.npy", \
+    "feature_cooccurrence_jaccard.npy"
+SIMILARITY_TOPK, COOCCURRENCE_TOPK, MATRICES_METADATA = "similarity_topk.npz", "cooccurrence_topk.npz", "metadata.json"
+MATRICES_METRICS, SIMILARITY_HISTOGRAM = "matrices_metrics.json", "decoder_similarity_histogram.json"
+# <analysis>/ (summarize)
+SUMMARIES, SUMMARY_INDEX = "feature_summaries.jsonl", "summary_index.json"
+# <analysis>/interp/ (interp)
+INTERP = "interp"
+PROBING, PROBING_FEATURES = "probing.json", "probing_features.json"
+AUTOINTERP, EXPLANATIONS = "autointerp.json", "explanations.jsonl"
+# <analysis>/report/ and beside it (report)
+REPORT, RUN_SUMMARY, TRAINING_CURVES = "report", "run_summary.json", "training_curves.json"
 
 
 def run_path(output_dir: str | Path, run_name: str) -> Path:
@@ -35,42 +64,11 @@ def activation_cache(params: Params) -> Path:
 
 
 def run_name(params: Params) -> str:
-    """`train.run_name`, or, when it is null, the name `derived_run_name` gives this run.
-
-    Inside a DVC stage (DVC sets DVC_STAGE) null is refused: dvc.yaml interpolates `${train.run_name}` into its
-    paths and cannot compute a name, so the stage would write where DVC does not look.
-    """
-    if params.train.run_name is not None:
-        return params.train.run_name
-    if os.environ.get("DVC_STAGE"):
-        raise field_error("train.run_name", None, "a name inside a DVC stage (dvc.yaml interpolates it into its "
-                          "paths); null derives one only for ad-hoc `saepipe` runs")
-    return derived_run_name(params)
-
-
-def derived_run_name(params: Params) -> str:
-    """`<model>.L<layer>.<hook>.<sae_type>.x<expansion>.k<topk>` (`.s<sparsity_penalty>` instead of `.k` for
-    architectures without k), e.g. `smollm2-135m-instruct.L15.resid_post.batch_topk.x8.k32`.
-
-    Model, layer and hook come from the activation cache's attributes (what the SAE is trained on, the middle
-    layer resolved), the rest from `train`: two runs that differ in any of them get different folders.
-    """
-    from saepipe.activations.cache import ActivationCache
-    from saepipe.sae import config_class
-
-    path = activation_cache(params)
-    if not path.is_file():
-        raise UserError(f"train.run_name is null and {path} does not exist to name the run from; "
-                        "run `saepipe activations` first or set train.run_name")
-    with ActivationCache(path) as cache:
-        attrs = cache.attrs
-    sae = params.train.sae
-    model = re.sub(r"[^a-z0-9._-]+", "-", str(attrs["model_name"]).rstrip("/").rsplit("/", 1)[-1].lower())
-    hook = str(attrs["hook_name"]).removeprefix("hook_")
-    uses_k = "k" in {f.name for f in dataclasses.fields(config_class(sae.sae_type))}
-    sparsity = f"k{sae.topk}" if uses_k else f"s{params.train.sparsity_penalty:g}"
-    model = model.lstrip(".") or "model"
-    return f"{model}.L{int(attrs['hook_layer'])}.{hook}.{sae.sae_type}.x{sae.sae_expansion}.{sparsity}"
+    """`train.run_name`; a null one is filled in before any per-run path is asked for
+    (`activations.run_name.names_run`), so reaching here without it is a bug, not a user error."""
+    if params.train.run_name is None:
+        raise ValueError("train.run_name is null: the stage must be decorated with @names_run")
+    return params.train.run_name
 
 
 def run_dir(params: Params) -> Path:
@@ -101,30 +99,39 @@ def analysis_dir(params: Params) -> Path:
     return run_path(params.evaluate.output_dir, evaluated_sae(params).name)
 
 
+def quick_dir(params: Params) -> Path:
+    return analysis_dir(params) / QUICK
+
+
 def activation_db(params: Params) -> Path:
-    return analysis_dir(params) / "activation_db.h5"
+    return analysis_dir(params) / ACTIVATION_DB
 
 
 def matrices_dir(params: Params) -> Path:
-    return analysis_dir(params) / "matrices"
+    return analysis_dir(params) / MATRICES
+
+
+def summaries_file(params: Params) -> Path:
+    return analysis_dir(params) / SUMMARIES
 
 
 def interp_dir(params: Params) -> Path:
-    return analysis_dir(params) / "interp"
+    return analysis_dir(params) / INTERP
 
 
 def report_dir(params: Params) -> Path:
     """`report`'s folder: plots, run_summary.json, README.md and the feature browser."""
-    return analysis_dir(params) / "report"
+    return analysis_dir(params) / REPORT
 
 
 def training_curves(params: Params) -> Path:
     """The training curves as a DVC plot, beside the report folder (a DVC out of its own)."""
-    return analysis_dir(params) / "training_curves.json"
+    return analysis_dir(params) / TRAINING_CURVES
 
 
-def with_run_name(params: Params) -> Params:
-    """`params` with `train.run_name` filled in (derived when null), for code that records the name."""
-    if params.train.run_name is not None:
-        return params
-    return dataclasses.replace(params, train=dataclasses.replace(params.train, run_name=run_name(params)))
+def texts_file(params: Params) -> Path:
+    return Path(params.process.output_dir) / TEXTS
+
+
+def labels_file(params: Params) -> Path:
+    return Path(params.process.output_dir) / LABELS

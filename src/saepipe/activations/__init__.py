@@ -1,0 +1,1 @@
+"""Activations of the model at a hook: windows, extraction and the activation cache."""

@@ -1,9 +1,9 @@
 """The activation cache (`data/activations/activations.h5`): one hook's activations, one row per token.
 
 Layout (HDF5):
-    attrs         format="saepipe.activations", format_version, model_name, hook_layer, hook_name,
-                  hook_spec, n_layers, d_model, tokenizer_name, tokenizer_fingerprint, prepend_bos,
-                  max_text_length, context_overlap, forward_dtype, storage_dtype, outlier_factor,
+    attrs         format="saepipe.activations", format_version, model_name, hook ("blocks.L.<name>", read
+                  by `model.hooks.HookSpec.parse`), n_layers, d_model, tokenizer_name, tokenizer_fingerprint,
+                  prepend_bos, max_text_length, context_overlap, forward_dtype, storage_dtype, outlier_factor,
                   outlier_threshold (= outlier_factor x the train split's median norm), median_norm,
                   roundtrip_rel_error_mean / _max (storage dtype vs the forward's float32 rows),
                   model_tokens, cached_rows, recompute_factor, padding_fraction
@@ -38,7 +38,7 @@ from saepipe.errors import UserError, field_error
 from saepipe.storage import OpenFile, atomic_h5, check_writes, is_disk_full, no_space_error, plain, require_file
 
 FORMAT = "saepipe.activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the hook is one attribute, `hook`
 SPLITS = ("train", "validation")
 ROW_FIELDS = {"token_ids": np.int32, "doc_ids": np.int32, "positions": np.int32, "norms": np.float32}
 CHUNK_ROWS = 1024
@@ -237,7 +237,7 @@ class ActivationCache(OpenFile):
                             "activations.h5 instead")
         if isinstance(root_attrs.get("hooks"), np.ndarray):
             root_attrs["hooks"] = [str(h) for h in root_attrs["hooks"]]
-        hooks = list(root_attrs.get("hooks", [root_attrs.get("hook_spec")]))
+        hooks = list(root_attrs.get("hooks", [root_attrs.get("hook")]))
         if not strict and hook not in hooks and len(hooks) == 1:
             hook = None  # the caller checks the one hook against what it needs, with its own message
         if hook is None and len(hooks) > 1:
@@ -249,8 +249,6 @@ class ActivationCache(OpenFile):
         self.root: h5py.Group = self.file
         self.attrs: dict[str, Any] = root_attrs
         if root_attrs.get("layout") == MANIFEST:
-            from saepipe.activations.manifest import check_shards
-
             self.root = self.file[self.hook]
             self.attrs = {**root_attrs, **{k: plain(v) for k, v in self.root.attrs.items()}}
             check_shards(self.path, self.root, SPLITS)
@@ -328,3 +326,21 @@ class ActivationCache(OpenFile):
                 mask = keep[start:stop]
                 rows, index = rows[torch.from_numpy(mask)], index[mask]
             yield rows, index
+
+
+def check_shards(path: Path, group: h5py.Group, splits: tuple[str, ...]) -> None:
+    """Every shard the manifest names is there with the rows it recorded (a missing source file would
+    read as zeros)."""
+    files = [Path(path).parent / name for name in group.attrs["shard_files"]]
+    for index, file in enumerate(files):
+        if not file.is_file():
+            raise UserError(f"{path}: its shard {file} is missing; rerun `saepipe activations`")
+        try:
+            with h5py.File(file, "r") as shard:
+                rows = [shard[split]["activations"].shape[0] for split in splits]
+        except (OSError, KeyError) as exc:
+            raise UserError(f"{path}: its shard {file} is not readable ({exc}); rerun `saepipe activations`") from None
+        expected = [int(group.attrs[f"{split}_shard_rows"][index]) for split in splits]
+        if rows != expected:
+            raise UserError(f"{path}: its shard {file} holds {rows} rows, expected {expected}; "
+                            "rerun `saepipe activations`")

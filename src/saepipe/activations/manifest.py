@@ -6,15 +6,16 @@ without the statistics, plus each split's float64 row `sum`), and rank 0 then wr
 
     attrs         the cache's attrs (model, tokenizer, windows ...), layout="manifest", hooks (full names),
                   world_size
-    <hook>/       one group per hook, e.g. `blocks.3.hook_resid_post/`; attrs hook_layer, hook_name,
-                  hook_spec, d_model, median_norm, outlier_threshold, roundtrip_rel_error_mean / _max,
-                  shard_files (relative to the manifest) and, per split, <split>_shard_rows
+    <hook>/       one group per hook, e.g. `blocks.3.hook_resid_post/`; attrs hook (its full name), d_model,
+                  median_norm, outlier_threshold, roundtrip_rel_error_mean / _max, shard_files (relative to
+                  the manifest) and, per split, <split>_shard_rows
         train/, validation/   as in a single-file cache: `activations` is an HDF5 virtual dataset over
                   the shards' rows (rank 0's first), the per-row fields are copied, and `outlier`, `mean`
                   and the group attrs are computed over all shards, so they equal a single-process cache's
 
-`ActivationCache` reads it like a single file (`hook=` picks the group); `check_shards` makes a missing
-or replaced shard an error on open instead of rows of zeros (what HDF5 returns for a missing source).
+`ActivationCache` (`activations.cache`, the reader of both layouts) reads it like a single file (`hook=` picks
+the group); its `check_shards` makes a missing or replaced shard an error on open instead of rows of zeros (what
+HDF5 returns for a missing source).
 """
 
 from __future__ import annotations
@@ -36,13 +37,12 @@ from saepipe.activations.cache import (
     finish_split,
 )
 from saepipe.errors import UserError
+from saepipe.paths import SHARDS
 from saepipe.storage import atomic_path
-
-PARTS_DIR = "parts"
 
 
 def shard_path(out_dir: Path, hook: str, rank: int) -> Path:
-    return Path(out_dir) / PARTS_DIR / f"{hook}.rank{rank}.h5"
+    return Path(out_dir) / SHARDS / f"{hook}.rank{rank}.h5"
 
 
 def write_manifest(path: Path, shards: dict[str, list[Path]], attrs: dict[str, Any], world_size: int
@@ -77,7 +77,7 @@ def _write_hook(group: h5py.Group, root: Path, files: list[Path], shards: list[h
                                "roundtrip_rel_error_mean": err_sum / total_rows if total_rows else 0.0,
                                "roundtrip_rel_error_max": max(float(s.attrs["roundtrip_rel_error_max"])
                                                                for s in shards)}
-    group.attrs.update({name: head[name] for name in ("hook_layer", "hook_name", "hook_spec")})
+    group.attrs["hook"] = head["hook"]
     group.attrs.update({"d_model": d_model, "storage_dtype": storage_dtype, "outlier_factor": factor, **summary,
                         "shard_files": [os.path.relpath(f, root) for f in files]})
     for split in SPLITS:
@@ -98,21 +98,3 @@ def _write_hook(group: h5py.Group, root: Path, files: list[Path], shards: list[h
         total = np.sum([s[split]["sum"][:] for s in shards], axis=0)
         summary[split] = finish_split(target, target["norms"][:], threshold, total, storage_dtype)
     return summary
-
-
-def check_shards(path: Path, group: h5py.Group, splits: tuple[str, ...]) -> None:
-    """Every shard the manifest names is there with the rows it recorded (a missing source file would
-    read as zeros)."""
-    files = [Path(path).parent / name for name in group.attrs["shard_files"]]
-    for index, file in enumerate(files):
-        if not file.is_file():
-            raise UserError(f"{path}: its shard {file} is missing; rerun `saepipe activations`")
-        try:
-            with h5py.File(file, "r") as shard:
-                rows = [shard[split]["activations"].shape[0] for split in splits]
-        except (OSError, KeyError) as exc:
-            raise UserError(f"{path}: its shard {file} is not readable ({exc}); rerun `saepipe activations`") from None
-        expected = [int(group.attrs[f"{split}_shard_rows"][index]) for split in splits]
-        if rows != expected:
-            raise UserError(f"{path}: its shard {file} holds {rows} rows, expected {expected}; "
-                            "rerun `saepipe activations`")

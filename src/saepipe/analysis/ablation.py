@@ -29,7 +29,7 @@ window that gives it the most left context, exactly the tokens whose activations
 One call on a batch of unpadded windows [batch, seq]:
 
     from saepipe.analysis.ablation import ablation_metrics
-    figures = ablation_metrics(model, "blocks.15.hook_resid_post", sae, tokens, mean=cache.mean("validation"))
+    figures = ablation_metrics(model, HookSpec(15, "hook_resid_post"), sae, tokens, mean=cache.mean("validation"))
 
 Over a token cache: `plan = ablation_plan(...)`, then `evaluate_ablation(model, hook, sae, token_cache, plan, ...)`.
 """
@@ -95,7 +95,7 @@ class AblationAccumulator:
         self.kl = {name: 0.0 for name in self.variants}
 
     @torch.inference_mode()
-    def add(self, model: Any, hook: str, splices: dict[str, Replacement], tokens: Tensor,
+    def add(self, model: Any, hook: HookSpec, splices: dict[str, Replacement], tokens: Tensor,
             sources: tuple[Tensor, Tensor]) -> None:
         """Run `tokens` [batch, seq] clean and with each splice; score predictions at (batch index, position)."""
         b, s = (t.to(tokens.device) for t in sources)
@@ -111,7 +111,7 @@ class AblationAccumulator:
         p = log_p.exp()
         self.ce["clean"] += float(-log_p.gather(1, targets).sum())
         for name in self.variants:
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, splice_hook(splices[name]))],
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(hook.full_name, splice_hook(splices[name]))],
                                           reset_hooks_end=True)
             log_q = F.log_softmax(logits[b, s].float(), dim=-1)
             del logits
@@ -139,13 +139,9 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator != 0 else float("nan")
 
 
-def _hook_name(hook: HookSpec | str) -> str:
-    return hook.full_name if isinstance(hook, HookSpec) else hook
-
-
 
 # ---- one call on a batch of windows ---------------------------------------------------------------------------
-def ablation_metrics(model: Any, hook: HookSpec | str, sae: SparseAutoencoder, tokens: Tensor,
+def ablation_metrics(model: Any, hook: HookSpec, sae: SparseAutoencoder, tokens: Tensor,
                      mean: Tensor | np.ndarray | None = None) -> dict[str, float | int]:
     """Every figure above for unpadded windows [batch, seq] (seq >= 3), scoring positions 1 .. seq - 2."""
     if tokens.ndim != 2 or tokens.shape[1] < 3:
@@ -155,7 +151,7 @@ def ablation_metrics(model: Any, hook: HookSpec | str, sae: SparseAutoencoder, t
     tokens = tokens.to(device=model_device(model), dtype=torch.long)
     positions = torch.arange(1, tokens.shape[1] - 1)
     b = torch.arange(tokens.shape[0]).repeat_interleave(len(positions))
-    acc.add(model, _hook_name(hook), splices, tokens, (b, positions.repeat(tokens.shape[0])))
+    acc.add(model, hook, splices, tokens, (b, positions.repeat(tokens.shape[0])))
     return acc.result()
 
 
@@ -187,7 +183,7 @@ def ablation_plan(token_cache: TokenCache, split: str, *, max_text_length: int, 
 
 def evaluate_ablation(
     model: Any,
-    hook: HookSpec | str,
+    hook: HookSpec,
     sae: SparseAutoencoder,
     token_cache: TokenCache,
     plan: WindowPlan,
@@ -204,7 +200,6 @@ def evaluate_ablation(
     """
     splices = replacements(sae, mean)
     acc = AblationAccumulator(splices)
-    name = _hook_name(hook)
     device = model_device(model)
     bos = bos_id is not None
     lengths = plan.length + int(bos)
@@ -215,7 +210,7 @@ def evaluate_ablation(
             rows, targets = wb.row_select
             scored = targets >= 2  # the prediction of a target at model position p is made at p - 1 >= 1
             before = acc.tokens
-            acc.add(model, name, splices, wb.tokens.to(device), (rows[scored], targets[scored] - 1))
+            acc.add(model, hook, splices, wb.tokens.to(device), (rows[scored], targets[scored] - 1))
             bar.update(acc.tokens - before)
     result = acc.result()
     result["windows"] = len(plan)

@@ -4,7 +4,7 @@ Layout (HDF5), written by `analysis.db_build` and read only here:
     attrs      format="saepipe.activation_db", format_version, d_sae, d_in, n_rows, nnz, splits, outlier_rows,
                outliers_included, counted_rows (n_rows less the outlier rows left without features),
                values_dtype, quantiles (the levels of features/quantiles), sae_path, sae_sha256 (of its
-               weights file), sae_type, model_name, hook_spec, activation_cache, token_cache,
+               weights file), sae_type, model_name, hook, activation_cache, token_cache,
                tokenizer_fingerprint, texts_sha256 (of the corpus the token cache holds), saepipe_version
     rows/      one entry per token row, in activation-cache order (train rows first, then validation)
         token_id  int32     doc_id  int32     position  int32 (in its document)     split  int8 (0 train, 1 validation)

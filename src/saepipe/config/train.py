@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -11,15 +10,13 @@ from typing import Literal
 
 from saepipe.config.fields import check_device, check_nonnegative, check_positive, choices
 from saepipe.errors import field_error
+from saepipe.sae_types import SAE_TYPES
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 def sae_types() -> list[str]:
-    """The registered architectures. Looked up by name, only when a stage validates the train section:
-    every such stage imports `saepipe.sae` itself (and dvc.yaml lists it), while the stages before
-    training must neither import torch's SAE code nor rerun when it changes."""
-    return list(importlib.import_module("saepipe.sae").REGISTRY)
+    return list(SAE_TYPES)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Markdown chapters to documents and labels; the token cache."""

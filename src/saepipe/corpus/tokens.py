@@ -12,7 +12,7 @@ This module is the only reader and writer of that layout.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,9 @@ def write_token_cache(
     return TokenCache(tokens=tokens, offsets=offsets, split=split.astype(np.int8), attrs=all_attrs)
 
 
-def read_token_cache(path: str | Path) -> TokenCache:
+def read_token_cache(path: str | Path, matching: Mapping[str, Any] | None = None) -> TokenCache:
+    """The token cache at `path`; with `matching` (an activation cache's attrs), refused unless it was made by
+    the same tokenizer, since its token ids would otherwise name other words than the cached activations'."""
     path = require_file(path, "token cache", "run `saepipe tokenize` first")
     try:
         with h5py.File(path, "r") as f:
@@ -97,5 +99,8 @@ def read_token_cache(path: str | Path) -> TokenCache:
         raise UserError(f"{path}: damaged token cache ({exc}); rerun `saepipe tokenize`") from None
     if len(cache.offsets) != cache.n_documents + 1 or cache.offsets[-1] != len(cache.tokens):
         raise UserError(f"{path}: offsets do not match tokens; the file is damaged, rerun `saepipe tokenize`")
+    if matching is not None and cache.attrs.get("tokenizer_fingerprint") != matching.get("tokenizer_fingerprint"):
+        raise UserError(f"{path} does not match the activation cache's tokenizer; "
+                        "rerun `saepipe tokenize` and `saepipe activations`")
     return cache
 

@@ -1,0 +1,1 @@
+"""The language model: materialise it offline, load it into TransformerLens, name its hooks."""

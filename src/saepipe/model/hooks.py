@@ -15,7 +15,8 @@ HOOK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
 @dataclass(frozen=True)
 class HookSpec:
     """A hook inside a block: `layer` 15 and `name` hook_resid_post is TransformerLens's
-    `blocks.15.hook_resid_post` (the one place that spelling is made and read)."""
+    `blocks.15.hook_resid_post`. Files record it as that one string (the `hook` attribute or key); this class
+    is the one place the string is made (`full_name`) and read (`parse`)."""
 
     layer: int
     name: str
@@ -30,6 +31,9 @@ class HookSpec:
     @property
     def full_name(self) -> str:
         return f"blocks.{self.layer}.{self.name}"
+
+    def __str__(self) -> str:
+        return self.full_name
 
     @property
     def stop_at_layer(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from saepipe.errors import UserError
 from saepipe.sae import REGISTRY
-from saepipe.sae.formats import CONFIG, HISTORY
+from saepipe.sae.formats import CONFIG, HISTORY, load_sae
 from saepipe.storage import read_json
 
 REPO_ENV = "SAE_HF_REPO_ID"
@@ -65,19 +65,20 @@ def saelens_name(sae_type: str) -> str:
 def model_card(config: dict[str, Any], history: list[dict[str, Any]], repo_id: str, folder: str) -> str:
     """README.md: what the SAE was trained on, how well it does, and how to load it (saepipe and SAELens)."""
     sae_type = config.get("sae_type", "?")
-    hook = config.get("hook_spec", "?")
+    hook = config.get("hook", "?")
     model = config.get("model_name", "?")
     norm = config.get("normalization") or {}
     ckpt = config.get("checkpoint") or {}
     training = config.get("training") or {}
     code = config.get("code") or {}
-    k_line = f"| k (active latents per token{', batch average' if sae_type != 'topk' else ''}) | {config.get('k')} |\n"
+    k = config.get("k")  # the architectures with k have it in their config; the others have none
+    k_line = f"| k (active latents per token{', batch average' if sae_type != 'topk' else ''}) | {k} |\n"
     rows = [
         f"| base model | `{model}` |\n",
         f"| hook | `{hook}` |\n",
         f"| architecture | {sae_type} (SAELens: {saelens_name(sae_type)}) |\n",
         f"| d_in -> d_sae | {config.get('d_in')} -> {config.get('d_sae')} |\n",
-        k_line if sae_type in ("topk", "batch_topk", "matryoshka") else "",
+        k_line if k is not None else "",
         calibration_line(config.get("calibration")),
         f"| checkpoint | {ckpt.get('name')} (epoch {ckpt.get('epoch')}, {ckpt.get('tokens_seen')} tokens) |\n",
         f"| context size / BOS | {config.get('context_size')} / {config.get('prepend_bos')} |\n",
@@ -157,10 +158,18 @@ def upload_sae(sae_dir: str | Path, repo_id: str | None, private: bool, token: s
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             api.upload_folder(repo_id=repo_id, folder_path=str(staging), path_in_repo=folder, repo_type="model",
                               commit_message=f"Upload SAE {folder} ({config.get('sae_type')}, "
-                                             f"{config.get('hook_spec')})")
+                                             f"{config.get('hook')})")
         except Exception as exc:  # hub, HTTP and auth failures alike: one line, token scrubbed
             raise UserError(f"Hugging Face upload to {repo_id} failed: {_one_line(exc, secrets)}") from None
     return f"https://huggingface.co/{repo_id}/tree/main/{folder}"
+
+
+def publish_export(sae_dir: Path, repo_id: str | None, private: bool) -> None:
+    """What `saepipe upload` and `export.upload_to_hf` do: check the repo id and the export, upload, say where."""
+    repo_id = resolve_repo_id(repo_id)  # before any work: a missing repo id is the usual mistake
+    load_sae(sae_dir)  # refuse a damaged export before anything leaves the machine
+    url = upload_sae(sae_dir, repo_id, private, path_in_repo=sae_dir.name)
+    print(f"uploaded {sae_dir} to {url}{' (private)' if private else ''}")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -13,25 +13,16 @@ from typing import Any
 import numpy as np
 
 from saepipe.analysis.activation_db import ActivationDB
+from saepipe.paths import COOCCURRENCE_TOPK, EXPLANATIONS, JACCARD, RUN_SUMMARY, SIMILARITY, SIMILARITY_TOPK
 from saepipe.report import plots
 from saepipe.report.browser import write_browser
 from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE, concentration, most_active, most_interpretable
-from saepipe.report.inputs import (
-    COOCCURRENCE_TOPK,
-    EXPLANATIONS,
-    JACCARD,
-    SIMILARITY,
-    SIMILARITY_TOPK,
-    RunFiles,
-    RunInputs,
-    read_explanations,
-)
+from saepipe.report.inputs import RunFiles, RunInputs, read_explanations
 from saepipe.report.markdown import render_readme
 from saepipe.report.run_summary import build_summary, headline_values, metric_sources
 from saepipe.storage import write_json
 
 PLOTS = "plots"
-RUN_SUMMARY = "run_summary.json"
 README = "README.md"
 BROWSER = "browser"
 PAIRWISE_EDGES = np.linspace(-1.0, 1.0, 201)
@@ -50,7 +41,7 @@ def draw_plots(out: Path, inputs: RunInputs, files: RunFiles, db: ActivationDB, 
                options: ReportOptions) -> dict[str, Path]:
     """Every plot of the report into `out`, by name (the ablation plot only when evaluate ran the ablation)."""
     config, metrics = inputs.config, inputs.metrics
-    who = f"{config['sae_type']} SAE ({config['d_sae']:,} features) on {config['model_name']} {config['hook_spec']}"
+    who = f"{config['sae_type']} SAE ({config['d_sae']:,} features) on {config['model_name']} {config['hook']}"
     dpi = options.dpi
     drawn = {"training_history": plots.training_history(inputs.history, f"Training: {who}",
                                                         out / "training_history.png", dpi)}
@@ -65,7 +56,7 @@ def draw_plots(out: Path, inputs: RunInputs, files: RunFiles, db: ActivationDB, 
     ablation = metrics.get("ablation")
     if ablation:
         drawn["ablation"] = plots.ablation_bars(
-            ablation, f"Splicing the SAE into {config['model_name']} at {config['hook_spec']} "
+            ablation, f"Splicing the SAE into {config['model_name']} at {config['hook']} "
             f"({ablation['tokens']:,} predictions)", out / "ablation_ce_kl.png", dpi)
     pairs = plots.pairwise_cosines(files.matrices, SIMILARITY, SIMILARITY_TOPK, PAIRWISE_EDGES)
     drawn["decoder_similarity"] = plots.decoder_similarity(
@@ -94,7 +85,7 @@ def _label(record: dict[str, Any]) -> str:
 def run_info(run_name: str, inputs: RunInputs) -> dict[str, Any]:
     """The small header the browser shows: what the SAE is and its headline figures."""
     config = inputs.config
-    return {"run_name": run_name, **{k: config.get(k) for k in ("model_name", "hook_spec", "sae_type", "d_in",
+    return {"run_name": run_name, **{k: config.get(k) for k in ("model_name", "hook", "sae_type", "d_in",
                                                                   "d_sae")},
             "headline": headline_values(metric_sources(inputs.history, inputs.metrics, inputs.matrices_metrics))}
 

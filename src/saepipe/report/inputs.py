@@ -14,17 +14,27 @@ from typing import Any
 
 from saepipe.config import Params
 from saepipe.errors import UserError
-from saepipe.paths import activation_db, analysis_dir, evaluated_sae, matrices_dir
+from saepipe.paths import (
+    AUTOINTERP,
+    COOCCURRENCE_TOPK,
+    EXPORT_CONFIG,
+    EXPORT_HISTORY,
+    INTERP,
+    MATRICES_METRICS,
+    PROBING,
+    QUICK,
+    QUICK_DEAD,
+    QUICK_HISTOGRAM,
+    QUICK_METRICS,
+    SIMILARITY_HISTOGRAM,
+    SIMILARITY_TOPK,
+    activation_db,
+    analysis_dir,
+    evaluated_sae,
+    matrices_dir,
+    summaries_file,
+)
 from saepipe.storage import read_json, require_file
-
-# File names the earlier stages write (their stage modules import torch; the report does not need it).
-EXPORT_CONFIG, EXPORT_HISTORY = "config.json", "history.json"
-QUICK_METRICS, QUICK_DEAD, QUICK_HISTOGRAM = "metrics.json", "dead_features.json", "density_histogram.json"
-MATRICES_METRICS, SIMILARITY_HISTOGRAM = "matrices_metrics.json", "decoder_similarity_histogram.json"
-SIMILARITY, JACCARD = "feature_similarity.npy", "feature_cooccurrence_jaccard.npy"
-SIMILARITY_TOPK, COOCCURRENCE_TOPK = "similarity_topk.npz", "cooccurrence_topk.npz"
-SUMMARIES = "feature_summaries.jsonl"
-INTERP, PROBING, AUTOINTERP, EXPLANATIONS = "interp", "probing.json", "autointerp.json", "explanations.jsonl"
 
 
 @dataclass(frozen=True)
@@ -41,11 +51,11 @@ class RunFiles:
     def of(cls, params: Params) -> RunFiles:
         analysis = analysis_dir(params)
         return cls(sae=evaluated_sae(params), analysis=analysis, activation_db=activation_db(params),
-                   matrices=matrices_dir(params), summaries=analysis / SUMMARIES)
+                   matrices=matrices_dir(params), summaries=summaries_file(params))
 
     @property
     def quick(self) -> Path:
-        return self.analysis / "quick"
+        return self.analysis / QUICK
 
     @property
     def interp(self) -> Path:

@@ -86,7 +86,7 @@ def render_readme(*, run_name: str, config: dict[str, Any], metrics: dict[str, A
         f"# SAE report: {run_name}",
         "",
         f"A **{config.get('sae_type')}** sparse autoencoder with **{config.get('d_sae'):,} features**{k} on "
-        f"**{config.get('model_name')}**'s `{config.get('hook_spec')}` (d_in {config.get('d_in')}), trained for "
+        f"**{config.get('model_name')}**'s `{config.get('hook')}` (d_in {config.get('d_in')}), trained for "
         f"{epochs} epoch{'s' if epochs != 1 else ''} on {data.get('train_rows', 0):,} cached activations "
         f"({data.get('validation_rows', 0):,} held out) from `{data.get('activation_cache')}` (the corpus tokenized "
         f"in `{token_cache}`). The exported "

@@ -1,4 +1,4 @@
-"""The SAE module all architectures share, and the registry they plug into.
+"""The SAE module all architectures share (they plug into `saepipe.sae_types`).
 
 An architecture is a subclass that says which latents are active (`select`, or `dense_features` for
 architectures trained densely), how active values become features (`activate`), what sparsity
@@ -14,7 +14,7 @@ from its input: pre = (x - b_dec) @ W_enc + b_enc, x_hat = f @ W_dec + b_dec.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -30,18 +30,24 @@ from saepipe.kernels import (
     encode_selected,
     gather_columns,
 )
+from saepipe.sae_types import REGISTRY
 
 if TYPE_CHECKING:
-    from saepipe.config import SAEParams
     from saepipe.distributed import World
     from saepipe.sae.provenance import Provenance
+
+
+Knobs = Mapping[str, Any]
+"""The user's architecture knobs by their flat params.yaml names (`sae_type`, `sae_expansion`, `topk`,
+`topk_aux`, `jumprelu_*`, `matryoshka_prefix_fractions`: the `train` keys users type); each architecture
+reads the ones it uses in `from_params`. The SAE code never imports the config that validated them."""
 
 
 @dataclass(frozen=True)
 class SAEConfig:
     """What every SAE module is built from; each architecture subclasses it with the fields it needs.
 
-    Subclasses say how the user's knobs (`train.*` in params.yaml, as `SAEParams`) become their fields
+    Subclasses say how the user's knobs (`Knobs`: `train.*` in params.yaml) become their fields
     (`from_params`, which also checks them against d_sae) and how SAELens names their inference
     architecture, so an architecture is added in its own module and nowhere else.
     """
@@ -61,8 +67,8 @@ class SAEConfig:
         return self.arch
 
     @classmethod
-    def from_params(cls, sae: SAEParams, d_in: int) -> Self:
-        return cls(d_in=d_in, d_sae=sae.sae_expansion * d_in, k_aux=sae.topk_aux)
+    def from_params(cls, knobs: Knobs, d_in: int) -> Self:
+        return cls(d_in=d_in, d_sae=knobs["sae_expansion"] * d_in, k_aux=knobs["topk_aux"])
 
     def saelens_fields(self) -> dict[str, Any]:
         """Architecture-specific keys of SAELens's cfg.json."""
@@ -98,26 +104,6 @@ class AuxKTerm:
     add_grads_: Callable[[float], None]
 
 
-REGISTRY: dict[str, type[SparseAutoencoder]] = {}
-"""sae_type -> module class: the one list of architectures (params, CLI choices and exports read it)."""
-
-
-def register(name: str) -> Callable[[type[SparseAutoencoder]], type[SparseAutoencoder]]:
-    """Class decorator: file the architecture under `name` and name its config class after it."""
-
-    def add(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
-        if name in REGISTRY:
-            raise ValueError(f"sae_type {name!r} is registered twice")
-        config_class = cls.__dict__.get("config_class")
-        if config_class is None or config_class.__dict__.get("arch"):
-            raise TypeError(f"{cls.__name__} needs a config class of its own")
-        cls.arch = config_class.arch = name
-        REGISTRY[name] = cls
-        return cls
-
-    return add
-
-
 def config_class(sae_type: str) -> type[SAEConfig]:
     if sae_type not in REGISTRY:
         raise ValueError(f"unknown sae_type {sae_type!r}; known: {', '.join(REGISTRY)}")
@@ -129,9 +115,9 @@ def sae_config(sae_type: str, **fields: Any) -> SAEConfig:
     return config_class(sae_type)(**fields)
 
 
-def config_from_params(sae: SAEParams, d_in: int) -> SAEConfig:
-    """The `train.sae_type` architecture's config for `d_in`-dimensional inputs, checked against d_sae."""
-    return config_class(sae.sae_type).from_params(sae, d_in)
+def config_from_params(knobs: Knobs, d_in: int) -> SAEConfig:
+    """The `knobs["sae_type"]` architecture's config for `d_in`-dimensional inputs, checked against d_sae."""
+    return config_class(knobs["sae_type"]).from_params(knobs, d_in)
 
 
 def config_from_dict(values: dict[str, Any]) -> SAEConfig:

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from saepipe.kernels import SparseCodes, batch_top_k, codes_above, exact_cut, sharded_batch_top_k
-from saepipe.sae.base import SAEOutput, register
+from saepipe.sae.base import SAEOutput
 from saepipe.sae.topk import TopKConfig, TopKSAE
+from saepipe.sae_types import register
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ An export directory (`models/sae/<run_name>/`) holds the same SAE twice, so that
                              plus `threshold` [d_sae] for architectures that have one); torch.save of
                              tensors only, so torch.load(weights_only=True) reads it
     config.json              saepipe: format, format_version, the SAEConfig fields flat (sae_type, d_in,
-                             d_sae, k, ...), model_name, hook_layer, hook_name (inside the block),
-                             hook_spec ("blocks.L.<hook_name>"), prepend_bos, context_size, dtype,
+                             d_sae, k, ...), model_name, hook ("blocks.L.<name>", read by
+                             `model.hooks.HookSpec.parse`), prepend_bos, context_size, dtype,
                              normalization {folded: true, activation_scale, normalize_activations},
                              run_name, checkpoint {name, epoch, step, tokens_seen}, calibration
                              (BatchTopK/Matryoshka: threshold, rows, train_l0, val_l0 of the exported epoch;
@@ -43,16 +43,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-import saepipe
 from saepipe.errors import UserError
 from saepipe.model.hooks import HookSpec
 from saepipe.sae import REGISTRY, SAEConfig, SparseAutoencoder, build_sae, config_class
 from saepipe.sae.batch_topk import BatchTopKConfig
 from saepipe.sae.provenance import Provenance, RunRecord
 from saepipe.storage import atomic_dir, read_json, write_json
+from saepipe.version import VERSION
 
 FORMAT = "saepipe.sae"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the hook is one key, `hook` (1: hook_layer, hook_name, hook_spec)
 WEIGHTS = "weights.pt"
 CONFIG = "config.json"
 HISTORY = "history.json"
@@ -110,8 +110,7 @@ def _our_config(cfg: SAEConfig, run: RunRecord, checkpoint: dict[str, Any], cali
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **cfg.to_dict(),
-        **{key: record[key] for key in ("model_name", "hook_layer", "hook_name", "hook_spec", "prepend_bos",
-                                        "context_size")},
+        **{key: record[key] for key in ("model_name", "hook", "prepend_bos", "context_size")},
         "dtype": "float32",
         "normalization": {
             "folded": True,
@@ -124,7 +123,7 @@ def _our_config(cfg: SAEConfig, run: RunRecord, checkpoint: dict[str, Any], cali
         "training": run.train_config,
         "data": run.data,
         "code": run.code,
-        "exported_with": {"saepipe": saepipe.__version__, "torch": torch.__version__},
+        "exported_with": {"saepipe": VERSION, "torch": torch.__version__},
     }
 
 
@@ -153,7 +152,7 @@ def _saelens_export(cfg: SAEConfig, config: dict[str, Any], tensors: dict[str, T
             "sae_lens_training_version": None,
             "model_name": config["model_name"],
             "model_class_name": "HookedTransformer",
-            "hook_name": config["hook_spec"],
+            "hook_name": config["hook"],  # SAELens's key for the full name
             "hook_head_index": None,
             "prepend_bos": config["prepend_bos"],
             "context_size": config["context_size"],
@@ -162,7 +161,7 @@ def _saelens_export(cfg: SAEConfig, config: dict[str, Any], tensors: dict[str, T
             "neuronpedia_id": None,
             "model_from_pretrained_kwargs": {},
             "training_architecture": cfg.sae_type,
-            "trained_with": f"saepipe {config['code'].get('saepipe', saepipe.__version__)}",
+            "trained_with": f"saepipe {config['code'].get('saepipe', VERSION)}",
             "saepipe_sae_config": cfg.to_dict(),
             "activation_scale_folded": config["normalization"]["activation_scale"],
             "saepipe_calibration": config["calibration"],
@@ -230,9 +229,9 @@ def _build(cfg: SAEConfig, tensors: dict[str, Any], where: Path) -> SparseAutoen
     return sae
 
 
-def _provenance(path: Path, config: dict[str, Any], model_name: Any, hook_spec: Any) -> Provenance:
+def _provenance(path: Path, config: dict[str, Any], model_name: Any, hook: Any) -> Provenance:
     try:
-        hook = HookSpec.parse(hook_spec) if isinstance(hook_spec, str) else None
+        hook = HookSpec.parse(hook) if isinstance(hook, str) else None
     except ValueError:
         hook = None
     return Provenance(source=path, model_name=model_name if isinstance(model_name, str) else None, hook=hook,
@@ -249,7 +248,9 @@ def _load_ours(path: Path) -> SparseAutoencoder:
     if not isinstance(tensors, dict):
         raise UserError(f"{path / WEIGHTS}: expected a dict of tensors, got {type(tensors).__name__}")
     sae = _build(cfg, tensors, path / WEIGHTS)
-    sae.provenance = _provenance(path, config, config.get("model_name"), config.get("hook_spec"))
+    # format_version 1 wrote the hook as hook_layer / hook_name / hook_spec
+    hook = config.get("hook") if config.get("format_version", 1) >= 2 else config.get("hook_spec")
+    sae.provenance = _provenance(path, config, config.get("model_name"), hook)
     return sae
 
 
@@ -300,18 +301,27 @@ def _our_arch(arch: str, where: Path) -> str:
 
 
 # ---- compatibility ---------------------------------------------------------------------------------------
-def check_compatible(sae: SparseAutoencoder, *, d_model: int | None = None, hook_spec: str | None = None,
-                     model_name: str | None = None) -> None:
-    """Refuse, in one line, an SAE that was not trained on this model's hook (it would run but mean nothing)."""
+def check_compatible(sae: SparseAutoencoder, *, d_model: int | None = None, hook: str | None = None,
+                     model_name: str | None = None, against: str | None = None) -> None:
+    """Refuse, in one line, an SAE that was not trained on this model's hook (it would run but mean nothing);
+    `against` names what the expected values come from, appended to the message."""
+    try:
+        _check_compatible(sae, d_model, hook, model_name)
+    except UserError as exc:
+        raise UserError(f"{exc} ({against})" if against else str(exc)) from None
+
+
+def _check_compatible(sae: SparseAutoencoder, d_model: int | None, hook: str | None,
+                      model_name: str | None) -> None:
     origin = sae.provenance or Provenance(None, None, None, {})
     where = origin.source or "(in memory)"
     if d_model is not None and sae.d_in != d_model:
         raise UserError(f"SAE at {where} takes {sae.d_in}-dimensional activations, "
                         f"but the model's d_model is {d_model}")
     theirs = origin.hook.full_name if origin.hook else None
-    if hook_spec is not None and theirs != hook_spec:
+    if hook is not None and theirs != hook:
         trained = f"was trained on {theirs}" if theirs else "does not record its hook"
-        raise UserError(f"SAE at {where} {trained}, not {hook_spec}")
+        raise UserError(f"SAE at {where} {trained}, not {hook}")
     theirs = origin.model_name
     if model_name is not None and theirs != model_name:
         trained = f"was trained on model {theirs}" if theirs else "does not record its model"

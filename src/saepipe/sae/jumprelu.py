@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 import torch
 from torch import Tensor, nn
 
 from saepipe.kernels import SparseCodes
-from saepipe.sae.base import SAEConfig, SparseAutoencoder, register
-
-if TYPE_CHECKING:
-    from saepipe.config import SAEParams
+from saepipe.sae.base import Knobs, SAEConfig, SparseAutoencoder
+from saepipe.sae_types import register
 
 
 @dataclass(frozen=True)
@@ -35,9 +33,10 @@ class JumpReLUConfig(SAEConfig):
     """Initial threshold of every latent (in the units the SAE is trained in)."""
 
     @classmethod
-    def from_params(cls, sae: SAEParams, d_in: int) -> Self:
-        return cls(d_in=d_in, d_sae=sae.sae_expansion * d_in, k_aux=sae.topk_aux,
-                   jumprelu_bandwidth=sae.jumprelu_bandwidth, jumprelu_init_threshold=sae.jumprelu_init_threshold)
+    def from_params(cls, knobs: Knobs, d_in: int) -> Self:
+        return cls(d_in=d_in, d_sae=knobs["sae_expansion"] * d_in, k_aux=knobs["topk_aux"],
+                   jumprelu_bandwidth=knobs["jumprelu_bandwidth"],
+                   jumprelu_init_threshold=knobs["jumprelu_init_threshold"])
 
 
 def _rectangle(u: Tensor) -> Tensor:

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 import torch
 from torch import Tensor
 
 from saepipe.errors import field_error
 from saepipe.kernels import BatchSums, SparseCodes, decode_sparse
-from saepipe.sae.base import decoded_mse, register
+from saepipe.sae.base import Knobs, decoded_mse
 from saepipe.sae.batch_topk import BatchTopKConfig, BatchTopKSAE
-
-if TYPE_CHECKING:
-    from saepipe.config import SAEParams
+from saepipe.sae_types import register
 
 
 @dataclass(frozen=True)
@@ -31,12 +29,13 @@ class MatryoshkaConfig(BatchTopKConfig):
     """Nested dictionary sizes (increasing, each < d_sae); d_sae itself is always the last prefix."""
 
     @classmethod
-    def from_params(cls, sae: SAEParams, d_in: int) -> Self:
-        top_k = BatchTopKConfig.from_params(sae, d_in)
+    def from_params(cls, knobs: Knobs, d_in: int) -> Self:
+        top_k = BatchTopKConfig.from_params(knobs, d_in)
         d_sae = top_k.d_sae
-        prefixes = [round(f * d_sae) for f in sae.matryoshka_prefix_fractions]
+        fractions = knobs["matryoshka_prefix_fractions"]
+        prefixes = [round(f * d_sae) for f in fractions]
         if not prefixes or prefixes[0] < 1 or len(set(prefixes)) < len(prefixes) or prefixes[-1] >= d_sae:
-            raise field_error("train.matryoshka_prefix_fractions", sae.matryoshka_prefix_fractions,
+            raise field_error("train.matryoshka_prefix_fractions", fractions,
                               f"fractions giving distinct prefix sizes in [1, {d_sae - 1}] for d_sae {d_sae}")
         return cls(d_in=d_in, d_sae=d_sae, k_aux=top_k.k_aux, k=top_k.k, matryoshka_prefixes=prefixes)
 

@@ -33,16 +33,13 @@ class RunRecord:
     dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        del values["hook"]
-        return {**values, "hook_layer": self.hook.layer, "hook_name": self.hook.name,
-                "hook_spec": self.hook.full_name}
+        return {**dataclasses.asdict(self), "hook": self.hook.full_name}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunRecord:
         """The inverse of `to_dict`; a KeyError, TypeError or ValueError means a record of another format."""
         fields = {f.name for f in dataclasses.fields(cls)} - {"hook"}
-        return cls(hook=HookSpec(int(values["hook_layer"]), str(values["hook_name"])),
+        return cls(hook=HookSpec.parse(str(values["hook"])),
                    **{name: values[name] for name in fields if name in values})
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saepipe.kernels import SparseCodes
-from saepipe.sae.base import SAEConfig, SparseAutoencoder, register
+from saepipe.sae.base import SAEConfig, SparseAutoencoder
+from saepipe.sae_types import register
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 from torch import Tensor
 
 from saepipe.errors import field_error
 from saepipe.kernels import SparseCodes, row_top_k
-from saepipe.sae.base import SAEConfig, SparseAutoencoder, register
-
-if TYPE_CHECKING:
-    from saepipe.config import SAEParams
+from saepipe.sae.base import Knobs, SAEConfig, SparseAutoencoder
+from saepipe.sae_types import register
 
 
 @dataclass(frozen=True)
@@ -23,12 +21,12 @@ class TopKConfig(SAEConfig):
     """Active latents per token (on average over a batch for BatchTopK and Matryoshka)."""
 
     @classmethod
-    def from_params(cls, sae: SAEParams, d_in: int) -> Self:
-        d_sae = sae.sae_expansion * d_in
-        if sae.topk >= d_sae:
-            raise field_error("train.topk", sae.topk, f"an integer below d_sae = {d_sae} "
-                              f"(train.sae_expansion {sae.sae_expansion} x d_in {d_in})")
-        return cls(d_in=d_in, d_sae=d_sae, k_aux=sae.topk_aux, k=sae.topk)
+    def from_params(cls, knobs: Knobs, d_in: int) -> Self:
+        d_sae, k = knobs["sae_expansion"] * d_in, knobs["topk"]
+        if k >= d_sae:
+            raise field_error("train.topk", k, f"an integer below d_sae = {d_sae} "
+                              f"(train.sae_expansion {knobs['sae_expansion']} x d_in {d_in})")
+        return cls(d_in=d_in, d_sae=d_sae, k_aux=knobs["topk_aux"], k=k)
 
     def saelens_fields(self) -> dict[str, Any]:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}

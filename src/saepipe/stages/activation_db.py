@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-import saepipe
 from saepipe.activations.cache import ActivationCache, sae_hook
+from saepipe.activations.run_name import names_run
 from saepipe.analysis.activation_db import sae_weights_sha256
 from saepipe.analysis.db_build import build_activation_db
 from saepipe.config import Params
@@ -14,25 +14,22 @@ from saepipe.errors import UserError
 from saepipe.model.loading import resolve_device
 from saepipe.paths import activation_cache, activation_db, evaluated_sae
 from saepipe.sae.formats import check_compatible, load_sae
+from saepipe.version import VERSION
 
 
+@names_run
 def run(params: Params) -> None:
     cfg = params.activation_db
     started = time.perf_counter()
     sae_path = evaluated_sae(params)
     sae = load_sae(sae_path, resolve_device(cfg.device, "activation_db.device"))
-    tokens = read_token_cache(params.tokenize.output)
     cache_path = activation_cache(params)
     out = activation_db(params)
     with ActivationCache(cache_path, hook=sae_hook(sae), strict=False) as cache:
         attrs = cache.attrs
-        try:
-            check_compatible(sae, d_model=cache.d_model, hook_spec=attrs["hook_spec"], model_name=attrs["model_name"])
-        except UserError as exc:
-            raise UserError(f"{exc} (the activation cache {cache_path})") from None
-        if tokens.attrs["tokenizer_fingerprint"] != attrs["tokenizer_fingerprint"]:
-            raise UserError(f"{params.tokenize.output} does not match the activation cache's tokenizer; "
-                            "rerun `saepipe tokenize` and `saepipe activations`")
+        check_compatible(sae, d_model=cache.d_model, hook=attrs["hook"], model_name=attrs["model_name"],
+                         against=f"the activation cache {cache_path}")
+        tokens = read_token_cache(params.tokenize.output, matching=attrs)
         if sum(cache.n_rows(s) for s in cfg.splits) == 0:
             raise UserError(f"activation_db.splits={cfg.splits}: {cache_path} holds no rows of these splits")
         result = build_activation_db(
@@ -41,10 +38,10 @@ def run(params: Params) -> None:
             include_outliers=cfg.include_outliers,
             attrs={"sae_path": str(sae_path), "sae_sha256": sae_weights_sha256(sae_path),
                    "sae_type": sae.cfg.sae_type, "model_name": attrs["model_name"],
-                   "hook_spec": attrs["hook_spec"], "activation_cache": str(cache_path),
+                   "hook": attrs["hook"], "activation_cache": str(cache_path),
                    "token_cache": str(params.tokenize.output),
                    "tokenizer_fingerprint": attrs["tokenizer_fingerprint"],
-                   "texts_sha256": tokens.attrs["texts_sha256"], "saepipe_version": saepipe.__version__})
+                   "texts_sha256": tokens.attrs["texts_sha256"], "saepipe_version": VERSION})
     seconds = time.perf_counter() - started
     size = out.stat().st_size
     print(f"activation-db: {result.n_rows:,} tokens x {sae.d_sae:,} features, {result.nnz:,} activations "

@@ -18,7 +18,7 @@ import torch
 
 from saepipe.activations.cache import ActivationCacheWriter
 from saepipe.activations.extract import WindowBatch, extract, extract_hooks
-from saepipe.activations.manifest import PARTS_DIR, shard_path, write_manifest
+from saepipe.activations.manifest import shard_path, write_manifest
 from saepipe.activations.windows import WindowPlan, batch_windows, padding_fraction, plan_windows, sample_documents
 from saepipe.config import ActivationsConfig, Params
 from saepipe.corpus.tokens import TRAIN, VALIDATION, TokenCache, read_token_cache
@@ -27,10 +27,8 @@ from saepipe.errors import UserError, field_error
 from saepipe.model.hooks import HookSpec, block_hook_names, resolve_hook
 from saepipe.model.loading import check_4bit, load_hooked_model, resolve_device
 from saepipe.model.tokenizer import load_tokenizer, tokenizer_fingerprint
+from saepipe.paths import ACTIVATION_CACHE, ACTIVATION_STATS, SHARDS, SHARDS_NOTE
 from saepipe.storage import write_json
-
-CACHE_FILE = "activations.h5"
-STATS_FILE = "stats.json"
 
 
 def split_sink(writer: ActivationCacheWriter, doc_split: np.ndarray) -> Callable[[torch.Tensor, WindowBatch], None]:
@@ -85,12 +83,15 @@ def resolve_hooks(cfg: ActivationsConfig, n_layers: int, available: list[str]) -
 
 
 def tidy_parts(out_dir: Path, keep: set[Path]) -> None:
-    """`parts/` (a DVC output) holds exactly this run's shards: empty after a one-file run."""
-    parts = out_dir / PARTS_DIR
+    """`parts/` (a DVC output) holds exactly this run's shards, and a note saying what the folder is for (so
+    that after a one-file run it is not empty: DVC warns of an empty dependency)."""
+    parts = out_dir / SHARDS
     parts.mkdir(parents=True, exist_ok=True)
     for path in parts.iterdir():
-        if path not in keep:
+        if path not in keep and path.name != SHARDS_NOTE:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (parts / SHARDS_NOTE).write_text("The shard files of a multi-process or several-hook activation cache (then "
+                                     "../activations.h5 is a manifest over them); none after a one-file run.\n")
 
 
 def run(params: Params) -> None:
@@ -134,9 +135,7 @@ def _run(params: Params, device: torch.device, world: World) -> None:
     attrs = {
         "model_name": params.base_model.model_name,
         "model_dir": str(model_dir),
-        "hook_layer": hook.layer,
-        "hook_name": hook.name,
-        "hook_spec": hook.full_name,
+        "hook": hook.full_name,
         "n_layers": n_layers,
         "tokenizer_name": tokens.attrs["tokenizer_name"],
         "tokenizer_fingerprint": fingerprint,
@@ -159,7 +158,7 @@ def _run(params: Params, device: torch.device, world: World) -> None:
     if world.distributed or len(hooks) > 1:
         _run_sharded(params, model, hooks, plan, batches, tokens, attrs, (bos_id, pad_id), device, world, started)
         return
-    writer = ActivationCacheWriter(out_dir / CACHE_FILE, d_model, cfg.storage_dtype, cfg.outlier_factor, attrs)
+    writer = ActivationCacheWriter(out_dir / ACTIVATION_CACHE, d_model, cfg.storage_dtype, cfg.outlier_factor, attrs)
 
     sink = split_sink(writer, tokens.split)
     forward_started = time.perf_counter()
@@ -171,7 +170,7 @@ def _run(params: Params, device: torch.device, world: World) -> None:
         writer.abort()
         raise
     stats = {
-        "hook_spec": hook.full_name,
+        "hook": hook.full_name,
         "d_model": d_model,
         **{k: attrs[k] for k in ("windows", "documents", "model_tokens", "cached_rows", "recompute_factor",
                                  "padding_fraction")},
@@ -183,9 +182,9 @@ def _run(params: Params, device: torch.device, world: World) -> None:
         "forward_dtype": cfg.forward_dtype,
         "seconds": time.perf_counter() - started,
     }
-    write_json(out_dir / STATS_FILE, stats)
+    write_json(out_dir / ACTIVATION_STATS, stats)
     tidy_parts(out_dir, set())
-    size = (out_dir / CACHE_FILE).stat().st_size
+    size = (out_dir / ACTIVATION_CACHE).stat().st_size
     outliers = summary["train"]["outliers"] + summary["validation"]["outliers"]
     print(
         f"activations: {hook.full_name}, {summary['train']['rows']:,} train + "
@@ -195,7 +194,7 @@ def _run(params: Params, device: torch.device, world: World) -> None:
         f"(= {cfg.outlier_factor:g} x median norm {summary['median_norm']:.4g}); "
         f"{len(batches):,} forward passes, {stats['tokens_per_second']:,.0f} tok/s, "
         f"recompute x{attrs['recompute_factor']:.2f} "
-        f"-> {out_dir / CACHE_FILE} [{stats['seconds']:.0f} s]"
+        f"-> {out_dir / ACTIVATION_CACHE} [{stats['seconds']:.0f} s]"
     )
 
 
@@ -206,14 +205,14 @@ def _run_sharded(params: Params, model, hooks: list[HookSpec], plan: WindowPlan,
     rank 0 writes the manifest, the stats and the summary line."""
     cfg = params.activations
     out_dir = Path(cfg.output_dir)
-    common = {k: v for k, v in attrs.items() if k not in ("hook_layer", "hook_name", "hook_spec")}
+    common = {k: v for k, v in attrs.items() if k != "hook"}
     if world.is_main:
         tidy_parts(out_dir, set())  # no shard of an earlier run may stay beside this run's
     world.barrier()
     d_model = model.cfg.d_model
     writers = [ActivationCacheWriter(shard_path(out_dir, h.full_name, world.rank), d_model, cfg.storage_dtype,
-                                     cfg.outlier_factor, {**common, "hook_layer": h.layer, "hook_name": h.name,
-                                                          "hook_spec": h.full_name, "rank": world.rank}, shard=True)
+                                     cfg.outlier_factor, {**common, "hook": h.full_name, "rank": world.rank},
+                                     shard=True)
                for h in hooks]
     sinks = [split_sink(writer, tokens.split) for writer in writers]
 
@@ -237,10 +236,10 @@ def _run_sharded(params: Params, model, hooks: list[HookSpec], plan: WindowPlan,
     if not world.is_main:
         return
     shards = {h.full_name: [shard_path(out_dir, h.full_name, r) for r in range(world.size)] for h in hooks}
-    summaries = write_manifest(out_dir / CACHE_FILE, shards, common, world.size)
+    summaries = write_manifest(out_dir / ACTIVATION_CACHE, shards, common, world.size)
     first = summaries[hooks[0].full_name]
     stats = {
-        "hook_spec": hooks[0].full_name,
+        "hook": hooks[0].full_name,
         "hooks": {name: summary for name, summary in summaries.items()} if len(hooks) > 1 else None,
         "world_size": world.size,
         "d_model": d_model,
@@ -253,12 +252,12 @@ def _run_sharded(params: Params, model, hooks: list[HookSpec], plan: WindowPlan,
         "forward_dtype": cfg.forward_dtype,
         "seconds": time.perf_counter() - started,
     }
-    write_json(out_dir / STATS_FILE, stats)
-    size = sum(p.stat().st_size for p in (out_dir / PARTS_DIR).iterdir())
+    write_json(out_dir / ACTIVATION_STATS, stats)
+    size = sum(p.stat().st_size for p in (out_dir / SHARDS).glob("*.h5"))
     print(
         f"activations: {', '.join(shards)}, {first['train']['rows']:,} train + {first['validation']['rows']:,} "
         f"validation rows x {d_model} per hook from {attrs['documents']:,} documents in {world.size} process"
         f"{'es' if world.size > 1 else ''} ({cfg.storage_dtype}, {size / 2**20:,.0f} MiB in "
         f"{len(hooks) * world.size} shards); {stats['tokens_per_second']:,.0f} tok/s, recompute "
-        f"x{attrs['recompute_factor']:.2f} -> {out_dir / CACHE_FILE} [{stats['seconds']:.0f} s]"
+        f"x{attrs['recompute_factor']:.2f} -> {out_dir / ACTIVATION_CACHE} [{stats['seconds']:.0f} s]"
     )

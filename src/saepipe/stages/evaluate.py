@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from saepipe.activations.cache import ActivationCache, sae_hook
+from saepipe.activations.run_name import names_run
 from saepipe.analysis import ablation, reconstruction, sparsity
 from saepipe.analysis.quick import ActivationEvaluation, cache_batches, evaluate_activations
 from saepipe.analysis.sparsity import DensityHistogram, log10_density_histogram
@@ -29,17 +30,21 @@ from saepipe.corpus.tokens import read_token_cache
 from saepipe.errors import UserError
 from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model, resolve_device
-from saepipe.paths import activation_cache, analysis_dir, evaluated_sae
+from saepipe.paths import (
+    QUICK_DEAD,
+    QUICK_DENSITY,
+    QUICK_HEADLINE,
+    QUICK_HISTOGRAM,
+    QUICK_HISTOGRAM_PNG,
+    QUICK_METRICS,
+    activation_cache,
+    evaluated_sae,
+    quick_dir,
+)
 from saepipe.sae import SparseAutoencoder
 from saepipe.sae.formats import check_compatible, load_sae
 from saepipe.storage import atomic_dir, write_json
 
-METRICS = "metrics.json"
-HEADLINE = "headline.json"
-DENSITY = "feature_density.npy"
-DEAD = "dead_features.json"
-HISTOGRAM = "density_histogram.json"
-HISTOGRAM_PNG = "density_histogram.png"
 FORMULAS = {
     **reconstruction.FORMULAS,
     "l0": "number of features with activation > 0 on a token; mean, median and p90 over evaluated tokens",
@@ -52,28 +57,22 @@ FORMULAS = {
 
 
 def output_dir(params: Params) -> Path:
-    return analysis_dir(params) / "quick"
-
-
-def _compatible(sae: SparseAutoencoder, what: str, **expected: Any) -> None:
-    try:
-        check_compatible(sae, **expected)
-    except UserError as exc:
-        raise UserError(f"{exc} ({what})") from None
+    return quick_dir(params)
 
 
 def load_model(params: Params, attrs: dict[str, Any], sae: SparseAutoencoder, device: torch.device) -> Any:
     """The base model, checked against the SAE and the cache: the hook must exist and d_model match."""
     model = load_hooked_model(params.base_model.output_dir, device=device, dtype=attrs["forward_dtype"])
-    hook = attrs["hook_spec"]
+    hook = attrs["hook"]
     if hook not in model.hook_dict:
         raise UserError(f"the model in {params.base_model.output_dir} has no hook {hook} "
                         f"({model.cfg.n_layers} layers); it is not the model the activation cache was made with")
-    _compatible(sae, f"the model in {params.base_model.output_dir}", d_model=int(model.cfg.d_model),
-                model_name=params.base_model.model_name)
+    check_compatible(sae, d_model=int(model.cfg.d_model), model_name=params.base_model.model_name,
+                     against=f"the model in {params.base_model.output_dir}")
     return model
 
 
+@names_run
 def run(params: Params) -> None:
     cfg = params.evaluate
     started = time.perf_counter()
@@ -83,17 +82,14 @@ def run(params: Params) -> None:
     cache_path = activation_cache(params)
     with ActivationCache(cache_path, hook=sae_hook(sae), strict=False) as cache:
         attrs = cache.attrs
-        _compatible(sae, f"the activation cache {cache_path} holds {attrs['model_name']} {attrs['hook_spec']}",
-                    d_model=cache.d_model, hook_spec=attrs["hook_spec"], model_name=attrs["model_name"])
+        check_compatible(sae, d_model=cache.d_model, hook=attrs["hook"], model_name=attrs["model_name"],
+                         against=f"the activation cache {cache_path} holds {attrs['model_name']} {attrs['hook']}")
         if cache.n_rows(cfg.split) == 0:
             raise UserError(f"{cache_path} has no {cfg.split} rows to evaluate (evaluate.split={cfg.split!r})")
         run_ablation = cfg.ablation_max_tokens != 0
         model = token_cache = None
         if run_ablation:  # fail on a mismatch before any long pass
-            token_cache = read_token_cache(params.tokenize.output)
-            if token_cache.attrs["tokenizer_fingerprint"] != attrs["tokenizer_fingerprint"]:
-                raise UserError(f"{params.tokenize.output} does not match the activation cache's tokenizer; "
-                                "rerun `saepipe tokenize` and `saepipe activations`")
+            token_cache = read_token_cache(params.tokenize.output, matching=attrs)
             model = load_model(params, attrs, sae, device)
         mean = cache.mean(cfg.split)
         # The documents of the rows evaluated below: the ablation scores these same documents, no others.
@@ -110,7 +106,7 @@ def run(params: Params) -> None:
 
     figures: dict[str, Any] = {
         "evaluated": {"sae_path": str(path), "sae_type": sae.cfg.sae_type, "d_in": sae.d_in, "d_sae": sae.d_sae,
-                      "model_name": attrs["model_name"], "hook_spec": attrs["hook_spec"], "split": cfg.split,
+                      "model_name": attrs["model_name"], "hook": attrs["hook"], "split": cfg.split,
                       "activation_cache": str(cache_path), "documents": len(documents)},
         **activations.figures(),
     }
@@ -125,7 +121,7 @@ def run(params: Params) -> None:
             raise UserError(f"{params.tokenize.output} has no {cfg.split} document long enough to score a prediction")
         abl_started = time.perf_counter()
         figures["ablation"] = ablation.evaluate_ablation(
-            model, HookSpec.parse(attrs["hook_spec"]), sae, token_cache, plan,
+            model, HookSpec.parse(attrs["hook"]), sae, token_cache, plan,
             bos_id=int(attrs["bos_token_id"]) if bos else None,
             token_budget=int(attrs.get("batch_token_budget", 8 * int(attrs["max_text_length"]))), mean=mean)
         timing["ablation_tokens_per_second"] = figures["ablation"]["tokens"] / (time.perf_counter() - abl_started)
@@ -155,13 +151,13 @@ def write_outputs(out_dir: Path, figures: dict[str, Any], activations: Activatio
                   histogram: DensityHistogram) -> None:
     result = activations.sparsity
     with atomic_dir(out_dir) as tmp:
-        write_json(tmp / HEADLINE, headline(figures))
-        write_json(tmp / METRICS, figures)
-        np.save(tmp / DENSITY, result.density)
-        write_json(tmp / DEAD, {"count": len(result.dead_ids), "tokens": result.tokens,
+        write_json(tmp / QUICK_HEADLINE, headline(figures))
+        write_json(tmp / QUICK_METRICS, figures)
+        np.save(tmp / QUICK_DENSITY, result.density)
+        write_json(tmp / QUICK_DEAD, {"count": len(result.dead_ids), "tokens": result.tokens,
                                  "ids": result.dead_ids.tolist()})
-        write_json(tmp / HISTOGRAM, histogram.rows())
-        plot_histogram(histogram, result, figures["evaluated"], tmp / HISTOGRAM_PNG)
+        write_json(tmp / QUICK_HISTOGRAM, histogram.rows())
+        plot_histogram(histogram, result, figures["evaluated"], tmp / QUICK_HISTOGRAM_PNG)
         for file in tmp.iterdir():
             file.chmod(0o644)
 
@@ -180,7 +176,7 @@ def plot_histogram(histogram: DensityHistogram, result: sparsity.SparsityResult,
     ax.bar(histogram.edges[:-1], histogram.counts, width=widths, align="edge", edgecolor="white")
     ax.set_xlabel("log10(feature firing density)")
     ax.set_ylabel("features")
-    ax.set_title(f"{evaluated['sae_type']} SAE on {evaluated['hook_spec']}, {result.tokens:,} {evaluated['split']} "
+    ax.set_title(f"{evaluated['sae_type']} SAE on {evaluated['hook']}, {result.tokens:,} {evaluated['split']} "
                  f"tokens\n{histogram.dead} dead of {result.d_sae} (not shown)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -194,7 +190,7 @@ def summary(figures: dict[str, Any], out_dir: Path) -> str:
     ev, sp, rc = figures["evaluated"], figures["sparsity"], figures["reconstruction"]
     outliers = rc["outlier_rows"]
     lines = [
-        f"evaluate: {ev['sae_type']} SAE {ev['d_in']} -> {ev['d_sae']} on {ev['hook_spec']}, {ev['split']} split",
+        f"evaluate: {ev['sae_type']} SAE {ev['d_in']} -> {ev['d_sae']} on {ev['hook']}, {ev['split']} split",
         f"  tokens          {sp['tokens']:,} cached rows of {ev['documents']:,} documents ({outliers} outlier rows "
         f"{'included' if rc['outliers_included'] else 'left out'})",
         f"  sparsity        L0 mean {_g(sp['l0_mean'])}, median {_g(sp['l0_median'])}, p90 {_g(sp['l0_p90'])}; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from saepipe.activations.run_name import names_run
 from saepipe.config import Params
 from saepipe.errors import UserError
 from saepipe.paths import checkpoints_dir, export_dir
@@ -46,10 +47,11 @@ def summary_line(config: dict[str, Any], history: list[dict[str, Any]], out_dir:
     scores = ", ".join(f"{label} {metrics[key]:.4g}" for key, label in (("val_fvu", "val FVU"), ("val_l0", "val L0"))
                        if key in metrics)
     epoch = (config.get("checkpoint") or {}).get("epoch")
-    return (f"exported {config['sae_type']} SAE {config['d_in']}->{config['d_sae']} on {config.get('hook_spec')} "
+    return (f"exported {config['sae_type']} SAE {config['d_in']}->{config['d_sae']} on {config.get('hook')} "
             f"(epoch {epoch}{', ' + scores if scores else ''}) to {out_dir}")
 
 
+@names_run
 def run(params: Params) -> None:
     run_dir = checkpoints_dir(params)
     path = pick_checkpoint(run_dir, params.export.checkpoint)
@@ -60,6 +62,6 @@ def run(params: Params) -> None:
     print(summary_line(read_json(out_dir / CONFIG, "exported SAE config"), read_json(out_dir / HISTORY, "history"),
                        out_dir))
     if params.export.upload_to_hf:
-        from saepipe.stages.upload import upload
+        from saepipe.publish.hf import publish_export
 
-        upload(params, out_dir)
+        publish_export(out_dir, params.export.hf_repo_id, params.export.hf_private)

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from saepipe.activations.cache import ActivationCache
+from saepipe.activations.run_name import names_run
 from saepipe.analysis.activation_db import ActivationDB
 from saepipe.analysis.autointerp import feature_examples, interpret, sample_features
 from saepipe.analysis.explainer import Explainer, HTTPExplainer, LocalExplainer
@@ -28,10 +29,18 @@ from saepipe.corpus.tokens import read_token_cache
 from saepipe.errors import UserError
 from saepipe.model.loading import resolve_device
 from saepipe.model.tokenizer import load_tokenizer
-from saepipe.paths import activation_cache, activation_db, analysis_dir, interp_dir
+from saepipe.paths import (
+    AUTOINTERP,
+    EXPLANATIONS,
+    PROBING,
+    PROBING_FEATURES,
+    activation_cache,
+    activation_db,
+    interp_dir,
+    labels_file,
+    summaries_file,
+)
 from saepipe.storage import atomic_path, write_json
-
-SUMMARIES = "feature_summaries.jsonl"
 
 
 def make_explainer(params: Params) -> Explainer:
@@ -67,8 +76,8 @@ def run_probing(params: Params, db: ActivationDB, doc_split: np.ndarray, labels:
     cfg = params.interp
     if all(label["subject"] == UNKNOWN for label in labels):
         metrics = {"skipped": "the corpus has no subject/chapter labels (process.data_path)", "procedure": PROCEDURE}
-        write_json(out_dir / "probing.json", metrics)
-        write_json(out_dir / "probing_features.json", {"procedure": PROCEDURE})
+        write_json(out_dir / PROBING, metrics)
+        write_json(out_dir / PROBING_FEATURES, {"procedure": PROCEDURE})
         return metrics
     if not {0, 1} <= set(np.unique(db.row_split).tolist()):
         raise UserError(f"{db.path} holds only the {'train' if 0 in db.row_split else 'validation'} split; "
@@ -79,8 +88,8 @@ def run_probing(params: Params, db: ActivationDB, doc_split: np.ndarray, labels:
     docs = np.unique(db.row_doc)
     held = np.asarray(doc_split)[docs] == 1
     metrics = probe_metrics(data, tasks, cfg.probe_k, cfg.probe_window, (int((~held).sum()), int(held.sum())))
-    write_json(out_dir / "probing_features.json", probe_details(db, tasks, cfg.top_tokens))
-    write_json(out_dir / "probing.json", metrics)
+    write_json(out_dir / PROBING_FEATURES, probe_details(db, tasks, cfg.top_tokens))
+    write_json(out_dir / PROBING, metrics)
     return metrics
 
 
@@ -112,24 +121,25 @@ def run_autointerp(params: Params, db: ActivationDB, out_dir: Path) -> dict[str,
         explainer_name = explainer.name
         context = (summarize.context_before, summarize.context_after)
         examples = [feature_examples(db, s, cfg.explain_examples, cfg.score_examples, context, cfg.seed)
-                    for s in read_summaries(analysis_dir(params) / SUMMARIES, ids)]
+                    for s in read_summaries(summaries_file(params), ids)]
         with tqdm(total=len(examples), desc="interp: explain and score", unit="feature") as bar:
             records = interpret(explainer, examples, cfg.max_new_tokens, cfg.seed, bar, chunk=cfg.batch_size)
-    with atomic_path(out_dir / "explanations.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_path(out_dir / EXPLANATIONS) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     metrics = {key: _mean(records, key) for key in ("detection", "fuzzing", "detection_auc", "fuzzing_auc")}
     metrics.update(features=len(records), explainer=explainer_name)
-    write_json(out_dir / "autointerp.json", metrics)
+    write_json(out_dir / AUTOINTERP, metrics)
     return metrics
 
 
+@names_run
 def run(params: Params) -> None:
     started = time.perf_counter()
     out_dir = interp_dir(params)
     tokenizer = load_tokenizer(params.base_model.output_dir)
     tokens = read_token_cache(params.tokenize.output)
-    labels = load_labels(Path(params.process.output_dir) / "labels.json", tokens.n_documents)
+    labels = load_labels(labels_file(params), tokens.n_documents)
     with ActivationDB(activation_db(params), tokens=tokens, tokenizer=tokenizer) as db:
         probing = run_probing(params, db, tokens.split, labels, out_dir)
         auto = run_autointerp(params, db, out_dir)

@@ -23,21 +23,27 @@ from typing import Any
 
 import numpy as np
 
+from saepipe.activations.run_name import names_run
 from saepipe.analysis import matrices
 from saepipe.config import Params
 from saepipe.errors import UserError
-from saepipe.paths import activation_db, analysis_dir, evaluated_sae, matrices_dir
+from saepipe.paths import (
+    COOCCURRENCE,
+    COOCCURRENCE_TOPK,
+    JACCARD,
+    MATRICES_METADATA,
+    MATRICES_METRICS,
+    SIMILARITY,
+    SIMILARITY_HISTOGRAM,
+    SIMILARITY_TOPK,
+    activation_db,
+    analysis_dir,
+    evaluated_sae,
+    matrices_dir,
+)
 from saepipe.sae.formats import load_sae
 from saepipe.storage import atomic_dir, write_json
 
-SIMILARITY = "feature_similarity.npy"
-COOCCURRENCE = "feature_cooccurrence.npy"
-JACCARD = "feature_cooccurrence_jaccard.npy"
-SIMILARITY_TOPK = "similarity_topk.npz"
-COOCCURRENCE_TOPK = "cooccurrence_topk.npz"
-METADATA = "metadata.json"
-METRICS = "matrices_metrics.json"
-HISTOGRAM = "decoder_similarity_histogram.json"
 FILES = {
     SIMILARITY: "float32 [d_sae, d_sae]: cosine between decoder rows (W_dec[i], W_dec[j]); diagonal 1, 0 for "
                 "zero-norm rows",
@@ -53,6 +59,7 @@ FILES = {
 DENSE_FILES = (SIMILARITY, COOCCURRENCE, JACCARD)
 
 
+@names_run
 def run(params: Params) -> None:
     from saepipe.analysis.activation_db import ActivationDB
 
@@ -86,14 +93,15 @@ def run(params: Params) -> None:
             np.savez(tmp / SIMILARITY_TOPK, ids=similarity.ids, values=similarity.values)
             np.savez(tmp / COOCCURRENCE_TOPK, ids=cooc.ids, jaccard=cooc.jaccard, counts=cooc.counts,
                      fire_counts=cooc.fire_counts)
-            write_json(tmp / METADATA, metadata(params, path, db_path, attrs, n_rows, d_sae, dense,
+            write_json(tmp / MATRICES_METADATA, metadata(params, path, db_path, attrs, n_rows, d_sae, dense,
                                                 similarity.ids.shape[1]))
             for file in tmp.iterdir():
                 file.chmod(0o644)
 
     metrics = matrices.matrices_metrics(similarity, cooc, dense=dense)
-    write_json(analysis_dir(params) / METRICS, metrics)
-    write_json(analysis_dir(params) / HISTOGRAM, matrices.max_cosine_histogram(similarity, cfg.histogram_bins))
+    write_json(analysis_dir(params) / MATRICES_METRICS, metrics)
+    histogram = matrices.max_cosine_histogram(similarity, cfg.histogram_bins)
+    write_json(analysis_dir(params) / SIMILARITY_HISTOGRAM, histogram)
     if not dense:
         print(f"matrices: d_sae {d_sae:,} > matrices.dense_max_features {cfg.dense_max_features:,}: only the top-k "
               f"files were written ({SIMILARITY_TOPK}, {COOCCURRENCE_TOPK}), no dense d_sae x d_sae matrices")

@@ -19,6 +19,7 @@ from saepipe.corpus.labels import UNKNOWN, save_labels
 from saepipe.corpus.markdown import clean_sections
 from saepipe.corpus.texts import load_texts, save_texts
 from saepipe.errors import UserError
+from saepipe.paths import CORPUS_STATS, LABELS, TEXTS
 from saepipe.storage import write_json
 
 
@@ -149,9 +150,9 @@ def run(params: Params) -> None:
         raise UserError(f"process.min_words={config.min_words}: no document of {source} has that many words; "
                         "nothing to write")
     output_dir = Path(config.output_dir)
-    texts_path = output_dir / "texts.json"
+    texts_path = output_dir / TEXTS
     stats = corpus_stats(corpus, config)
     save_texts(texts_path, corpus.texts)
-    save_labels(output_dir / "labels.json", corpus.labels)
-    write_json(output_dir / "stats.json", stats)
+    save_labels(output_dir / LABELS, corpus.labels)
+    write_json(output_dir / CORPUS_STATS, stats)
     print(summary_line(stats, texts_path))

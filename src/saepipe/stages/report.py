@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+from saepipe.activations.run_name import names_run
 from saepipe.analysis.activation_db import ActivationDB
 from saepipe.config import Params, flat_values
 from saepipe.errors import UserError
@@ -26,6 +27,7 @@ from saepipe.report.inputs import RunFiles, RunInputs, read_summaries
 from saepipe.storage import atomic_dir, dir_size_bytes, write_json
 
 
+@names_run
 def run(params: Params) -> None:
     cfg = params.report
     started = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from saepipe.activations.run_name import names_run
 from saepipe.analysis.activation_db import ActivationDB
 from saepipe.config import Params
 from saepipe.errors import UserError
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shade activating tokens (auto: when stdout is a terminal)")
 
 
+@names_run
 def run(params: Params, args: argparse.Namespace) -> None:
     if (args.feature is None) == (args.search is None):
         raise UserError("give a feature id or --search TEXT (one of them)")

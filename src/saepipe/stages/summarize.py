@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from saepipe.activations.run_name import names_run
 from saepipe.analysis.activation_db import ActivationDB
 from saepipe.analysis.logit_lens import logit_effects, unembedding
 from saepipe.analysis.summaries import FeatureTables, SummaryOptions, feature_summary, index_entry
@@ -17,12 +18,18 @@ from saepipe.config import Params
 from saepipe.errors import UserError
 from saepipe.model.loading import load_hooked_model
 from saepipe.model.tokenizer import load_tokenizer
-from saepipe.paths import activation_db, analysis_dir, evaluated_sae, matrices_dir
+from saepipe.paths import (
+    COOCCURRENCE_TOPK,
+    SIMILARITY_TOPK,
+    SUMMARIES,
+    SUMMARY_INDEX,
+    activation_db,
+    analysis_dir,
+    evaluated_sae,
+    matrices_dir,
+)
 from saepipe.sae.formats import check_compatible, load_sae
 from saepipe.storage import atomic_path, write_json
-
-SUMMARIES = "feature_summaries.jsonl"
-INDEX = "summary_index.json"
 
 
 def load_topk(path: Path, keys: tuple[str, ...], d_sae: int) -> tuple[np.ndarray, ...]:
@@ -39,6 +46,7 @@ def load_topk(path: Path, keys: tuple[str, ...], d_sae: int) -> tuple[np.ndarray
     return arrays
 
 
+@names_run
 def run(params: Params) -> None:
     cfg = params.summarize
     started = time.perf_counter()
@@ -46,10 +54,8 @@ def run(params: Params) -> None:
     sae = load_sae(sae_path)
     tokenizer = load_tokenizer(params.base_model.output_dir)
     model = load_hooked_model(params.base_model.output_dir, device=torch.device("cpu"))
-    try:
-        check_compatible(sae, d_model=int(model.cfg.d_model), model_name=params.base_model.model_name)
-    except UserError as exc:
-        raise UserError(f"{exc} (the model in {params.base_model.output_dir})") from None
+    check_compatible(sae, d_model=int(model.cfg.d_model), model_name=params.base_model.model_name,
+                     against=f"the model in {params.base_model.output_dir}")
     W_U, scale, center = unembedding(model)
     del model
     promoted_ids, promoted, suppressed_ids, suppressed = logit_effects(sae.W_dec.detach(), W_U, scale, center,
@@ -57,8 +63,8 @@ def run(params: Params) -> None:
     folder = matrices_dir(params)
     tables = FeatureTables(
         promoted=(promoted_ids.numpy(), promoted.numpy()), suppressed=(suppressed_ids.numpy(), suppressed.numpy()),
-        nearest=load_topk(folder / "similarity_topk.npz", ("ids", "values"), sae.d_sae),
-        cooccurring=load_topk(folder / "cooccurrence_topk.npz", ("ids", "jaccard", "counts"), sae.d_sae))
+        nearest=load_topk(folder / SIMILARITY_TOPK, ("ids", "values"), sae.d_sae),
+        cooccurring=load_topk(folder / COOCCURRENCE_TOPK, ("ids", "jaccard", "counts"), sae.d_sae))
     options = SummaryOptions(top_k=cfg.top_k, context=(cfg.context_before, cfg.context_after),
                              quantile_bands=cfg.quantile_bands, quantile_examples=cfg.quantile_examples,
                              top_tokens=cfg.top_tokens, neighbours=cfg.neighbours)
@@ -71,8 +77,9 @@ def run(params: Params) -> None:
                 summary = feature_summary(db, f, options, tables)
                 handle.write(json.dumps(summary, ensure_ascii=False) + "\n")
                 index.append(index_entry(summary, cfg.index_tokens))
-    write_json(out_dir / INDEX, index)
+    write_json(out_dir / SUMMARY_INDEX, index)
     alive = sum(1 for entry in index if entry["density"] > 0)
     size = (out_dir / SUMMARIES).stat().st_size
     print(f"summarize: {sae.d_sae:,} features ({alive:,} alive), {cfg.top_k} top examples each -> "
-          f"{out_dir / SUMMARIES} ({size / 2**20:,.1f} MiB), {out_dir / INDEX} [{time.perf_counter() - started:.1f} s]")
+          f"{out_dir / SUMMARIES} ({size / 2**20:,.1f} MiB), {out_dir / SUMMARY_INDEX} "
+          f"[{time.perf_counter() - started:.1f} s]")

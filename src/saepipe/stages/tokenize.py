@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from saepipe import paths
 from saepipe.config import Params
 from saepipe.corpus.texts import load_texts
 from saepipe.corpus.tokens import VALIDATION, split_documents, write_token_cache
@@ -34,7 +34,7 @@ def tokenize_documents(tokenizer, texts: list[str]) -> list[np.ndarray]:
 def run(params: Params) -> None:
     cfg = params.tokenize
     started = time.perf_counter()
-    texts_path = Path(params.process.output_dir) / "texts.json"
+    texts_path = paths.texts_file(params)
     texts = load_texts(texts_path)
     model_dir = params.base_model.output_dir
     tokenizer = load_tokenizer(model_dir)

@@ -8,6 +8,7 @@ history, and prints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,13 +16,14 @@ from pathlib import Path
 import torch
 
 import saepipe
+from saepipe.activations.run_name import names_run
 from saepipe.config import Params, flat_values
 from saepipe.corpus.tokens import read_token_cache
 from saepipe.distributed import World
 from saepipe.errors import UserError, field_error
 from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model, resolve_device
-from saepipe.paths import activation_cache, checkpoints_dir, run_dir, with_run_name
+from saepipe.paths import activation_cache, checkpoints_dir, run_dir
 from saepipe.sae import build_sae, config_from_params
 from saepipe.sae.formats import export_sae
 from saepipe.sae.provenance import RunRecord
@@ -33,7 +35,7 @@ from saepipe.training.parallel import rows_needed
 from saepipe.training.tracking import Tracker
 from saepipe.training.trainer import EndToEndLoss, Trainer
 
-CACHE_ATTRS = ("model_name", "hook_layer", "hook_name", "hook_spec", "d_model", "tokenizer_name",
+CACHE_ATTRS = ("model_name", "hook", "d_model", "tokenizer_name",
                "tokenizer_fingerprint", "prepend_bos", "max_text_length", "context_overlap", "forward_dtype",
                "storage_dtype", "outlier_threshold")
 
@@ -53,7 +55,7 @@ def run_record(params: Params, data: ActivationData, cache_path: Path, sha256: b
     return RunRecord(
         run_name=params.train.run_name,
         model_name=attrs["model_name"],
-        hook=HookSpec(int(attrs["hook_layer"]), attrs["hook_name"]),
+        hook=HookSpec.parse(attrs["hook"]),
         d_in=data.d_in,
         activation_scale=data.scale,
         normalize_activations=params.train.normalize_activations,
@@ -76,12 +78,9 @@ def end_to_end_loss(params: Params, data: ActivationData, device: torch.device) 
     """The model in the loop: splice reconstructions at the cache's hook and score the rest of the run."""
     cfg = params.train.end_to_end
     attrs = data.attrs
-    tokens = read_token_cache(params.tokenize.output)
-    if tokens.attrs["tokenizer_fingerprint"] != attrs["tokenizer_fingerprint"]:
-        raise UserError(f"{params.tokenize.output} does not match the activation cache's tokenizer; "
-                        "rerun `saepipe tokenize` and `saepipe activations`")
+    tokens = read_token_cache(params.tokenize.output, matching=attrs)
     model = load_hooked_model(params.base_model.output_dir, device=device, dtype=attrs["forward_dtype"])
-    hook = HookSpec(int(attrs["hook_layer"]), attrs["hook_name"])
+    hook = HookSpec.parse(attrs["hook"])
     if model.cfg.d_model != data.d_in:
         raise UserError(f"model in {params.base_model.output_dir} has d_model {model.cfg.d_model}, but the "
                         f"activation cache has {data.d_in}; rerun `saepipe activations`")
@@ -106,8 +105,8 @@ def check_parallel(params: Params, world: World) -> None:
                           "end-to-end losses train in one process")
 
 
+@names_run
 def run(params: Params) -> None:
-    params = with_run_name(params)
     cfg = params.train
     device = resolve_device(cfg.device, "train.device")
     with World.from_env(device) as world:
@@ -128,7 +127,7 @@ def _train(params: Params, device: torch.device, world: World) -> None:
                                 max_train_rows=cfg.max_train_rows, normalize=cfg.normalize_activations,
                                 seed=cfg.seed, hook=cfg.hook, shard=shard, validation=world.is_main)
     torch.manual_seed(cfg.seed)
-    sae = build_sae(config_from_params(cfg.sae, data.d_in))
+    sae = build_sae(config_from_params(dataclasses.asdict(cfg.sae), data.d_in))
     ckpt_dir = checkpoints_dir(params)
     record = run_record(params, data, cache_path, sha256=world.is_main)
     say = print if world.is_main else _quiet

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from saepipe.activations.cache import ActivationCacheWriter
 from saepipe.errors import UserError
+from saepipe.model.hooks import HookSpec
 from saepipe.paths import ACTIVATION_CACHE
 from saepipe.storage import atomic_path, read_json, write_json
 from saepipe.synth.generate import SynthConfig, Truth
@@ -35,7 +36,7 @@ TRUTH_TENSORS = "truth.safetensors"
 TRUTH_JSON = "truth.json"
 FORMAT = "saepipe.synth_truth"
 FORMAT_VERSION = 1
-HOOK_LAYER, HOOK_NAME = 0, "hook_synthetic"
+HOOK = HookSpec(0, "hook_synthetic")
 NO_OUTLIERS = 1e6
 """The cache's outlier_factor: synthetic rows have no massive-activation outliers to leave out."""
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -53,9 +54,7 @@ def cache_attrs(truth: Truth) -> dict[str, Any]:
         "model_name": f"synthetic/{cfg.name}",
         "model_dir": "",
         "synthetic": 1,
-        "hook_layer": HOOK_LAYER,
-        "hook_name": HOOK_NAME,
-        "hook_spec": f"blocks.{HOOK_LAYER}.{HOOK_NAME}",
+        "hook": HOOK.full_name,
         "n_layers": 1,
         "tokenizer_name": "none (synthetic rows)",
         "tokenizer_fingerprint": fingerprint_attr(truth),

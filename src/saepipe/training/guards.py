@@ -7,7 +7,7 @@ checkpoint), so they cost nothing per step.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -20,13 +20,12 @@ def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def check_finite_loss(loss: float, step: int, epoch: int, run_dir: Path) -> None:
-    """Stop at the first step whose loss is NaN or Inf, saying which checkpoint is the last good one."""
+def check_finite_loss(loss: float, step: int, epoch: int, last_checkpoint: Callable[[], Path | None]) -> None:
+    """Stop at the first step whose loss is NaN or Inf, saying which checkpoint is the last good one
+    (`last_checkpoint` looks it up, only then)."""
     if math.isfinite(loss):
         return
-    from saepipe.training.checkpoints import newest_checkpoint
-
-    last = newest_checkpoint(run_dir)
+    last = last_checkpoint()
     kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
     raise UserError(f"the loss became {loss} at step {step} (epoch {epoch}); training stopped before saving "
                     f"anything of this epoch and {kept}; check the activation cache or lower train.lr, then rerun")

@@ -187,7 +187,7 @@ class Trainer:
         self.dead.update(out.codes.cols, self.tokens_seen)
         self.step += 1
         loss_value = total.item()
-        check_finite_loss(loss_value, self.step, self.epoch + 1, self.run_dir)
+        check_finite_loss(loss_value, self.step, self.epoch + 1, lambda: newest_checkpoint(self.run_dir))
         metrics.add(x, out.x_hat, out.codes.nnz, {
             "loss": loss_value,
             "recon_loss": out.recon_loss.item(),
