@@ -12,28 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saepipe import paths
 from saepipe.config import Params
 from saepipe.errors import UserError
-from saepipe.paths import (
-    AUTOINTERP,
-    COOCCURRENCE_TOPK,
-    EXPORT_CONFIG,
-    EXPORT_HISTORY,
-    INTERP,
-    MATRICES_METRICS,
-    PROBING,
-    QUICK,
-    QUICK_DEAD,
-    QUICK_HISTOGRAM,
-    QUICK_METRICS,
-    SIMILARITY_HISTOGRAM,
-    SIMILARITY_TOPK,
-    activation_db,
-    analysis_dir,
-    evaluated_sae,
-    matrices_dir,
-    summaries_file,
-)
 from saepipe.storage import read_json, require_file
 
 
@@ -49,28 +30,29 @@ class RunFiles:
 
     @classmethod
     def of(cls, params: Params) -> RunFiles:
-        analysis = analysis_dir(params)
-        return cls(sae=evaluated_sae(params), analysis=analysis, activation_db=activation_db(params),
-                   matrices=matrices_dir(params), summaries=summaries_file(params))
+        analysis = paths.analysis_dir(params)
+        return cls(sae=paths.evaluated_sae(params), analysis=analysis, activation_db=paths.activation_db(params),
+                   matrices=paths.matrices_dir(params), summaries=paths.summaries_file(params))
 
     @property
     def quick(self) -> Path:
-        return self.analysis / QUICK
+        return self.analysis / paths.QUICK
 
     @property
     def interp(self) -> Path:
         """`saepipe interp`'s folder: optional for the report (absent when that stage has not run)."""
-        return self.analysis / INTERP
+        return self.analysis / paths.INTERP
 
     def required(self) -> dict[Path, str]:
         """Every file the report cannot do without, with the command that writes it."""
         return {
-            self.sae / EXPORT_CONFIG: "saepipe export", self.sae / EXPORT_HISTORY: "saepipe export",
-            self.quick / QUICK_METRICS: "saepipe evaluate", self.quick / QUICK_DEAD: "saepipe evaluate",
-            self.quick / QUICK_HISTOGRAM: "saepipe evaluate", self.activation_db: "saepipe activation-db",
-            self.analysis / MATRICES_METRICS: "saepipe matrices",
-            self.analysis / SIMILARITY_HISTOGRAM: "saepipe matrices",
-            self.matrices / SIMILARITY_TOPK: "saepipe matrices", self.matrices / COOCCURRENCE_TOPK: "saepipe matrices",
+            self.sae / paths.EXPORT_CONFIG: "saepipe export", self.sae / paths.EXPORT_HISTORY: "saepipe export",
+            self.quick / paths.QUICK_METRICS: "saepipe evaluate", self.quick / paths.QUICK_DEAD: "saepipe evaluate",
+            self.quick / paths.QUICK_HISTOGRAM: "saepipe evaluate", self.activation_db: "saepipe activation-db",
+            self.analysis / paths.MATRICES_METRICS: "saepipe matrices",
+            self.analysis / paths.SIMILARITY_HISTOGRAM: "saepipe matrices",
+            self.matrices / paths.SIMILARITY_TOPK: "saepipe matrices",
+            self.matrices / paths.COOCCURRENCE_TOPK: "saepipe matrices",
             self.summaries: "saepipe summarize",
         }
 
@@ -97,18 +79,18 @@ class RunInputs:
     @classmethod
     def read(cls, files: RunFiles) -> RunInputs:
         files.check()
-        history = read_json(files.sae / EXPORT_HISTORY, "training history")
+        history = read_json(files.sae / paths.EXPORT_HISTORY, "training history")
         if not isinstance(history, list) or not history or not all(isinstance(e, dict) for e in history):
-            raise UserError(f"{files.sae / EXPORT_HISTORY}: expected a non-empty list of per-epoch records; "
+            raise UserError(f"{files.sae / paths.EXPORT_HISTORY}: expected a non-empty list of per-epoch records; "
                             "rerun `saepipe export`")
-        return cls(config=read_json(files.sae / EXPORT_CONFIG, "exported SAE config"), history=history,
-                   metrics=read_json(files.quick / QUICK_METRICS, "evaluate metrics"),
-                   dead=read_json(files.quick / QUICK_DEAD, "dead features"),
-                   density_histogram=read_json(files.quick / QUICK_HISTOGRAM, "density histogram"),
-                   matrices_metrics=read_json(files.analysis / MATRICES_METRICS, "matrices metrics"),
-                   similarity_histogram=read_json(files.analysis / SIMILARITY_HISTOGRAM, "similarity histogram"),
-                   probing=_optional_json(files.interp / PROBING, "interp probing"),
-                   autointerp=_optional_json(files.interp / AUTOINTERP, "interp auto-interpretation"))
+        return cls(config=read_json(files.sae / paths.EXPORT_CONFIG, "exported SAE config"), history=history,
+                   metrics=read_json(files.quick / paths.QUICK_METRICS, "evaluate metrics"),
+                   dead=read_json(files.quick / paths.QUICK_DEAD, "dead features"),
+                   density_histogram=read_json(files.quick / paths.QUICK_HISTOGRAM, "density histogram"),
+                   matrices_metrics=read_json(files.analysis / paths.MATRICES_METRICS, "matrices metrics"),
+                   similarity_histogram=read_json(files.analysis / paths.SIMILARITY_HISTOGRAM, "similarity histogram"),
+                   probing=_optional_json(files.interp / paths.PROBING, "interp probing"),
+                   autointerp=_optional_json(files.interp / paths.AUTOINTERP, "interp auto-interpretation"))
 
 
 def _optional_json(path: Path, what: str) -> Any:
