@@ -4,8 +4,9 @@ One synthetic setting (`saepipe synth generate` defaults: d_in 256, 4,096 true f
 Zipf firing, 20% children, copula correlation 0.1, noise 0.02, a bias), 200k rows. Each architecture
 trains through the real stages (`saepipe train` on the cache unchanged, `saepipe export`) with the same
 width (4,096 latents), rows, token budget, batch and learning rate: the top-k family at k = 30; standard and
-JumpReLU at a sparsity penalty searched for first (geometric bisection over short runs on a slice of the
-rows, until the validation L0 lands within 15 % of 30; the table prints the L0 the full run reaches).
+JumpReLU at a sparsity penalty searched for first (full-budget runs, x4 steps until L0 = 30 is bracketed, then
+secant steps in log penalty / log L0, until the validation L0 lands within 15 % of 30; the run nearest 30 is the
+one scored, and the table prints the L0 it reaches).
 Each export is scored by `saepipe synth score`'s core on fresh rows. One JSON line per architecture, then
 the summary: value = BatchTopK's MCC, baseline = a randomly initialised SAE of the same shape scored the
 same way, ratio = value / baseline.

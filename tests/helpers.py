@@ -8,6 +8,7 @@ threaded through every such helper's signature, with no setup, state or teardown
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 
 def with_section(params, section: str, **changes):
@@ -31,3 +32,11 @@ def identity_sae(d: int = 64):
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae.eval()
+
+
+def write_params(params, path: Path) -> str:
+    """`params` as a complete params file at `path` (for `saepipe <stage> --params`); returns the path."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(params.to_dict()))
+    return str(path)

@@ -408,3 +408,41 @@ def test_screenshot_of_a_feature_page(page, analysed, tmp_path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert width >= 800 and height >= 600
+
+
+def test_matches_from_compare_show_on_request_with_their_splits(page, analysed, built) -> None:
+    from saepipe.compare.write import write_browser_matches
+
+    alive = [s["id"] for s in analysed.summaries if s["alive"]]
+    first, second = alive[0], alive[1]
+    records = [{"id": first, "match": 7, "cosine": 0.93, "correlation": 0.81, "splits": [[7, 0.93], [9, 0.64]]},
+               {"id": second, "match": -1, "cosine": 0.0, "correlation": None, "splits": []}]
+    page.load(f"#feature={first}")
+    page.feature_shown(first)
+    page.find("#load-matches").click()  # none written yet: a line saying how to make them
+    page.wait.until(lambda d: "No matches yet" in page.find("#matches").text)
+    missing = [e["message"] for e in page.driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("matches/index.js" in m for m in missing)  # the one file asked for and absent, nothing else
+    matches = built.out.parent.parent / "matches"  # ../../matches/ from the browser, as in analysis/<run>/
+    write_browser_matches(matches, "wide", "../../../wide/report/browser/index.html", {}, records)
+    try:
+        page.load(f"#feature={first}")
+        page.feature_shown(first)
+        page.find("#load-matches").click()
+        page.wait.until(lambda d: page.find_all("#matches li[data-run='wide']"))
+        item = page.find("#matches li[data-run='wide']")
+        assert item.text.startswith("wide #7 decoder cosine 0.93, activation r 0.81")
+        assert "splits into: wide #7 (0.93), wide #9 (0.64)" in item.text
+        links = [a.get_attribute("href") for a in item.find_elements(page.By.CSS_SELECTOR, "a")]
+        assert links[0].endswith("/wide/report/browser/index.html#feature=7") and len(links) == 3  # match + 2 splits
+        page.load(f"#feature={second}")  # a fresh page asks again; once loaded, every feature shows its line
+        page.feature_shown(second)
+        page.find("#load-matches").click()
+        page.wait.until(lambda d: "no latent left to match" in page.find("#matches").text)
+        page.find(".pager a[href='#list']").click()
+        page.driver.execute_script(f"location.hash = '#feature={first}'")
+        page.feature_shown(first)
+        page.wait.until(lambda d: page.find_all("#matches li[data-run='wide']"))
+        page.no_errors()
+    finally:
+        shutil.rmtree(matches)

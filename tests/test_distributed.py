@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from helpers import with_section
+from helpers import with_section, write_params
 from saepipe.paths import checkpoints_dir
 from saepipe.stages import activations, tokenize, train
 from saepipe.training.checkpoints import load_checkpoint
@@ -32,11 +31,6 @@ def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.Completed
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                            str(nproc), "-m", "saepipe", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
-
-
-def params_file(params, path: Path) -> str:
-    path.write_text(yaml.safe_dump(params.to_dict()))
-    return str(path)
 
 
 @pytest.fixture
@@ -81,7 +75,7 @@ def assert_same_training(single: Path, parallel: Path, flips: int = 0) -> float:
 def train_both(params, tmp_path: Path, **changes) -> tuple[Path, Path, subprocess.CompletedProcess]:
     params = with_section(params, "train", **changes)
     train.run(with_section(params, "train", run_name="single"))
-    done = torchrun(["train", "--params", params_file(params, tmp_path / "p.yaml"), "--run-name", "parallel"],
+    done = torchrun(["train", "--params", write_params(params, tmp_path / "p.yaml"), "--run-name", "parallel"],
                     tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     last = f"checkpoint_epoch{params.train.num_epochs}.pt"
@@ -108,7 +102,7 @@ def test_two_processes_train_every_architecture(cached, tmp_path, sae_type) -> N
 
 
 def test_batch_size_must_split_evenly(cached, tmp_path) -> None:
-    done = torchrun(["train", "--params", params_file(cached, tmp_path / "p.yaml"), "--batch-size", "63"], tmp_path)
+    done = torchrun(["train", "--params", write_params(cached, tmp_path / "p.yaml"), "--batch-size", "63"], tmp_path)
     assert done.returncode != 0
     assert ("saepipe train: error: train.batch_size=63: expected a multiple of the 2 torchrun processes"
             in done.stderr)

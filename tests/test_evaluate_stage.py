@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from helpers import identity_sae, with_section
+from helpers import identity_sae, with_section, write_params
 from saepipe.activations.cache import ActivationCache
 from saepipe.analysis.reconstruction import reconstruction_metrics
 from saepipe.analysis.sparsity import sparsity_metrics
@@ -117,13 +116,8 @@ def test_ablation_can_be_skipped_without_a_model(pipeline, tmp_path) -> None:
     assert metrics["sparsity"]["tokens"] <= 40
 
 
-def params_file(params, path: Path) -> str:
-    path.write_text(yaml.safe_dump(params.to_dict()))
-    return str(path)
-
-
 def test_mismatches_exit_2_with_one_line(pipeline, make_tiny_model_dir, tmp_path, capsys) -> None:
-    path = params_file(pipeline, tmp_path / "params.yaml")
+    path = write_params(pipeline, tmp_path / "params.yaml")
     cases = [
         (write_export(tmp_path / "layer1", identity_sae(), hook="blocks.1.hook_resid_post"),
          f"was trained on blocks.1.hook_resid_post, not {HOOK_SPEC} (the activation cache"),
@@ -144,7 +138,7 @@ def test_mismatches_exit_2_with_one_line(pipeline, make_tiny_model_dir, tmp_path
     make_tiny_model_dir(wide, d_model=32)
     capsys.readouterr()  # its save progress bar
     other = with_section(pipeline, "base_model", output_dir=str(wide))
-    assert main(["evaluate", "--params", params_file(other, tmp_path / "p2.yaml")]) == 2
+    assert main(["evaluate", "--params", write_params(other, tmp_path / "p2.yaml")]) == 2
     err = capsys.readouterr().err
     assert "d_model is 32" in err and err.count("\n") == 1
 

@@ -75,7 +75,8 @@ def test_each_model_writes_only_under_its_own_folder(listing, repo_dir) -> None:
     sections = many_models.model_params(listing, QWEN3[0], project).to_dict()
     named_outputs = {f"{s}.{k}" for s, keys in sections.items() for k in keys
                      if k == "output" or k.startswith("output_")}
-    assert named_outputs - {f"{s}.{k}" for s, k in many_models.LAYOUT} == {"process.output_dir"}
+    # ... but the two the models share: the corpus and the family's comparison
+    assert named_outputs - {f"{s}.{k}" for s, k in many_models.LAYOUT} == {"process.output_dir", "compare.output_dir"}
     keys = list(outputs)
     assert all(not outputs[a] & outputs[b] for a in keys for b in keys if a < b)
 
@@ -117,7 +118,7 @@ def test_select_names_models_or_all_and_becomes_dvc_targets(listing, project_cop
 
     assert main(["models", "--select", "qwen3-0.6b,qwen3-1.7b", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.strip() == f"models: cd {PIPELINE} && dvc repro evaluate@qwen3-0.6b evaluate@qwen3-1.7b"
+    assert out.strip() == f"models: cd {PIPELINE} && dvc repro report@qwen3-0.6b report@qwen3-1.7b"
     assert not (project_copy / "pipelines/models/params").exists()  # a dry run writes nothing
 
     assert main(["models", "--list", "--select", "qwen3-8b"]) == 0
@@ -188,9 +189,11 @@ def test_models_pipeline_runs_the_single_pipelines_stages_per_model(repo_dir) ->
     root = yaml.safe_load((repo_dir / "dvc.yaml").read_text())["stages"]
     models = yaml.safe_load((repo_dir / MODELS_DVC).read_text())["stages"]
     params_file = "${params_dir}/${key}.yaml"
-    assert next(iter(models)) == "configure" and list(models)[-1] == many_models.FINAL_STAGE
-    assert set(models) == {"configure", "process", "base-model", "tokenize", "activations", "train", "export",
-                           "evaluate"}
+    assert next(iter(models)) == "configure" and list(models)[-2:] == [many_models.FINAL_STAGE, "compare"]
+    assert set(models) == {"configure", *root, "compare"}  # every stage of the single pipeline, per model
+    family = models.pop("compare")  # then the family, once: every model's figures (saepipe compare --models)
+    assert family["cmd"] == f"cd ../.. && saepipe compare --models --output-dir {PIPELINE}/compare"
+    assert "${output_root}" in family["deps"] and family["params"] == [{"../../params.yaml": ["compare"]}]
     for name, stage in models.items():
         if name == "process":  # once, for every model: the project's process section, output in this folder
             mine, params = stage, [{"../../params.yaml": root[name]["params"]}]
@@ -232,16 +235,23 @@ def test_dvc_builds_one_chain_per_model_apart_from_the_single_pipeline(tmp_path,
     run(["git", "init", "-q"], root)
     run(["dvc", "init", "-q"], root)
     pipeline = root / PIPELINE
-    dot = run(["dvc", "dag", "--dot", "evaluate@qwen3-4b"], pipeline)
+    dot = run(["dvc", "dag", "--dot", "report@qwen3-4b"], pipeline)
     edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
     chain = [f"{s}@qwen3-4b" for s in ("configure", "base-model", "tokenize", "activations", "train", "export",
-                                       "evaluate")]
-    assert ("process", chain[2]) in edges  # the shared corpus
+                                       "evaluate", "activation-db", "matrices", "summarize", "interp", "report")]
+    assert ("process", chain[2]) in edges and ("process", chain[10]) in edges  # the shared corpus, its labels
     assert {(chain[0], s) for s in chain[1:]} <= edges  # every stage reads the model's params file
-    assert set(itertools.pairwise(chain[1:])) <= edges
+    assert set(itertools.pairwise(chain[1:7])) <= edges  # base-model .. evaluate
+    at = dict(zip(["export", "evaluate", "activation-db", "matrices", "summarize", "interp", "report"], chain[5:],
+                  strict=True))
+    assert {(at[a], at[b]) for a, b in [("export", "activation-db"), ("activation-db", "matrices"),
+                                        ("matrices", "summarize"), ("summarize", "interp"), ("interp", "report"),
+                                        ("evaluate", "report")]} <= edges
     assert {n for edge in edges for n in edge} == {"process", *chain}  # no other model's stage
+    family = set(re.findall(r'"([^"]+)" -> "compare"', run(["dvc", "dag", "--dot", "compare"], pipeline)))
+    assert {f"report@{k}" for k in QWEN3} <= family  # the family table comes after every model's report
     listed = run(["dvc", "stage", "list", "--name-only"], pipeline).split()
-    assert sorted(listed) == sorted(["process", *(f"{s.split('@')[0]}@{k}" for s in chain for k in QWEN3)])
+    assert sorted(listed) == sorted(["process", "compare", *(f"{s.split('@')[0]}@{k}" for s in chain for k in QWEN3)])
     # ... and the single pipeline's DVC project does not see them (its status, pull and exp show stay its own)
     assert "@" not in run(["dvc", "stage", "list", "--all", "--name-only"], root)
 
@@ -283,14 +293,17 @@ def test_two_tiny_models_reproduce_apart_and_rerun_only_what_changed(tmp_path, r
     deeper = make_tiny_model_dir(tmp_path / "deeper", n_layers=4, d_model=32, seed=1)
     root = make_project(tmp_path / "project", repo_dir, tiny_model_dir, tiny_training_text,
                         models={"qwen3-0.6b": tiny_model_dir, "qwen3-1.7b": deeper})
-    chain = ["configure", "base-model", "tokenize", "activations", "train", "export", "evaluate"]
+    chain = ["configure", "base-model", "tokenize", "activations", "train", "export", "evaluate", "activation-db",
+             "matrices", "summarize", "interp", "report"]
     stages = lambda key, names=chain: [f"{s}@{key}" for s in names]  # noqa: E731
     pipeline = root / PIPELINE
 
     # docs/many-models.md's recipe, as typed: one model selected, then the rest, then nothing left to do.
     output = run(recipe(repo_dir, "many-models"), root)
     ran = ran_stages(output)
-    assert sorted(ran[:8]) == sorted(["process", *stages("qwen3-0.6b")]) and ran[8:] == stages("qwen3-1.7b")
+    n = len(chain) + 1
+    assert sorted(ran[:n]) == sorted(["process", *stages("qwen3-0.6b")])
+    assert ran[n:] == [*stages("qwen3-1.7b"), "compare"]
     assert ran.index("process") < ran.index("tokenize@qwen3-0.6b")  # the selected model first, then the rest
     listed = [line.split() for line in output.splitlines() if line.startswith("qwen3-")]
     assert listed[:2] == [[key, f"local:tiny/{key}", "middle", batch, "32", "float32", f"{PIPELINE}/per_model/{key}/"]
@@ -304,9 +317,15 @@ def test_two_tiny_models_reproduce_apart_and_rerun_only_what_changed(tmp_path, r
             assert f.attrs["model_name"] == f"tiny/{key}" and f.attrs["max_text_length"] == 32
         quick = json.loads((pipeline / f"per_model/{key}/analysis/default/quick/metrics.json").read_text())
         assert quick["evaluated"]["sae_path"] == f"{PIPELINE}/per_model/{key}/sae/default"
+        assert (pipeline / f"per_model/{key}/analysis/default/report/browser/index.html").is_file()
         run_dir = pipeline / f"per_model/{key}/runs/default"  # checkpoints and dvclive curves, per model
         assert (run_dir / "checkpoints/best_model.pt").is_dir() and not (run_dir / "checkpoints/live").exists()
         assert "loss" in json.loads((run_dir / "live/metrics.json").read_text())["train"]
+    family = json.loads((pipeline / "compare/compare.json").read_text())  # the family table, after both reports
+    assert sorted(r["name"] for r in family["runs"]) == ["qwen3-0.6b", "qwen3-1.7b"]
+    assert {"base_model.model_name", "activations.hook"} <= set(family["differing_params"])
+    assert (pipeline / "compare/frontier.png").is_file()
+    assert "qwen3-1.7b" in (pipeline / "compare/README.md").read_text()
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], pipeline))
     files = {Path(f).as_posix() for rev in shown.values() for f in rev.get("data", {})}
     assert {f"per_model/{key}/runs/default/live/metrics.json" for key in ("qwen3-0.6b", "qwen3-1.7b")} <= files

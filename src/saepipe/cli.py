@@ -58,6 +58,7 @@ STAGES: dict[str, Stage] = {
                           ("evaluate", "export", "train", "tokenize", "base_model", "activations"), arguments=True),
     "models": Stage("saepipe.stages.models", None, arguments=True),
     "synth": Stage("saepipe.stages.synth", None, arguments=True),
+    "compare": Stage("saepipe.stages.compare", "compare", ("evaluate",), arguments=True),
 }
 # Subcommands whose purpose is not their params section's (they share it with another stage).
 SUMMARIES = {
@@ -65,6 +66,8 @@ SUMMARIES = {
     "show-feature": "Print one feature's stats and top examples, or the features of a token (not a DVC stage).",
     "models": "One SAE per model of pipelines/models/params.yaml: write a model's params, list, or reproduce some.",
     "synth": "Synthetic activations from a known dictionary (generate), and an SAE scored against it (score).",
+    "compare": "Finished runs and experiments side by side: the table, the L0 frontier, seed noise; and features "
+               "matched across two runs (not a DVC stage).",
 }
 
 

@@ -26,7 +26,7 @@ from saepipe.config.fields import did_you_mean
 from saepipe.errors import UserError
 
 MODELS_FILE = "pipelines/models/params.yaml"
-FINAL_STAGE = "evaluate"
+FINAL_STAGE = "report"
 """The last stage per model in pipelines/models/dvc.yaml: reproducing it reproduces the model's whole chain."""
 
 # Model K's outputs, under <pipeline dir>/<output_root>/<K>/ (its dvc.yaml spells the same paths; a test checks).
@@ -40,8 +40,10 @@ LAYOUT: dict[tuple[str, str], str] = {
 }
 # The corpus every model shares, made once by the pipeline's own `process` stage: <pipeline dir>/data/processed.
 CORPUS = "data/processed"
+# The family's comparison, made once after every model's report by the `compare` stage: <pipeline dir>/compare.
+FAMILY = "compare"
 # Set by the pipeline, never by a model: paths its dvc.yaml declares, and the shared corpus.
-FIXED = {*LAYOUT, ("train", "run_name"), ("evaluate", "sae_path")}
+FIXED = {*LAYOUT, ("train", "run_name"), ("evaluate", "sae_path"), ("compare", "output_dir")}
 SHARED_SECTIONS = ("process",)
 TOP_LEVEL = ("output_root", "params_dir", "run_name", "defaults", "models")
 KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -171,6 +173,7 @@ def model_params(spec: ModelsFile, key: str, project: dict[str, Any]) -> Params:
     for (section, name), relative in LAYOUT.items():
         raw.setdefault(section, {})[name] = str(spec.output_dir(key) / relative)
     raw["process"]["output_dir"] = str(spec.pipeline_dir / CORPUS)
+    raw.setdefault("compare", {})["output_dir"] = str(spec.pipeline_dir / FAMILY)
     raw["train"]["run_name"] = spec.run_name
     raw["evaluate"]["sae_path"] = None
     try:

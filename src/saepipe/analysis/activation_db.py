@@ -42,7 +42,7 @@ from saepipe.errors import UserError
 from saepipe.storage import OpenFile, plain, require_file, sha256_file
 
 FORMAT = "saepipe.activation_db"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the SAE's hook is one attribute, `hook`
 SPLIT_CODES = {"train": 0, "validation": 1}
 STAT_FIELDS = ("count", "density", "sum", "mean", "max")
 SEARCH_OCCURRENCES = 2000

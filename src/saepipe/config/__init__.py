@@ -24,6 +24,7 @@ from saepipe.config.analysis import (
     MatricesConfig,
     SummarizeConfig,
 )
+from saepipe.config.compare import CompareConfig
 from saepipe.config.data import ActivationsConfig, BaseModelConfig, ProcessConfig, TokenizeConfig
 from saepipe.config.fields import build_section, coerce, did_you_mean, field_docs, flat_fields, flat_values
 from saepipe.config.interp import InterpConfig
@@ -46,6 +47,7 @@ SECTIONS: dict[str, type] = {
     "summarize": SummarizeConfig,
     "interp": InterpConfig,
     "report": ReportConfig,
+    "compare": CompareConfig,
 }
 
 
@@ -76,6 +78,7 @@ class Params:
     summarize: SummarizeConfig
     interp: InterpConfig
     report: ReportConfig
+    compare: CompareConfig
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The loaded sections as params.yaml holds them (flat keys): what `params_from_dict` reads back."""
@@ -150,9 +153,32 @@ def replace_values(section: Any, **changes: Any) -> Any:
 
 
 __all__ = [
-    "DEFAULT_PARAMS", "SECTIONS", "ActivationDBConfig", "ActivationsConfig", "BaseModelConfig", "EndToEndParams",
-    "EvaluateConfig", "ExportConfig", "InterpConfig", "MatricesConfig", "Overrides", "Params", "ProcessConfig",
-    "ReportConfig", "SAEParams", "SummarizeConfig", "TokenizeConfig", "TrainConfig",
-    "WandbParams", "build_section", "coerce", "field_docs", "flat_fields", "flat_values", "load_params",
-    "params_from_dict", "replace_values",
+    "DEFAULT_PARAMS",
+    "SECTIONS",
+    "ActivationDBConfig",
+    "ActivationsConfig",
+    "BaseModelConfig",
+    "CompareConfig",
+    "EndToEndParams",
+    "EvaluateConfig",
+    "ExportConfig",
+    "InterpConfig",
+    "MatricesConfig",
+    "Overrides",
+    "Params",
+    "ProcessConfig",
+    "ReportConfig",
+    "SAEParams",
+    "SummarizeConfig",
+    "TokenizeConfig",
+    "TrainConfig",
+    "WandbParams",
+    "build_section",
+    "coerce",
+    "field_docs",
+    "flat_fields",
+    "flat_values",
+    "load_params",
+    "params_from_dict",
+    "replace_values",
 ]

@@ -14,6 +14,10 @@ open in a fraction of a second.
         data/features-NNNN.js   the summaries' records of features [NNNN * chunk_size, ...) in file order,
                                 with `explanation` / `detection` / `fuzzing` merged in where given
         data/tokens.js          per token id of the corpus: its piece, occurrences and strongest features
+
+A feature page also offers the feature's matches in other runs: `../../matches/index.js` (from the browser in
+`<analysis>/<run>/report/browser/`: `<analysis>/<run>/matches/`), which `saepipe compare --features RUN OTHER`
+writes after the report; it is loaded on request, as it may not exist.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ COLORS = {"train": "#1f77b4", "validation": "#ff7f0e", "clean": "#2ca02c", "sae"
           "mean": "#9467bd", "dead": "#d62728"}
 
 
-def _figure(width: float, height: float) -> Any:
+def figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -32,7 +32,7 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _save(fig: Any, path: Path, dpi: int) -> Path:
+def save(fig: Any, path: Path, dpi: int) -> Path:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=dpi)
     return path
@@ -40,7 +40,7 @@ def _save(fig: Any, path: Path, dpi: int) -> Path:
 
 def training_history(history: Sequence[dict[str, Any]], title: str, path: Path, dpi: int) -> Path:
     """Training and validation curves per epoch: loss, FVU, L0 and dead features, one panel each."""
-    fig = _figure(10, 6.5)
+    fig = figure(10, 6.5)
     epochs = [entry["epoch"] for entry in history]
     for i, (key, label, meaning) in enumerate(TRAINING_PANELS):
         ax = fig.add_subplot(2, 2, i + 1)
@@ -55,12 +55,12 @@ def training_history(history: Sequence[dict[str, Any]], title: str, path: Path, 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=12)
-    return _save(fig, path, dpi)
+    return save(fig, path, dpi)
 
 
 def l0_distribution(l0: np.ndarray, splits: np.ndarray, title: str, path: Path, dpi: int) -> Path:
     """How many features are active per token, as a histogram per split, means marked."""
-    fig = _figure(8, 4.5)
+    fig = figure(8, 4.5)
     ax = fig.add_subplot()
     top = int(l0.max()) if len(l0) else 1
     edges = np.arange(top + 2) - 0.5 if top <= 150 else np.linspace(-0.5, top + 0.5, 101)
@@ -75,13 +75,13 @@ def l0_distribution(l0: np.ndarray, splits: np.ndarray, title: str, path: Path, 
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
-    return _save(fig, path, dpi)
+    return save(fig, path, dpi)
 
 
 def feature_density(histogram: Sequence[dict[str, Any]], dead: int, tokens: int, d_sae: int, title: str,
                     path: Path, dpi: int) -> Path:
     """evaluate's log10-density histogram of alive features, with the dead features as a bar of their own."""
-    fig = _figure(8, 4.5)
+    fig = figure(8, 4.5)
     ax = fig.add_subplot()
     lows = np.array([row["bin_low"] for row in histogram], dtype=float)
     highs = np.array([row["bin_high"] for row in histogram], dtype=float)
@@ -105,13 +105,13 @@ def feature_density(histogram: Sequence[dict[str, Any]], dead: int, tokens: int,
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=9)
-    return _save(fig, path, dpi)
+    return save(fig, path, dpi)
 
 
 def ablation_bars(ablation: dict[str, Any], title: str, path: Path, dpi: int) -> Path:
     """Next-token cross-entropy and KL from the clean run with the hook clean, spliced with the SAE's
     reconstruction, zeroed and mean-ablated (evaluate's ablation pass)."""
-    fig = _figure(9, 4.2)
+    fig = figure(9, 4.2)
     panels = (("ce", ("clean", "sae", "zero", "mean"), "cross-entropy (nats per token)"),
               ("kl", ("sae", "zero", "mean"), "KL(clean || variant) (nats per token)"))
     names = {"clean": "clean", "sae": "SAE\nspliced in", "zero": "zero-\nablated", "mean": "mean-\nablated"}
@@ -125,7 +125,7 @@ def ablation_bars(ablation: dict[str, Any], title: str, path: Path, dpi: int) ->
         ax.margins(y=0.12)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path, dpi)
+    return save(fig, path, dpi)
 
 
 def pairwise_cosines(matrices: Path, similarity: str, topk: str, edges: np.ndarray, block: int = 1024
@@ -152,7 +152,7 @@ def decoder_similarity(max_cosine: Sequence[dict[str, Any]], pairs: tuple[np.nda
                        title: str, path: Path, dpi: int) -> Path:
     """Decoder cosine similarity: each feature's nearest other feature (the matrices stage's histogram), and
     the distribution over pairs."""
-    fig = _figure(10, 4.2)
+    fig = figure(10, 4.2)
     ax = fig.add_subplot(1, 2, 1)
     centres = np.array([row["max_cosine"] for row in max_cosine], dtype=float)
     width = 2.0 / max(len(centres), 1)
@@ -172,7 +172,7 @@ def decoder_similarity(max_cosine: Sequence[dict[str, Any]], pairs: tuple[np.nda
     ax.set_title(what, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path, dpi)
+    return save(fig, path, dpi)
 
 
 def cooccurrence_block(matrices: Path, jaccard: str, topk: str, ids: np.ndarray) -> np.ndarray:
@@ -209,7 +209,7 @@ def cluster_order(block: np.ndarray) -> np.ndarray:
 def cooccurrence_heatmap(block: np.ndarray, labels: Sequence[str], title: str, path: Path, dpi: int) -> Path:
     """The Jaccard index between the most frequent features, clustered, the diagonal (always 1) blanked."""
     size = max(6.0, 0.22 * len(labels) + 2.5)
-    fig = _figure(size + 1.2, size)
+    fig = figure(size + 1.2, size)
     ax = fig.add_subplot()
     shown = np.ma.masked_array(block, mask=np.eye(len(block), dtype=bool))
     image = ax.imshow(shown, cmap="viridis", vmin=0.0, vmax=max(float(shown.max() or 0.0), 1e-6),
@@ -218,4 +218,4 @@ def cooccurrence_heatmap(block: np.ndarray, labels: Sequence[str], title: str, p
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="Jaccard index: tokens both fire on / either fires on")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path, dpi)
+    return save(fig, path, dpi)

@@ -2,7 +2,7 @@
 
 Three uses: `--configure KEY` writes model KEY's params file (the models pipeline's configure stage runs it);
 `--list` shows each model's source, layer and memory settings; otherwise it runs `dvc repro` on the models
-named by `--select` (all by default), the same as `cd pipelines/models && dvc repro evaluate@KEY`.
+named by `--select` (all by default), the same as `cd pipelines/models && dvc repro report@KEY`.
 """
 
 from __future__ import annotations

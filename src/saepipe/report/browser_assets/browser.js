@@ -275,10 +275,59 @@
         function (n) { return "Jaccard " + num(n.jaccard, 3) + ", " + num(n.count) + " tokens"; },
         "co-occurring features", "cooccurring")));
     view.appendChild(related);
+    view.appendChild(matchesSection(id));
     view.dataset.feature = id;
     document.title = "Feature " + id + " · " + state.title;
     heading.focus();
     mark("feature-rendered");
+  }
+
+  // ---- matches in other runs: `saepipe compare --features THIS OTHER` writes ../../matches/index.js ---------
+  // Loaded on request (a missing file would be an error in the console of every page), then for every page.
+  function matchesSection(id) {
+    var node = el("section", {id: "matches"}, el("h3", {text: "Matches in other runs"}));
+    if (state.matches) {
+      state.matches.then(function (runs) { renderMatches(node, id, runs); });
+      return node;
+    }
+    var button = el("button", {type: "button", id: "load-matches", text: "Show this feature's matches"});
+    button.addEventListener("click", function () {
+      button.remove();
+      state.matches = load("matches", "../../matches/index.js");
+      state.matches.then(function (runs) { renderMatches(node, id, runs); }, function () {
+        state.matches = null;
+        node.appendChild(el("p", {role: "status", text: "No matches yet: `saepipe compare --features THIS_RUN " +
+          "OTHER_RUN` matches this run's features to another run's."}));
+      });
+    });
+    node.appendChild(button);
+    return node;
+  }
+
+  function renderMatches(node, id, runs) {
+    var names = Object.keys(runs || {}).filter(function (name) { return runs[name].features[id]; });
+    if (!names.length) { node.appendChild(el("p", {text: "None."})); return; }
+    var list = el("ul", {className: "matches", "aria-label": "matches in other runs"});
+    names.forEach(function (name) {
+      var m = runs[name].features[id], href = runs[name].browser;
+      function link(j, extra) {
+        var label = name + " #" + j + (extra || "");
+        return href ? el("a", {href: href + "#feature=" + j, text: label}) : el("span", {text: label});
+      }
+      var item = el("li", {"data-run": name},
+        m[0] >= 0 ? link(m[0]) : el("span", {text: name + ": no latent left to match"}),
+        m[0] >= 0 ? " decoder cosine " + num(m[1], 3) + (m[2] === null ? "" : ", activation r " + num(m[2], 3)) : null);
+      if (m[3].length > 1) {
+        var splits = el("div", {className: "splits"}, "splits into: ");
+        m[3].forEach(function (split, k) {
+          if (k) splits.appendChild(document.createTextNode(", "));
+          splits.appendChild(link(split[0], " (" + num(split[1], 3) + ")"));
+        });
+        item.appendChild(splits);
+      }
+      list.appendChild(item);
+    });
+    node.appendChild(list);
   }
 
   function showFeature(id) {

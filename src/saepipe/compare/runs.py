@@ -1,0 +1,198 @@
+"""The finished runs a comparison reads: workspace runs, DVC experiments, and the models pipeline's models.
+
+Nothing is recomputed. A run's figures are the files its stages wrote (evaluate's headline.json, interp's
+probing.json and autointerp.json); its params the ones it ran with (a DVC experiment's or a model's params file,
+flattened to `section.key`; for a workspace run, its export's `training` record plus its model and hook); its
+SAE and activation DB the stages' outputs, read from the workspace or, for an experiment, from the DVC cache at
+the experiment's revision (never by changing the workspace).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from saepipe import paths
+from saepipe.errors import UserError
+
+HEADLINE = ("fvu", "l0", "dead_pct", "ce_recovered", "kl")
+PROBING = ("subject_k1", "subject_k5", "chapter_k1", "chapter_k5")
+AUTOINTERP = ("detection", "fuzzing")
+SOURCES = ("workspace", "experiment", "models")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A stage output of a run: a workspace path, or a path at a DVC experiment's revision."""
+
+    path: str
+    rev: str | None = None
+
+    def local(self, scratch: Path) -> Path:
+        """A local copy to read: the workspace path itself, or the experiment's files fetched into `scratch`."""
+        if self.rev is None:
+            return Path(self.path)
+        from dvc.api import DVCFileSystem
+
+        target = scratch / self.rev[:12] / self.path
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                DVCFileSystem(".", rev=self.rev).get(self.path, str(target), recursive=True)
+            except Exception as exc:  # missing from the cache (pulled elsewhere), or not a DVC output
+                raise UserError(f"{self.path} at experiment revision {self.rev[:7]} is not in the DVC cache "
+                                f"({type(exc).__name__}); `dvc exp pull` it or compare workspace runs") from None
+        return target
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    source: str
+    """workspace, experiment or models."""
+    params: dict[str, Any]
+    metrics: dict[str, float | None]
+    sae: Artifact
+    activation_db: Artifact | None = None
+    dead: list[int] | None = field(default=None, compare=False)
+    """Evaluate's dead latent ids, where the run has them in the workspace."""
+
+    @property
+    def architecture(self) -> str:
+        return str(self.params.get("train.sae_type", "?"))
+
+
+def flatten(sections: dict[str, Any]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, values in sections.items() if isinstance(values, dict) for k, v in values.items()}
+
+
+def figures(headline: dict[str, Any], probing: dict[str, Any] | None, autointerp: dict[str, Any] | None
+            ) -> dict[str, float | None]:
+    """The figures a row shows, from the three metric files (probing and auto-interp where interp ran)."""
+    out = {k: _number(headline.get(k)) for k in HEADLINE}
+    out.update({k: _number((probing or {}).get(k)) for k in PROBING})
+    out.update({k: _number((autointerp or {}).get(k)) for k in AUTOINTERP})
+    return out
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def analysis_run(name: str, source: str, analysis: Path, params: dict[str, Any] | None = None) -> Run | None:
+    """The run whose analyses are in `analysis` (`<evaluate.output_dir>/<run>/`), if evaluate finished there."""
+    headline = _json(analysis / paths.QUICK / paths.QUICK_HEADLINE)
+    metrics = _json(analysis / paths.QUICK / paths.QUICK_METRICS)
+    if headline is None or metrics is None:
+        return None
+    sae = Path(str((metrics.get("evaluated") or {}).get("sae_path", "")))
+    config = _json(sae / paths.EXPORT_CONFIG) or {}
+    if params is None:
+        params = {**{f"train.{k}": v for k, v in (config.get("training") or {}).items()},
+                  "base_model.model_name": config.get("model_name")}
+    params = {**params, "activations.hook": config.get("hook")}  # the hook resolved (a null layer: the middle)
+    dead = _json(analysis / paths.QUICK / paths.QUICK_DEAD)
+    db = analysis / paths.ACTIVATION_DB
+    interp = analysis / paths.INTERP
+    return Run(name=name, source=source, params=params,
+               metrics=figures(headline, _json(interp / paths.PROBING), _json(interp / paths.AUTOINTERP)),
+               sae=Artifact(str(sae)), activation_db=Artifact(str(db)) if db.is_file() else None,
+               dead=[int(i) for i in dead.get("ids", [])] if dead and isinstance(dead.get("ids"), list) else None)
+
+
+def workspace_runs(analysis_root: str | Path) -> list[Run]:
+    """Every folder of `evaluate.output_dir` that evaluate finished (its `compare` output aside)."""
+    root = Path(analysis_root)
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        run = analysis_run(folder.name, "workspace", folder)
+        if run is not None:
+            found.append(run)
+    return found
+
+
+def exp_show(repo: str | Path = ".") -> list[dict[str, Any]]:
+    """`dvc exp show --json` for the project at `repo` ([] outside a DVC project or without experiments)."""
+    if not (Path(repo) / ".dvc").is_dir():
+        return []
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise UserError(f"`dvc exp show --json` failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(done.stdout or "[]")
+
+
+def experiment_runs(records: Iterable[dict[str, Any]]) -> list[Run]:
+    """Finished experiments of `dvc exp show --json`: each one's params.yaml, its metrics files and its outputs
+    (read from the DVC cache at its revision). Experiments without evaluate's headline metrics are skipped."""
+    runs = []
+    for baseline in records:
+        for experiment in baseline.get("experiments") or []:
+            revs = experiment.get("revs") or []
+            if not revs or not revs[0].get("data") or revs[0].get("error"):
+                continue
+            rev = revs[0]
+            data = rev["data"]
+            params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data") or {})
+            run = _experiment_run(str(experiment.get("name") or rev.get("name") or rev["rev"][:7]), rev["rev"],
+                                  params, data.get("metrics") or {}, data.get("outs") or {})
+            if run is not None:
+                runs.append(run)
+    return runs
+
+
+def _experiment_run(name: str, rev: str, params: dict[str, Any], metrics: dict[str, Any], outs: dict[str, Any]
+                    ) -> Run | None:
+    files = {PurePosixPath(path): (value or {}).get("data") or {} for path, value in metrics.items()}
+    headline = next((p for p in files if p.name == paths.QUICK_HEADLINE and p.parent.name == paths.QUICK), None)
+    if headline is None:
+        return None
+    analysis = headline.parent.parent
+    interp = analysis / paths.INTERP
+    run_name = params.get("train.run_name")
+    sae = f"{params.get('export.output_dir')}/{run_name}"
+    db = str(analysis / paths.ACTIVATION_DB)
+    figures_ = figures(files[headline], files.get(interp / paths.PROBING), files.get(interp / paths.AUTOINTERP))
+    return Run(name=name, source="experiment", params=params, metrics=figures_,
+               sae=Artifact(sae, rev), activation_db=Artifact(db, rev) if db in outs else None)
+
+
+def models_runs(models_file: str | Path) -> list[Run]:
+    """Each model of the models pipeline whose evaluate finished: named by its key, its params its generated
+    params file's."""
+    from saepipe.many_models import read_models_file
+
+    if not Path(models_file).is_file():
+        return []
+    spec = read_models_file(models_file)
+    runs = []
+    for key in spec.models:
+        raw = _yaml(Path(spec.params_file(key)))
+        run = analysis_run(key, "models", Path(spec.output_dir(key)) / "analysis" / spec.run_name,
+                           flatten(raw) if raw else None)
+        if run is not None:
+            runs.append(run)
+    return runs
+
+
+def _yaml(path: Path) -> dict[str, Any] | None:
+    import yaml
+
+    try:
+        value = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return value if isinstance(value, dict) else None
