@@ -27,9 +27,17 @@ An opening paragraph about {subject} that introduces the chapter with enough wor
 
 {body}
 
-## {n}.2 More ideas
+![a figure that must be dropped](images/figure.png)
+
+## {n}.2 Empty section
+
+## {n}.3 More ideas
 
 {body} The equation $E = m c^2$ stays as written.
+
+| quantity | unit |
+|---|---|
+| energy | joule |
 """
 
 # The single pipeline's small settings; the models pipeline's tiny entries take the memory ones per model.

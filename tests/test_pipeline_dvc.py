@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,74 +12,14 @@ import h5py
 import pytest
 import yaml
 
-from dvc_projects import recipes
+from dvc_projects import BIN, make_project, ran_stages, recipes, run
 
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="dvc is not installed")
-
-CHAPTER = """# Chapter {n}: {subject} basics
-
-An opening paragraph about {subject} that introduces the chapter with enough words to be kept.
-
-## {n}.1 First ideas
-
-{body}
-
-![a figure that must be dropped](images/figure.png)
-
-## {n}.2 Empty section
-
-## {n}.3 More ideas
-
-{body} The equation $E = m c^2$ stays as written.
-
-| quantity | unit |
-|---|---|
-| energy | joule |
-"""
-
-
-def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def ran_stages(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
 @pytest.fixture
 def project(tmp_path: Path, tiny_model_dir: Path, repo_dir: Path, tiny_training_text: list[str]) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copy(repo_dir / "dvc.yaml", root)
-    shutil.copytree(repo_dir / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for n, subject in enumerate(["physics", "chemistry", "biology"], start=1):
-        folder = root / "data" / "raw" / f"{subject}_chapters"
-        folder.mkdir(parents=True)
-        body = " ".join(tiny_training_text[n - 1 :] * 3)
-        (folder / f"{subject}_ch01.md").write_text(CHAPTER.format(n=n, subject=subject, body=body))
-    params = yaml.safe_load((repo_dir / "params.yaml").read_text())
-    params["base_model"].update(source="local", local_path=str(tiny_model_dir), model_name="tiny-random-llama")
-    params["tokenize"]["val_fraction"] = 0.3
-    params["activations"].update(max_text_length=32, device="cpu", hook_layer=1)
-    params["train"].update(sae_expansion=2, topk=4, topk_aux=8, batch_size=64, num_epochs=2, lr_warmup_steps=2,
-                           device="cpu")
-    params["evaluate"].update(ablation_max_tokens=128, batch_size=256, device="cpu")
-    params["activation_db"].update(device="cpu")
-    params["summarize"].update(top_k=5)
-    params["interp"].update(features=2, score_examples=2, explain_examples=3, max_new_tokens=4, batch_size=4,
-                            device="cpu")  # the tiny random model explains and judges
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], root)
-    run(["git", "config", "user.email", "test@example.com"], root)
-    run(["git", "config", "user.name", "test"], root)
-    run(["dvc", "init", "-q"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "init"], root)
-    return root
+    return make_project(tmp_path / "project", repo_dir, tiny_model_dir, tiny_training_text)
 
 
 def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path) -> None:
@@ -290,6 +227,20 @@ def test_experiment_and_sweep_recipes(project: Path, repo_dir: Path) -> None:
     assert all(set(row["metrics"][HEADLINE]) >= {"fvu", "ce_recovered"} for row in sweep.values())
     assert all(name in outputs["sweep-compare"] for name in sweep)
     assert "val/fvu.tsv" in (project / "dvc_plots/index.html").read_text()
+    # saepipe compare --experiments: every finished experiment (the sweep and k64-x16), read from DVC, one row each
+    compared = json.loads((project / "analysis/compare/compare.json").read_text())
+    assert sorted(r["name"] for r in compared["runs"]) == sorted(rows)
+    assert all(r["source"] == "experiment" for r in compared["runs"])
+    assert {"train.topk", "train.sae_expansion"} <= set(compared["differing_params"])
+    for r in compared["runs"]:
+        assert r["metrics"]["fvu"] == pytest.approx(rows[r["name"]]["metrics"][HEADLINE]["fvu"])
+    assert (project / "analysis/compare/frontier.png").is_file()
+    first, second = sorted(sweep)[:2]  # features matched across two experiments, read from the DVC cache
+    run(["saepipe", "compare", "--features", first, second], project)
+    summary = json.loads((project / f"analysis/compare/features/{first}--{second}/summary.json").read_text())
+    assert summary["a"] == first and 0 <= summary["matched_0.7"] <= 1
+    assert "mean_correlation" in summary  # both experiments' activation DBs, over the same rows
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], project) == ""  # the workspace untouched
 
     # One pass of the base model over the corpus for the baseline, an experiment and a 3-config sweep: count
     # the activations stage's runs and its forward passes in every command's output and every queued log.
