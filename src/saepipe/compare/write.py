@@ -17,7 +17,7 @@ from saepipe.compare.plots import frontier
 from saepipe.compare.runs import Run
 from saepipe.storage import atomic_dir, atomic_path, write_json
 
-COMPARE_JSON, README, FRONTIER = "compare.json", "README.md", "frontier.png"
+COMPARE_JSON, README, FRONTIER, FRONTIER_DATA = "compare.json", "README.md", "frontier.png", "frontier.json"
 MATCHES_JS = "index.js"
 """In `<analysis>/<A>/matches/`: what A's feature browser loads (`../../matches/index.js`) to show matches."""
 COLUMNS = (("fvu", "FVU", 4), ("l0", "L0", 1), ("dead_pct", "dead %", 2), ("ce_recovered", "CE rec.", 3),
@@ -95,11 +95,14 @@ def readme(result: dict[str, Any], title: str) -> str:
 
 def write_comparison(runs: Sequence[Run], out_dir: Path, title: str, noise_sds: float = table.NOISE_SDS
                      ) -> dict[str, Any]:
-    """The three files, each written to a temporary name and renamed when complete (the plot first, the table
-    that names it last)."""
+    """The files, each written to a temporary name and renamed when complete (the plot first, the table that
+    names it last)."""
     result = comparison(runs, noise_sds)
     with atomic_path(out_dir / FRONTIER) as tmp:
         frontier([r.name for r in runs], [r.architecture for r in runs], [r.metrics for r in runs], title, tmp)
+    write_json(out_dir / FRONTIER_DATA, [{"run": r.name, "architecture": r.architecture,
+                                          **{k: r.metrics.get(k) for k in ("l0", "fvu", "ce_recovered")}}
+                                         for r in runs])  # the points, for `dvc plots` where compare is a stage
     write_json(out_dir / COMPARE_JSON, result)
     with atomic_path(out_dir / README) as tmp:
         tmp.write_text(readme(result, title), encoding="utf-8")
