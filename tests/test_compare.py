@@ -25,6 +25,7 @@ def test_pareto_front_is_exactly_the_non_dominated_points() -> None:
     assert table.pareto_front(l0, ce, higher_is_better=True) == [0, 3]  # 3 beats 1 and 2 at lower L0
     assert table.pareto_front([5, 5], [0.1, 0.1], False) == [0, 1]  # equal points dominate neither
     assert table.pareto_front([5, None], [0.1, 0.05], False) == [0]  # a run without L0 is not placed
+    assert table.pareto_front([5, 6], [0.1, None], True) == [0]  # nor one without the figure
 
 
 def test_seed_groups_and_the_noise_rule() -> None:
@@ -184,3 +185,33 @@ def test_features_of_a_run_against_itself_and_another_seed(finished, capsys) -> 
     known = json.loads(script[script.index("{"):script.rindex("}") + 1])
     assert set(known) == {"k4s0", "k4s1"} and known["k4s1"]["browser"] is None  # k4s1 has no report here
     assert "matched at cosine >= 0.9" in capsys.readouterr().out
+
+
+def test_experiments_keep_only_the_figures_their_own_stages_wrote() -> None:
+    """`dvc exp show --json` records: an experiment run up to evaluate inherits its baseline's interp files
+    (dropped), one whose SAE is the baseline's keeps them, an unfinished one (no headline) is skipped."""
+    from saepipe.compare.runs import experiment_runs
+
+    quick, interp, sae = "analysis/default/quick", "analysis/default/interp", "models/sae/default"
+
+    def record(name, sae_hash, density_hash, interp_hash, headline):
+        metrics = {f"{quick}/headline.json": {"data": headline},
+                   f"{interp}/probing.json": {"data": {"subject_k1": 0.7}},
+                   f"{interp}/autointerp.json": {"data": {"detection": 0.6}}}
+        outs = {sae: {"hash": sae_hash}, f"{quick}/feature_density.npy": {"hash": density_hash},
+                f"{interp}/probing_features.json": {"hash": interp_hash}}
+        train = {"run_name": "default", "topk": 4}
+        params = {"params.yaml": {"data": {"train": train, "export": {"output_dir": "models/sae"}}}}
+        return {"rev": name * 8, "name": name, "data": {"params": params, "metrics": metrics, "outs": outs}}
+
+    baseline = record("base", "s0", "d0", "i0", {"fvu": 0.2, "l0": 30.0})
+    baseline["experiments"] = [
+        {"name": "k8", "revs": [record("k8", "s1", "d1", "i0", {"fvu": 0.15, "l0": 60.0})]},     # up to evaluate
+        {"name": "same", "revs": [record("same", "s0", "d0", "i0", {"fvu": 0.2, "l0": 30.0})]},  # the baseline's SAE
+        {"name": "running", "revs": [record("running", "s2", "d0", "i0", {"fvu": 0.2, "l0": 30.0})]},  # no evaluate
+    ]
+    runs = {r.name: r for r in experiment_runs([baseline])}
+    assert sorted(runs) == ["k8", "same"]
+    assert runs["k8"].metrics["fvu"] == 0.15 and runs["k8"].metrics["subject_k1"] is None
+    assert runs["k8"].metrics["detection"] is None and runs["k8"].sae.rev == "k8" * 8
+    assert runs["same"].metrics["subject_k1"] == 0.7 and runs["same"].metrics["detection"] == 0.6

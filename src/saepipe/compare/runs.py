@@ -137,9 +137,11 @@ def exp_show(repo: str | Path = ".") -> list[dict[str, Any]]:
 
 def experiment_runs(records: Iterable[dict[str, Any]]) -> list[Run]:
     """Finished experiments of `dvc exp show --json`: each one's params.yaml, its metrics files and its outputs
-    (read from the DVC cache at its revision). Experiments without evaluate's headline metrics are skipped."""
+    (read from the DVC cache at its revision). Experiments without evaluate's headline figures (queued, running,
+    failed) are skipped; figures an experiment inherited from its baseline are dropped (`_stale`)."""
     runs = []
     for baseline in records:
+        base_outs = ((baseline.get("data") or {}).get("outs")) or {}
         for experiment in baseline.get("experiments") or []:
             revs = experiment.get("revs") or []
             if not revs or not revs[0].get("data") or revs[0].get("error"):
@@ -148,26 +150,42 @@ def experiment_runs(records: Iterable[dict[str, Any]]) -> list[Run]:
             data = rev["data"]
             params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data") or {})
             run = _experiment_run(str(experiment.get("name") or rev.get("name") or rev["rev"][:7]), rev["rev"],
-                                  params, data.get("metrics") or {}, data.get("outs") or {})
+                                  params, data.get("metrics") or {}, data.get("outs") or {}, base_outs)
             if run is not None:
                 runs.append(run)
     return runs
 
 
-def _experiment_run(name: str, rev: str, params: dict[str, Any], metrics: dict[str, Any], outs: dict[str, Any]
-                    ) -> Run | None:
+def _stale(witness: str, sae: str, outs: dict[str, Any], base_outs: dict[str, Any]) -> bool:
+    """Whether an experiment's output `witness` is its baseline's: the experiment changed the SAE but not this
+    output of a stage that reads it (an experiment run up to an earlier stage keeps the later stages' files)."""
+    def digest(table: dict[str, Any], path: str) -> Any:
+        return (table.get(path) or {}).get("hash")
+
+    changed_sae = digest(outs, sae) != digest(base_outs, sae)
+    return changed_sae and digest(outs, witness) is not None and digest(outs, witness) == digest(base_outs, witness)
+
+
+def _experiment_run(name: str, rev: str, params: dict[str, Any], metrics: dict[str, Any], outs: dict[str, Any],
+                    base_outs: dict[str, Any]) -> Run | None:
     files = {PurePosixPath(path): (value or {}).get("data") or {} for path, value in metrics.items()}
     headline = next((p for p in files if p.name == paths.QUICK_HEADLINE and p.parent.name == paths.QUICK), None)
     if headline is None:
         return None
     analysis = headline.parent.parent
     interp = analysis / paths.INTERP
-    run_name = params.get("train.run_name")
-    sae = f"{params.get('export.output_dir')}/{run_name}"
+    sae = f"{params.get('export.output_dir')}/{params.get('train.run_name')}"
+    if _stale(str(analysis / paths.QUICK / paths.QUICK_DENSITY), sae, outs, base_outs):
+        return None  # evaluate did not run for this SAE
+    fresh_interp = not _stale(str(interp / paths.PROBING_FEATURES), sae, outs, base_outs)
     db = str(analysis / paths.ACTIVATION_DB)
-    figures_ = figures(files[headline], files.get(interp / paths.PROBING), files.get(interp / paths.AUTOINTERP))
+    figures_ = figures(files[headline], files.get(interp / paths.PROBING) if fresh_interp else None,
+                       files.get(interp / paths.AUTOINTERP) if fresh_interp else None)
+    if figures_["fvu"] is None:
+        return None
+    has_db = db in outs and not _stale(db, sae, outs, base_outs)
     return Run(name=name, source="experiment", params=params, metrics=figures_,
-               sae=Artifact(sae, rev), activation_db=Artifact(db, rev) if db in outs else None)
+               sae=Artifact(sae, rev), activation_db=Artifact(db, rev) if has_db else None)
 
 
 def models_runs(models_file: str | Path) -> list[Run]:

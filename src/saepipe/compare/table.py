@@ -105,7 +105,7 @@ def pareto_front(l0: Sequence[float], score: Sequence[float], higher_is_better: 
     """Indices of the points no other point dominates: as sparse or sparser and as good or better, strictly
     better in one. Sorted by L0."""
     sign = 1.0 if higher_is_better else -1.0
-    points = [(x, sign * y) for x, y in zip(l0, score, strict=True)]
+    points = [(x, sign * y if _finite(y) else None) for x, y in zip(l0, score, strict=True)]
     front = [i for i, (x, y) in enumerate(points)
              if _finite(x) and _finite(y) and not any(
                  j != i and _finite(xj) and _finite(yj) and xj <= x and yj >= y and (xj < x or yj > y)
