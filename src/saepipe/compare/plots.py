@@ -27,8 +27,9 @@ def frontier(names: Sequence[str], architectures: Sequence[str], metrics: Sequen
             members = [j for j in have if architectures[j] == arch]
             ax.scatter([l0[j] for j in members], [score[j] for j in members], marker=MARKERS.get(arch, "x"),
                        s=46, label=arch, zorder=3)
-        for j in have:
-            ax.annotate(names[j], (l0[j], score[j]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        for rank, j in enumerate(sorted(have, key=lambda j: (l0[j], score[j]))):  # neighbours' labels alternate
+            ax.annotate(names[j], (l0[j], score[j]), textcoords="offset points", fontsize=7,
+                        xytext=(5, 4) if rank % 2 == 0 else (5, -10))
         front = [have[j] for j in pareto_front([l0[j] for j in have], [score[j] for j in have], higher)]
         if len(front) > 1:
             ax.plot([l0[j] for j in front], [score[j] for j in front], color="0.3", lw=1.2, ls="--",

@@ -125,14 +125,23 @@ def workspace_runs(analysis_root: str | Path) -> list[Run]:
 
 
 def exp_show(repo: str | Path = ".") -> list[dict[str, Any]]:
-    """`dvc exp show --json` for the project at `repo` ([] outside a DVC project or without experiments)."""
+    """`dvc exp show --json` for every commit experiments were run from ([] outside a DVC project or without
+    experiments). Plain `exp show` sees only those of HEAD: a commit after a sweep would hide it. `dvc exp list
+    --all-commits` names the baselines in a fraction of a second; `exp show --all-commits` reads every commit."""
     if not (Path(repo) / ".dvc").is_dir():
         return []
-    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
-                          text=True)
+    listed = _dvc(["exp", "list", "--all-commits"], repo)  # "<baseline>:" then one indented line per experiment
+    baselines = [line[:-1] for line in listed.splitlines() if line.endswith(":") and not line.startswith("\t")]
+    if not baselines:
+        return []
+    return json.loads(_dvc(["exp", "show", "--json", *[f"--rev={rev}" for rev in baselines]], repo) or "[]")
+
+
+def _dvc(args: list[str], repo: str | Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
     if done.returncode != 0:
-        raise UserError(f"`dvc exp show --json` failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(done.stdout or "[]")
+        raise UserError(f"`dvc {' '.join(args[:2])}` failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return done.stdout
 
 
 def experiment_runs(records: Iterable[dict[str, Any]]) -> list[Run]:

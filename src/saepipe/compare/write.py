@@ -112,6 +112,7 @@ def write_comparison(runs: Sequence[Run], out_dir: Path, title: str, noise_sds: 
 def match_summary(a: str, b: str, d_a: int, d_b: int, found: FeatureMatch, alive: np.ndarray,
                   correlation: np.ndarray | None, method: str) -> dict[str, Any]:
     summary = {"a": a, "b": b, "d_a": d_a, "d_b": d_b, "method": method, "alive_a": len(alive),
+               "alive_from": "A's dead latents (evaluate)" if len(alive) < d_a else "every latent (none known dead)",
                "matched_0.9": found.share(0.9, alive), "matched_0.7": found.share(0.7, alive),
                "mean_cosine": float(found.cosine[alive].mean()) if len(alive) else math.nan,
                "split_latents": int(sum(len(s) > 1 for s in found.splits))}

@@ -145,7 +145,8 @@ def compare_features(params: Params, runs: list[Run], a_name: str, b_name: str, 
         write_browser_matches(analysis / a.name / "matches", b.name, browser, summary, records)
     corr = f", mean activation r {summary['mean_correlation']:.3f}" if "mean_correlation" in summary else ""
     print(f"compare: {a.name} ({sae_a.d_sae:,}) against {b.name} ({sae_b.d_sae:,}): "
-          f"{100 * summary['matched_0.9']:.1f} % of {summary['alive_a']:,} alive latents matched at cosine >= 0.9, "
+          f"{100 * summary['matched_0.9']:.1f} % of {summary['alive_a']:,} {'alive ' if a.dead is not None else ''}"
+          f"latents matched at cosine >= 0.9, "
           f"{100 * summary['matched_0.7']:.1f} % at >= 0.7{corr} -> {target} [{time.perf_counter() - started:.1f} s]")
 
 
