@@ -34,6 +34,9 @@ bench: $(STAMP)  # each prints one JSON object as its last line; train_throughpu
 	python benchmarks/evaluate.py
 	python benchmarks/analysis.py
 	python benchmarks/interp.py
+	python benchmarks/compare_match.py
+	python benchmarks/quality.py    # needs the peers extra (sae-lens); says so and exits 0 without it
+	python benchmarks/synth.py      # long: five architectures on 1M tokens each (~40 min on 2 cores)
 
 clean-venv:
 	rm -rf $(VENV)
