@@ -85,18 +85,27 @@ def test_partial_params_file_falls_back_key_by_key(repo_dir, tmp_path, monkeypat
     assert params.activations == repo.activations
 
 
-def test_a_stage_validates_only_the_sections_it_reads(repo_dir, tmp_path, monkeypatch) -> None:
+def test_a_fault_stops_only_a_stage_that_reads_the_section(repo_dir, tmp_path, monkeypatch, capsys) -> None:
     raw = yaml.safe_load((repo_dir / "params.yaml").read_text())
     raw["train"]["topk"] = "many"  # broken, but process never reads train
     del raw["evaluate"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    params = load_params("params.yaml", sections=["process"])
+    params = load_params("params.yaml", strict=["process"])
     assert params.process.min_words == raw["process"]["min_words"]
-    with pytest.raises(AttributeError, match="'train' was not loaded"):
+    with pytest.raises(UserError, match=r"train\.topk='many'"):  # the section's own error, when it is read
         _ = params.train.sae
-    with pytest.raises(UserError, match=r"train\.topk='many'"):
-        load_params("params.yaml", sections=["export", "train"])
+    with pytest.raises(UserError, match="section 'evaluate' is missing"):
+        _ = params.evaluate.output_dir
+    assert "train" not in params.to_dict() and "process" in params.to_dict()
+    with pytest.raises(UserError, match=r"train\.topk='many'"):  # the strict sections fail up front
+        load_params("params.yaml", strict=["export", "train"])
+    with pytest.raises(UserError, match=r"train\.topk='many'"):  # and by default every section is strict
+        load_params("params.yaml")
+    # through the CLI: export reads train.run_name, so it stops with train's one line; flags of its own section
+    # are checked before any work
+    assert main(["export"]) == 2
+    assert "train.topk='many'" in capsys.readouterr().err
 
 
 def test_missing_and_malformed_params_files(tmp_path) -> None:

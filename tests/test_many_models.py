@@ -354,5 +354,6 @@ def test_two_tiny_models_reproduce_apart_and_rerun_only_what_changed(tmp_path, r
         (root / many_models.MODELS_FILE).write_text(yaml.safe_dump(listing, sort_keys=False))
 
     trains = {f"train@{key}" for key in ("qwen3-0.6b", "qwen3-1.7b")}
-    assert stale_after(topk) == trains
-    assert stale_after(window) == trains | {"activations@qwen3-1.7b"}
+    family = {"compare"}  # it reads every model's params file (the differing params it tables)
+    assert stale_after(topk) == trains | family
+    assert stale_after(window) == trains | family | {"activations@qwen3-1.7b"}

@@ -118,7 +118,7 @@ def test_each_stage_reads_exactly_the_params_dvc_yaml_lists(tiny_project, repo_d
         module = importlib.import_module(spec.module)
         recorder.reads = set()
         for overrides in ({}, *([SECOND_PASS[stage]] if stage in SECOND_PASS else [])):
-            params = load_params("params.yaml", {spec.section: overrides}, sections=(spec.section, *spec.reads))
+            params = load_params("params.yaml", {spec.section: overrides})
             if stage == "interp":
                 label_documents(params)
             recorder.on = True
@@ -151,7 +151,7 @@ def test_the_recorder_sees_reads_through_groups_and_helpers(monkeypatch, repo_di
     """The instrument itself: a group field (train.sae.topk), a property and flat_values all record."""
     from saepipe.config import flat_values
 
-    params = load_params(repo_dir / "params.yaml", sections=("train", "activations"))
+    params = load_params(repo_dir / "params.yaml")
     recorder = Recorder(monkeypatch)
     recorder.on = True
     assert params.train.sae.topk > 0

@@ -29,9 +29,6 @@ class Stage:
     """The module with `run(params)`."""
     section: str | None
     """The params.yaml section its flags override (None: it reads no section and runs as `run(args)`)."""
-    reads: tuple[str, ...] = ()
-    """Other sections it reads (built and validated along with its own; the rest are never looked at). Every
-    stage after `train` loads `activations` too: a null `train.run_name` is derived from the activation cache."""
     arguments: bool = False
     """The module adds arguments of its own (`add_arguments(parser)`) and runs as `run(params, args)`."""
 
@@ -39,26 +36,21 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "process": Stage("saepipe.stages.process", "process"),
     "base-model": Stage("saepipe.stages.base_model", "base_model"),
-    "tokenize": Stage("saepipe.stages.tokenize", "tokenize", ("process", "base_model")),
-    "activations": Stage("saepipe.stages.activations", "activations", ("tokenize", "base_model")),
-    "train": Stage("saepipe.stages.train", "train", ("activations", "tokenize", "base_model")),
-    "export": Stage("saepipe.stages.export", "export", ("train", "activations")),
-    "evaluate": Stage("saepipe.stages.evaluate", "evaluate",
-                      ("export", "train", "activations", "tokenize", "base_model")),
-    "activation-db": Stage("saepipe.stages.activation_db", "activation_db",
-                           ("evaluate", "export", "train", "activations", "tokenize")),
-    "matrices": Stage("saepipe.stages.matrices", "matrices", ("evaluate", "export", "train", "activations")),
-    "summarize": Stage("saepipe.stages.summarize", "summarize",
-                       ("matrices", "evaluate", "export", "train", "tokenize", "base_model", "activations")),
-    "interp": Stage("saepipe.stages.interp", "interp",
-                    ("summarize", "evaluate", "export", "train", "process", "tokenize", "activations", "base_model")),
-    "report": Stage("saepipe.stages.report", "report", ("evaluate", "export", "train", "base_model", "activations")),
-    "upload": Stage("saepipe.stages.upload", "export", ("train", "activations")),
-    "show-feature": Stage("saepipe.stages.show_feature", "summarize",
-                          ("evaluate", "export", "train", "tokenize", "base_model", "activations"), arguments=True),
+    "tokenize": Stage("saepipe.stages.tokenize", "tokenize"),
+    "activations": Stage("saepipe.stages.activations", "activations"),
+    "train": Stage("saepipe.stages.train", "train"),
+    "export": Stage("saepipe.stages.export", "export"),
+    "evaluate": Stage("saepipe.stages.evaluate", "evaluate"),
+    "activation-db": Stage("saepipe.stages.activation_db", "activation_db"),
+    "matrices": Stage("saepipe.stages.matrices", "matrices"),
+    "summarize": Stage("saepipe.stages.summarize", "summarize"),
+    "interp": Stage("saepipe.stages.interp", "interp"),
+    "report": Stage("saepipe.stages.report", "report"),
+    "upload": Stage("saepipe.stages.upload", "export"),
+    "show-feature": Stage("saepipe.stages.show_feature", "summarize", arguments=True),
     "models": Stage("saepipe.stages.models", None, arguments=True),
     "synth": Stage("saepipe.stages.synth", None, arguments=True),
-    "compare": Stage("saepipe.stages.compare", "compare", ("evaluate",), arguments=True),
+    "compare": Stage("saepipe.stages.compare", "compare", arguments=True),
 }
 # Subcommands whose purpose is not their params section's (they share it with another stage).
 SUMMARIES = {
@@ -167,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if spec.section is None:
             importlib.import_module(spec.module).run(args)
             return 0
-        params = load_params(args.params, overrides_from_args(args), sections=(spec.section, *spec.reads))
+        params = load_params(args.params, overrides_from_args(args), strict=(spec.section,))
         module = importlib.import_module(spec.module)
         if spec.arguments:
             module.run(params, args)

@@ -6,7 +6,8 @@ come from a params file or from a CLI flag that overrides it for one run.
 
 A file given with `--params FILE` may hold only some sections and keys: whatever it leaves out comes,
 key by key, from `params.yaml` in the current directory (the project's), so `FILE` states just what
-differs. A stage builds and validates only the sections it reads.
+differs. A stage validates its own section before any work; a fault in another section stops it only if it
+reads that section (`Unusable`), so a bad `interp` value never blocks `process`.
 """
 
 from __future__ import annotations
@@ -51,20 +52,20 @@ SECTIONS: dict[str, type] = {
 }
 
 
-class NotLoaded:
-    """Stands for a section the stage did not ask for: reading it is a bug in the stage's declaration."""
+class Unusable:
+    """Stands for a section that is missing or did not validate, outside the ones checked up front: reading it
+    raises that section's own one-line error, so only a stage that uses the section stops on it."""
 
-    def __init__(self, section: str):
-        self._section = section
+    def __init__(self, error: UserError):
+        self._error = error
 
     def __getattr__(self, name: str) -> Any:
-        raise AttributeError(f"params section {self._section!r} was not loaded for this stage "
-                             "(list it among the stage's sections in saepipe.cli.STAGES)")
+        raise UserError(str(self._error))
 
 
 @dataclass(frozen=True)
 class Params:
-    """The sections of `params.yaml` a stage reads, validated (the others are `NotLoaded`)."""
+    """Every section of `params.yaml`, validated (a faulty one not checked up front is `Unusable`)."""
 
     process: ProcessConfig
     base_model: BaseModelConfig
@@ -83,7 +84,7 @@ class Params:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The loaded sections as params.yaml holds them (flat keys): what `params_from_dict` reads back."""
         return {name: flat_values(section) for name, section in vars(self).items()
-                if not isinstance(section, NotLoaded)}
+                if not isinstance(section, Unusable)}
 
 
 Overrides = dict[str, dict[str, Any]]
@@ -124,25 +125,26 @@ def layered_params(path: str | Path) -> dict[str, Any]:
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Overrides | None = None,
-                sections: list[str] | tuple[str, ...] | None = None) -> Params:
-    """Load and validate the `sections` (default: all) of a params file; `overrides` maps
-    section -> key -> already-typed value (the CLI's flags)."""
-    return params_from_dict(layered_params(path), overrides, sections)
+                strict: list[str] | tuple[str, ...] | None = None) -> Params:
+    """Load and validate a params file; `overrides` maps section -> key -> already-typed value (the CLI's
+    flags). The `strict` sections (default: all) must validate now; the others become `Unusable` if not."""
+    return params_from_dict(layered_params(path), overrides, strict)
 
 
 def params_from_dict(raw: dict[str, Any], overrides: Overrides | None = None,
-                     sections: list[str] | tuple[str, ...] | None = None) -> Params:
+                     strict: list[str] | tuple[str, ...] | None = None) -> Params:
     overrides = overrides or {}
-    wanted = list(SECTIONS) if sections is None else list(sections)
     built: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
-        if name not in wanted:
-            built[name] = NotLoaded(name)
-            continue
-        values = raw.get(name)
-        if not isinstance(values, dict):
-            raise UserError(f"params: section {name!r} is missing or not a mapping")
-        built[name] = build_section(name, cls, {**values, **overrides.get(name, {})})
+        try:
+            values = raw.get(name)
+            if not isinstance(values, dict):
+                raise UserError(f"params: section {name!r} is missing or not a mapping")
+            built[name] = build_section(name, cls, {**values, **overrides.get(name, {})})
+        except UserError as exc:
+            if strict is None or name in strict:
+                raise
+            built[name] = Unusable(exc)
     return Params(**built)
 
 
