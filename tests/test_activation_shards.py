@@ -11,12 +11,12 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import with_section
+from helpers import with_section, write_params
 from saepipe.activations.cache import ActivationCache
 from saepipe.errors import UserError
 from saepipe.paths import SHARDS_NOTE
 from saepipe.stages import activation_db, activations, evaluate, export, tokenize, train
-from test_distributed import params_file, torchrun
+from test_distributed import torchrun
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 ROW_FIELDS = ("token_ids", "doc_ids", "positions", "norms", "outlier")
@@ -64,7 +64,7 @@ def test_two_rank_cache_is_the_single_process_cache_and_later_stages_read_it(tok
     assert (single_dir / "parts").is_dir() and not any((single_dir / "parts").glob("*.h5"))
     assert (single_dir / "parts" / SHARDS_NOTE).is_file()  # never an empty folder: DVC would warn
     sharded = with_section(tokenized, "activations", output_dir=str(tmp_path / "sharded"))
-    done = torchrun(["activations", "--params", params_file(sharded, tmp_path / "p.yaml")], tmp_path)
+    done = torchrun(["activations", "--params", write_params(sharded, tmp_path / "p.yaml")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("activations: ") == 1 and "in 2 processes" in done.stdout
     out = tmp_path / "sharded"
