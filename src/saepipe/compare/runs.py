@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import yaml
+
 from saepipe import paths
 from saepipe.errors import UserError
 
@@ -84,10 +86,11 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _json(path: Path) -> dict[str, Any] | None:
+def _json(path: Path, parse: Any = json.loads) -> dict[str, Any] | None:
+    """The mapping a JSON (or, with `parse=yaml.safe_load`, YAML) file holds; None if absent or not one."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        value = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
         return None
     return value if isinstance(value, dict) else None
 
@@ -207,19 +210,10 @@ def models_runs(models_file: str | Path) -> list[Run]:
     spec = read_models_file(models_file)
     runs = []
     for key in spec.models:
-        raw = _yaml(Path(spec.params_file(key)))
+        raw = _json(Path(spec.params_file(key)), yaml.safe_load)
         run = analysis_run(key, "models", Path(spec.output_dir(key)) / "analysis" / spec.run_name,
                            flatten(raw) if raw else None)
         if run is not None:
             runs.append(run)
     return runs
 
-
-def _yaml(path: Path) -> dict[str, Any] | None:
-    import yaml
-
-    try:
-        value = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return value if isinstance(value, dict) else None
