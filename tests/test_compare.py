@@ -215,3 +215,11 @@ def test_experiments_keep_only_the_figures_their_own_stages_wrote() -> None:
     assert runs["k8"].metrics["fvu"] == 0.15 and runs["k8"].metrics["subject_k1"] is None
     assert runs["k8"].metrics["detection"] is None and runs["k8"].sae.rev == "k8" * 8
     assert runs["same"].metrics["subject_k1"] == 0.7 and runs["same"].metrics["detection"] == 0.6
+
+
+def test_labels_of_near_identical_runs_go_apart() -> None:
+    from saepipe.compare.plots import label_offsets
+
+    offsets = dict(label_offsets([20.0, 20.1, 40.0, 73.0], [0.97, 0.98, 0.98, 0.99], [10, 11, 12, 13]))
+    assert offsets[11] == 4 and offsets[10] == -10  # the cluster at L0 20: the higher above, the lower below
+    assert offsets[12] == 4 and offsets[13] == 4  # alone: above
