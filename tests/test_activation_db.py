@@ -228,6 +228,12 @@ def test_show_feature_prints_stats_and_marked_examples(built, capsys) -> None:
     assert main(["show-feature", "--search", "the", "--params", str(params_file)]) == 0
     assert "features most active on 'the'" in capsys.readouterr().out
     assert main(["show-feature", "--params", str(params_file)]) == 2
+    capsys.readouterr()
+    for args, field in ((["--search", " "], "--search=' '"), (["--search", "the", "--results", "0"], "--results=0"),
+                        (["--search", "the", "--results", "-5"], "--results=-5"), (["--", "-3"], "feature=-3")):
+        assert main(["show-feature", "--params", str(params_file), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert field in err and len(err.splitlines()) == 1, err
 
 
 def test_outlier_rows_stay_without_features_unless_included(trained_pipeline, tmp_path) -> None:

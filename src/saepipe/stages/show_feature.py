@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(params: Params, args: argparse.Namespace) -> None:
     if (args.feature is None) == (args.search is None):
         raise UserError("give a feature id or --search TEXT (one of them)")
+    if args.search is not None and not args.search.strip():
+        raise UserError(f"--search={args.search!r}: expected a token's text (not empty or blank)")
+    if args.results < 1:
+        raise UserError(f"--results={args.results}: expected an integer >= 1")
+    if args.feature is not None and args.feature < 0:
+        raise UserError(f"feature={args.feature}: expected an id >= 0")
     cfg = params.summarize
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     tokenizer = load_tokenizer(params.base_model.output_dir)
