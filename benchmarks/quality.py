@@ -62,6 +62,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from saepipe.analysis.quick import evaluate_activations  # noqa: E402
 from saepipe.config import load_params, replace_values  # noqa: E402
+from saepipe.kernels import exact_cut  # noqa: E402
 from saepipe.sae import build_sae, config_from_params  # noqa: E402
 from saepipe.training.data import ActivationData, epoch_order, iter_batches, load_activation_data  # noqa: E402
 from saepipe.training.trainer import Trainer  # noqa: E402
@@ -81,13 +82,6 @@ def batches(data: ActivationData, batch_size: int, epochs: int, seed: int) -> It
 
 def validation(data: ActivationData) -> torch.Tensor:
     return data.validation.float() * data.scale
-
-
-def global_threshold(pre: torch.Tensor, k: int) -> float:
-    """The one threshold that keeps k pre-activations per row on average (the (k * rows)-th largest)."""
-    flat = pre.flatten()
-    keep = min(k * pre.shape[0], int((flat > 0).sum()))
-    return float(torch.topk(flat, keep, sorted=False).values.min())
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------------
@@ -123,12 +117,12 @@ def train_ours(params: Any, data: ActivationData, sae_type: str, lr: float) -> t
     return sae.eval(), time.perf_counter() - started
 
 
-def calibrate_ours(sae: Any, rows: torch.Tensor, k: int) -> Any:
+def calibrate_ours(sae: Any, rows: torch.Tensor) -> Any:
     import copy
 
     calibrated = copy.deepcopy(sae)
     with torch.no_grad():
-        calibrated.set_inference_threshold(torch.tensor(global_threshold(sae.pre_activations(rows), k)))
+        calibrated.calibrate_([rows], len(rows))  # the trainer's own exact calibration, on these rows
     return calibrated
 
 
@@ -183,7 +177,7 @@ def calibrate_saelens(sae: Any, rows: torch.Tensor, k: int) -> Any:
     inner = calibrated.sae
     with torch.no_grad():
         pre = inner.process_sae_in(rows) @ inner.W_enc + inner.b_enc
-        inner.threshold.fill_(global_threshold(pre, k))
+        inner.threshold.fill_(exact_cut([pre], k, len(rows))[0])
     return calibrated
 
 
@@ -265,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             sae, seconds = train_ours(params, data, arch, cfg.lr)
             report(f"ours_{arch}", "ours", arch, cfg.lr, sae, seconds, at_k=arch == "topk")
             if arch == "batch_topk":
-                report(f"ours_{arch}@k", "ours", arch, cfg.lr, calibrate_ours(sae, val, k), seconds, at_k=True)
+                report(f"ours_{arch}@k", "ours", arch, cfg.lr, calibrate_ours(sae, val), seconds, at_k=True)
     if sae_lens is not None and args.only in ("saelens", "all"):
         for arch in archs:
             for lr in dict.fromkeys([args.lr_saelens_default, cfg.lr]):

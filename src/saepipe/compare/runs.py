@@ -20,12 +20,8 @@ from typing import Any
 import yaml
 
 from saepipe import paths
+from saepipe.compare.table import AUTOINTERP, HEADLINE, PROBING
 from saepipe.errors import UserError
-
-HEADLINE = ("fvu", "l0", "dead_pct", "ce_recovered", "kl")
-PROBING = ("subject_k1", "subject_k5", "chapter_k1", "chapter_k5")
-AUTOINTERP = ("detection", "fuzzing")
-SOURCES = ("workspace", "experiment", "models")
 
 
 @dataclass(frozen=True)

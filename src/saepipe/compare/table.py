@@ -15,9 +15,14 @@ SEED = "train.seed"
 NOISE_SDS = 2.0
 """A difference between two configurations smaller than this many times the larger group's sd is seed noise."""
 
+HEADLINE = ("fvu", "l0", "dead_pct", "ce_recovered", "kl")
+"""evaluate's headline.json."""
+PROBING = ("subject_k1", "subject_k5", "chapter_k1", "chapter_k5")
+"""interp's probing.json: sparse-probe accuracy with 1 and 5 features."""
+AUTOINTERP = ("detection", "fuzzing")
+"""interp's autointerp.json."""
 HIGHER_IS_BETTER = {"fvu": False, "l0": None, "dead_pct": False, "ce_recovered": True, "kl": False,
-                    "subject_k1": True, "subject_k5": True, "chapter_k1": True, "chapter_k5": True,
-                    "detection": True, "fuzzing": True}
+                    **dict.fromkeys(PROBING + AUTOINTERP, True)}
 """Every figure a row may carry and which way is better (None: neither; L0 is the budget, not a score)."""
 
 

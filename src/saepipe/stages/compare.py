@@ -12,6 +12,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +78,7 @@ def dedupe(runs: list[Run]) -> list[Run]:
     whose figures equal an experiment's is that experiment; and a name taken twice gets its source appended."""
     experiments = {tuple(r.metrics.items()) for r in runs if r.source == "experiment"}
     kept = [r for r in runs if r.source == "experiment" or tuple(r.metrics.items()) not in experiments]
-    seen: dict[str, int] = {}
-    for r in kept:
-        seen[r.name] = seen.get(r.name, 0) + 1
+    seen = Counter(r.name for r in kept)
     return [r if seen[r.name] == 1 else dataclasses.replace(r, name=f"{r.name} ({r.source})") for r in kept]
 
 
@@ -107,11 +106,7 @@ def compare_features(params: Params, runs: list[Run], a_name: str, b_name: str, 
     from saepipe.analysis.activation_db import ActivationDB
     from saepipe.sae.formats import load_sae
 
-    by_name = {r.name: r for r in runs}
-    for name in (a_name, b_name):
-        if name not in by_name:
-            raise UserError(f"--features: no finished run named {name} (found: {', '.join(by_name) or 'none'})")
-    a, b = by_name[a_name], by_name[b_name]
+    a, b = _named(runs, [a_name, b_name], "finished run", "--features")
     cfg = params.compare
     with tempfile.TemporaryDirectory(prefix="saepipe-compare-") as scratch:
         sae_a, sae_b = (load_sae(r.sae.local(Path(scratch))) for r in (a, b))
@@ -120,8 +115,7 @@ def compare_features(params: Params, runs: list[Run], a_name: str, b_name: str, 
                             f"{sae_b.d_in}: their decoders live in different spaces")
         found = match_features(unit_rows(sae_a.W_dec), unit_rows(sae_b.W_dec), candidates=cfg.match_candidates,
                                split_cosine=cfg.split_cosine, progress=True)
-        dead = set(a.dead or [])
-        alive = np.array([i for i in range(sae_a.d_sae) if i not in dead], dtype=np.int64)
+        alive = np.setdiff1d(np.arange(sae_a.d_sae), np.asarray(a.dead or [], dtype=np.int64))
         correlation = None
         if a.activation_db and b.activation_db:
             with ActivationDB(a.activation_db.local(Path(scratch))) as db_a, \
