@@ -17,15 +17,21 @@ import torch
 
 from saepipe.analysis.activation_db import Example
 from saepipe.analysis.autointerp import (
+    Explanation,
     FeatureExamples,
+    TokenJudge,
+    auroc,
+    balanced_accuracy,
     clean_explanation,
     explanation_prompt,
-    fuzzing_samples,
+    fuzzing_windows,
     interpret,
     mark,
     mark_activating,
     sample_features,
+    score_feature,
 )
+from saepipe.analysis.token_baseline import MIN_SHARE, rarity, token_explanation
 from saepipe.analysis.explainer import HTTPExplainer, LocalExplainer, shared_prefix
 from saepipe.errors import UserError
 
@@ -64,7 +70,7 @@ class ScriptedJudge:
 
     def generate(self, prompts, max_new_tokens):
         self.prompts += prompts
-        return [f"Explanation: {self.explanation}\nmore text" for _ in prompts]
+        return [f"Explanation: {self.explanation}\n(on a second line)" for _ in prompts]
 
     def yes_probability(self, prompts):
         out = []
@@ -93,7 +99,7 @@ def test_marks_wrap_each_run_of_activating_tokens() -> None:
 def test_an_explanation_naming_the_token_scores_1_and_a_random_one_chance() -> None:
     examples = concept_examples()
     right = interpret(ScriptedJudge('the word "photon"'), [examples], max_new_tokens=10, seed=0)[0]
-    assert right["id"] == 7 and right["explanation"] == 'the word "photon"'  # first line, label removed
+    assert right["id"] == 7 and right["explanation"] == 'the word "photon" (on a second line)'  # whole
     assert right["detection"] == 1.0 and right["fuzzing"] == 1.0
     assert right["detection_auc"] == 1.0 and right["fuzzing_auc"] == 1.0
     judged = right["examples"]["detection"]
@@ -117,21 +123,61 @@ def test_a_judge_that_guesses_scores_near_chance() -> None:
 
 def test_fuzzing_marks_non_activating_windows_where_an_activating_one_fires() -> None:
     examples = concept_examples()
-    samples = fuzzing_samples(examples, random.Random(0))
-    correct = [text for text, ok in samples if ok]
-    wrong = [text for text, ok in samples if not ok]
+    windows = fuzzing_windows(examples, random.Random(0))
+    correct = [w.text() for w in windows if w.truth]
+    wrong = [w for w in windows if not w.truth]
     assert len(correct) == len(wrong) == 8
     assert all(re.findall(r"<<(.*?)>>", t) == [CONCEPT] for t in correct)
     fired_at = {e.activations.index(2.0) for e in examples.activating}
-    for text, e in zip(wrong, examples.non_activating, strict=True):
-        (marked,) = re.findall(r"<<(.*?)>>", text)
-        starts = np.cumsum([0] + [len(t) for t in e.tokens])  # character offset of each token
-        position = int(np.searchsorted(starts, text.index("<<")))
+    for w, e in zip(wrong, examples.non_activating, strict=True):
+        (marked,) = re.findall(r"<<(.*?)>>", w.text())
+        position = w.marked.index(True)
         assert marked == e.tokens[position] != CONCEPT and position in fired_at  # a borrowed position
 
 
+def test_the_rule_judge_scores_the_concept_token_1_and_a_common_word_lower() -> None:
+    examples = concept_examples(n=30)
+    right = score_feature(TokenJudge(), Explanation('" photon" 100%', (CONCEPT,)), examples, seed=0)
+    assert right["detection"] == right["fuzzing"] == 1.0 and right["detection_auc"] == 1.0
+    assert right["detection_examples"][0]["p_yes"] == 1.0 and len(right["fuzzing_examples"]) == 60
+    # " the" is in most windows, firing or not: detection falls towards chance; fuzzing marks it only by chance
+    common = score_feature(TokenJudge(), Explanation('" the" 100%', (" the",)), examples, seed=0)
+    assert 0.4 <= common["detection"] < 0.75 and common["fuzzing"] <= 0.6
+    absent = score_feature(TokenJudge(), Explanation('"zebra"', ("zebra",)), examples, seed=0, keep_windows=False)
+    assert absent == {"detection": 0.5, "detection_auc": 0.5, "fuzzing": 0.5, "fuzzing_auc": 0.5}
+
+
+def test_scores_agree_with_scikit_learn() -> None:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        truth = rng.random(12) < 0.5
+        truth[:2] = [True, False]
+        p = rng.integers(0, 4, 12) / 3  # ties, and exactly 0.5-free thresholds
+        assert auroc(truth, p) == pytest.approx(roc_auc_score(truth, p), abs=1e-12)
+        assert balanced_accuracy(truth, p) == pytest.approx(balanced_accuracy_score(truth, p > 0.5), abs=1e-12)
+
+
+def test_token_explanation_lists_the_tokens_that_hold_its_firings() -> None:
+    ids = np.array([7] * 60 + [3] * 30 + [9] * 6 + [4] * 3 + [5])  # 4 and 5 hold < MIN_SHARE of the firings
+    explanation, listed = token_explanation(ids, {7: " cell", 3: " cells", 9: "\n", 4: "x", 5: "y"}.get, 5)
+    assert [t["token"] for t in listed] == [" cell", " cells", "\n"] and MIN_SHARE > 3 / 100
+    assert [t["share"] for t in listed] == [0.6, 0.3, 0.06]
+    assert explanation.tokens == (" cell", " cells", "\n") and explanation.text == '" cell" 60%, " cells" 30%, "\\n" 6%'
+    one, _ = token_explanation(np.arange(100), str, 5)  # no token holds 5 %: the most frequent one still explains
+    assert one.tokens == ("0",)
+    totals = np.array([1000, 1, 10])
+    assert rarity([{"id": 0, "share": 1.0}], totals, 1000) == 0.0  # on every row
+    assert rarity([{"id": 1, "share": 1.0}], totals, 1000) == 1.0  # seen once
+    assert rarity([{"id": 0, "share": 0.5}, {"id": 1, "share": 0.5}], totals, 1000) == pytest.approx(0.5)
+
+
 def test_clean_explanation_and_feature_sample() -> None:
-    assert clean_explanation('\n  Answer: "Mentions of heat transfer."\nSecond line') == "Mentions of heat transfer."
+    assert clean_explanation('\n  Answer: "Mentions of heat transfer."') == "Mentions of heat transfer."
+    # kept whole: a heading line alone says nothing (SmolLM2 often starts with one)
+    assert clean_explanation("The marked tokens have the following characteristics:\n- names of\n  bacteria") == \
+        "The marked tokens have the following characteristics: - names of bacteria"
     counts = np.array([0, 30, 5, 40, 50, 30])
     chosen = sample_features(counts, 2, shown=25, score_examples=5, seed=0)
     assert len(chosen) == 2 and set(chosen) <= {1, 3, 4, 5} and chosen == sorted(chosen)
@@ -219,7 +265,7 @@ def test_http_explainer_sends_the_key_in_the_header_and_never_prints_it(server, 
     monkeypatch.setenv("SAEPIPE_TEST_KEY", "sk-secret-123")
     explainer = HTTPExplainer(f"{server}/v1", "served-model", "SAEPIPE_TEST_KEY")
     records = interpret(explainer, [concept_examples(n=2)], max_new_tokens=30, seed=0)
-    assert records[0]["explanation"] == "mentions of energy."
+    assert records[0]["explanation"] == "mentions of energy. And more."
     assert [e["p_yes"] for e in records[0]["examples"]["detection"]] == [0.75] * 4  # 0.6 / (0.6 + 0.2)
     headers, body = ChatServer.requests[0]
     assert headers["Authorization"] == "Bearer sk-secret-123"

@@ -1,4 +1,5 @@
-"""Stage `interp` on the tiny model's run: probes on labelled documents, the tiny model as explainer, outputs."""
+"""Stage `interp` on the tiny model's run: probes on labelled documents, the token baseline, the tiny model as
+LLM explainer, the outputs written as one folder and an explainer checked before any work."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def write_labels(params, n_documents: int, subject=None) -> None:
 def interp_params(trained_pipeline):
     params = with_section(trained_pipeline, "summarize", top_k=4, quantile_examples=2)
     params = with_section(params, "interp", features=2, score_examples=2, explain_examples=3, max_new_tokens=4,
-                          batch_size=4, device="cpu", probe_k=[1, 2], probe_window=8)
+                          batch_size=4, device="cpu", probe_k=[1, 2], probe_window=8,
+                          explainer_model=params.base_model.output_dir)
     if not activation_db(params).is_file():
         activation_db_stage.run(params)
     matrices.run(params)
@@ -71,8 +73,12 @@ def test_explanations_are_one_scored_line_per_feature_and_reproducible(interp_pa
         assert len(r["examples"]["explanation"]) == 3 + 2 * 2  # top examples, then the two quantile bands
         assert sum(e["activating"] for e in r["examples"]["detection"]) == 2
     auto = json.loads((interp_dir(interp_params) / "autointerp.json").read_text())
-    assert auto["features"] == 2
+    assert auto["features"] == 2 and auto["judge"] == auto["explainer"] == interp_params.base_model.output_dir
     assert auto["detection"] == pytest.approx(np.mean([r["detection"] for r in records]), abs=1e-4)
+    paired = [r["baseline_detection"] + r["baseline_fuzzing"] for r in records]
+    llm = [r["detection"] + r["fuzzing"] for r in records]
+    assert auto["beats_baseline"] == (np.mean(llm) > np.mean(paired))
+    assert all(isinstance(r["baseline_explanation"], str) and "%" in r["baseline_explanation"] for r in records)
     interp.run(interp_params)
     assert path.read_bytes() == first  # greedy decoding, seeded examples
 
@@ -108,3 +114,80 @@ def test_unlabelled_corpus_skips_probing_and_zero_features_skips_explaining(inte
     write_labels(params, n - 1)
     with pytest.raises(UserError, match=r"labels .* documents but the token cache holds"):
         interp.run(params)
+
+
+def test_the_token_baseline_scores_every_alive_feature_it_can(interp_params) -> None:
+    lines = (interp_dir(interp_params) / "token_baseline.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    cfg = interp_params.interp
+    with ActivationDB(activation_db(interp_params)) as db:
+        can = set(np.flatnonzero(db.counts > cfg.score_examples).tolist())
+        ids = [r["id"] for r in records]
+        assert ids == sorted(ids) and set(ids) <= can and len(ids) >= 0.9 * len(can)
+        for r in records:
+            rows, _ = db.feature_rows(r["id"])
+            tokens = db.row_token[rows]
+            assert r["count"] == len(rows) and 1 <= len(r["tokens"]) <= cfg.top_tokens
+            for t in r["tokens"]:  # its share of the firings the explanation was written from (all but held out)
+                n = int((tokens == t["id"]).sum())
+                low, high = (n - cfg.score_examples) / (len(rows) - cfg.score_examples), n / (len(rows) - cfg.score_examples)
+                assert low - 1e-4 <= t["share"] <= high + 1e-4
+            assert 0 <= r["detection"] <= 1 and 0 <= r["fuzzing"] <= 1 and 0 <= r["rarity"] <= 1
+            assert r["score"] == pytest.approx((r["detection"] + r["fuzzing"]) / 2 * r["rarity"], abs=1e-4)
+    auto = json.loads((interp_dir(interp_params) / "autointerp.json").read_text())
+    assert auto["baseline_features"] == len(records)
+    assert auto["baseline_detection"] == pytest.approx(np.mean([r["detection"] for r in records]), abs=1e-4)
+    assert all(not isinstance(v, dict | list) for v in auto.values())  # flat, for `dvc exp show`
+
+
+def tree(path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_an_interrupted_run_keeps_the_old_folder_whole(interp_params, monkeypatch) -> None:
+    folder = interp_dir(interp_params)
+    before = tree(folder)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(interp, "run_autointerp", interrupted)  # after probing and the baseline were written
+    with pytest.raises(KeyboardInterrupt):
+        interp.run(with_section(interp_params, "interp", probe_window=4, features=0))
+    assert tree(folder) == before
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_an_unreachable_explainer_is_refused_before_any_work(interp_params, monkeypatch) -> None:
+    folder = interp_dir(interp_params)
+    before = tree(folder)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the stage started working before checking its explainer")
+
+    monkeypatch.setattr(interp, "run_probing", no_work)
+    params = with_section(interp_params, "interp", explainer_url="http://127.0.0.1:9/v1")
+    with pytest.raises(UserError, match=r"interp\.explainer_url='http://127\.0\.0\.1:9/v1'.*reachable"):
+        interp.run(params)
+    with pytest.raises(UserError, match=r"interp\.explainer_model='no/such-model-here'"):
+        interp.run(with_section(interp_params, "interp", explainer_model="no/such-model-here"))
+    assert tree(folder) == before
+
+
+def test_more_features_than_can_be_explained_is_clamped_with_a_note(interp_params, monkeypatch, capsys) -> None:
+    asked = []
+
+    def record(explainer, examples, *args, **kwargs):
+        asked.append(len(examples))
+        return []
+
+    monkeypatch.setattr(interp, "interpret", record)
+    interp.run(with_section(interp_params, "interp", features=100_000))
+    err = capsys.readouterr().err
+    with ActivationDB(activation_db(interp_params)) as db:
+        cfg, summarize_cfg = interp_params.interp, interp_params.summarize
+        shown = summarize_cfg.top_k + len(summarize_cfg.quantile_bands) * summarize_cfg.quantile_examples
+        eligible = int((db.counts >= shown + cfg.score_examples).sum())
+    assert asked == [eligible]
+    assert f"interp.features=100000, but only {eligible} features fire often enough" in err
+    interp.run(interp_params)  # back to the module's outputs

@@ -120,24 +120,42 @@ def test_readme_lists_the_features_the_heuristic_picks(reported) -> None:
     cfg = reported.report
     active = [r["id"] for r in sorted((r for r in records if r["count"] > 0),
                                       key=lambda r: (-r["count"], r["id"]))][: cfg.table_features]
-    eligible = [r for r in records if r["count"] >= cfg.min_count and r["top_tokens"]
-                and re.search(r"[^\W\d_]", r["top_tokens"][0]["token"])]
-    share = {r["id"]: r["top_tokens"][0]["count"] / r["count"] for r in eligible}
-    interpretable = sorted(share, key=lambda f: (-share[f], -records[f]["count"], f))[: cfg.table_features]
-    assert active and interpretable
-
     readme = (report_dir(reported) / "README.md").read_text(encoding="utf-8")
-    listed_active = [int(f) for f in re.findall(r"#feature=(\d+)", section(readme, "### Most active"))]
-    listed_interp = [int(f) for f in re.findall(r"#feature=(\d+)", section(readme, "### Most interpretable"))]
-    assert (listed_active, listed_interp) == (active, interpretable)
-    summary = read(report_dir(reported) / "run_summary.json")
-    assert (summary["features"]["most_active"], summary["features"]["most_interpretable"]) == (active, interpretable)
-    for f in active + interpretable:  # each listed feature's strongest example, its token marked
-        example = records[f]["top_examples"][0]
-        assert f"«{example['tokens'][example['marked']].strip()}»" in readme
-    for name in PLOTS:
-        assert f"](plots/{name}.png)" in readme
-    assert "| FVU |" in readme and "browser/index.html" in readme
+    assert "`saepipe interp` has not run for this SAE: its token baseline ranks this table." in readme
+    # the token baseline's scores decide the second table: a made-up baseline, ranked by its score x rarity
+    alive = [r for r in records if r["count"] > 0]
+    rng = np.random.default_rng(0)
+    baseline = {r["id"]: {"id": r["id"], "explanation": "x", "tokens": [], "detection": 1.0, "fuzzing": 1.0,
+                          "rarity": float(rng.random()), "count": r["count"]} for r in alive[::2]}
+    for b in baseline.values():
+        b["score"] = round(b["rarity"], 4)
+    interp = analysis_dir(reported) / "interp"
+    interp.mkdir()
+    try:
+        (interp / "token_baseline.jsonl").write_text("".join(json.dumps(b) + "\n" for b in baseline.values()))
+        report.run(reported)
+        eligible = [r for r in records if r["id"] in baseline and r["count"] >= cfg.min_count]
+        interpretable = [r["id"] for r in sorted(eligible, key=lambda r: (-baseline[r["id"]]["score"], -r["count"],
+                                                                           r["id"]))][: cfg.table_features]
+        assert active and interpretable
+        readme = (report_dir(reported) / "README.md").read_text(encoding="utf-8")
+        listed_active = [int(f) for f in re.findall(r"#feature=(\d+)", section(readme, "### Most active"))]
+        listed_interp = [int(f) for f in re.findall(r"#feature=(\d+)", section(readme, "### Most interpretable"))]
+        assert (listed_active, listed_interp) == (active, interpretable)
+        assert "times the share-weighted rarity" in section(readme, "### Most interpretable")
+        summary = read(report_dir(reported) / "run_summary.json")
+        assert (summary["features"]["most_active"], summary["features"]["most_interpretable"]) == (active,
+                                                                                                  interpretable)
+        assert summary["features"]["most_interpretable_score"] == [baseline[f]["score"] for f in interpretable]
+        for f in active + interpretable:  # each listed feature's strongest example, its token marked
+            example = records[f]["top_examples"][0]
+            assert f"«{example['tokens'][example['marked']].strip()}»" in readme
+        for name in PLOTS:
+            assert f"](plots/{name}.png)" in readme
+        assert "| FVU |" in readme and "browser/index.html" in readme
+    finally:
+        shutil.rmtree(interp)
+        report.run(reported)
 
 
 def write_params(params, path: Path) -> Path:
@@ -240,16 +258,22 @@ def test_interp_results_reach_the_readme_browser_and_summary(reported, tmp_path)
         probing = {"subject_k1": 0.61, "subject_k5": 0.83, "subject_resid": 0.97, "chapter_k1": 0.55,
                    "chapter_k5": 0.64, "chapter_resid": 0.71, "train_samples": 30, "val_samples": 8, "window": 16}
         (interp / "probing.json").write_text(json.dumps(probing))
-        (interp / "autointerp.json").write_text(json.dumps({"detection": 0.75, "fuzzing": 0.6, "explainer": "tiny"}))
+        (interp / "autointerp.json").write_text(json.dumps({
+            "judge": "tiny", "baseline_features": 40, "baseline_detection": 0.66, "baseline_fuzzing": 0.71,
+            "explainer": "tiny", "features": 2, "detection": 0.75, "fuzzing": 0.6, "paired_baseline_detection": 0.8,
+            "paired_baseline_fuzzing": 0.7, "beats_baseline": False}))
         lines = [{"id": 3, "explanation": "the word cell | in biology", "detection": 0.9, "fuzzing": 0.7,
-                  "examples": {"explanation": ["x"]}},
+                  "baseline_detection": 0.8, "baseline_fuzzing": 0.6, "examples": {"explanation": ["x"]}},
                  {"id": 5, "explanation": "units of force", "detection": 0.5, "fuzzing": None}]
         (interp / "explanations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
         report.run(reported)
         readme = (report_dir(reported) / "README.md").read_text(encoding="utf-8")
         assert "| subject | 0.61 | 0.83 | 0.97 |" in readme and "| chapter | 0.55 | 0.64 | 0.71 |" in readme
-        assert "the word cell \\| in biology | 0.9 | 0.7 |" in readme and "units of force | 0.5 | — |" in readme
-        assert "mean detection 0.75, fuzzing 0.6" in readme
+        assert "the word cell \\| in biology | 0.9 | 0.7 | 0.8 / 0.6 |" in readme
+        assert "units of force | 0.5 | — | — / — |" in readme
+        assert "mean detection 0.75, fuzzing 0.6; on the same windows the token baseline scores 0.8 / 0.7: the " \
+               "LLM's explanations **do not beat** it" in readme
+        assert "Token baseline: each of 40 features" in readme and "mean detection 0.66, fuzzing 0.71" in readme
         summary = read(report_dir(reported) / "run_summary.json")
         assert summary["metrics"]["interp"]["probing"]["subject_k5"] == 0.83
         assert summary["metrics"]["interp"]["autointerp"]["detection"] == 0.75

@@ -74,6 +74,11 @@ def test_top_tokens_count_the_feature_rows(summarized) -> None:
         counts = np.bincount(db.row_token[rows])
         assert s["top_tokens"][0]["count"] == counts.max()
         assert s["top_tokens"][0]["id"] == int(np.argmax(counts))
+        # token_share: the share of the token's own (non-outlier) occurrences the feature fires on
+        kept = ~db.row_outlier if not db.attrs.get("outliers_included") else np.ones(db.n_rows, bool)
+        for t in s["top_tokens"]:
+            occurrences = int(((db.row_token == t["id"]) & kept).sum())
+            assert t["token_share"] == pytest.approx(t["count"] / occurrences, abs=1e-4) and t["token_share"] <= 1
 
 
 def test_logit_lens_matches_the_model_unembedding(summarized) -> None:

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -105,8 +105,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `final`; it replaces `final` only on success."""
+def atomic_dir(final: str | os.PathLike[str], keep: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `final`; it replaces `final` only on success. The files named
+    in `keep` (e.g. the .gitignore DVC writes beside outputs declared one by one) move into the new folder."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final)
@@ -114,6 +115,9 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(0o755)
+        for name in keep:
+            if (final / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(final / name, tmp / name)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -184,6 +188,13 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_path(path) as tmp:
         text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default)
         tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def write_jsonl(path: str | os.PathLike[str], records: Iterable[Any]) -> None:
+    """Write one JSON object per line, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> Any:

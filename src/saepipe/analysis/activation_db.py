@@ -176,6 +176,18 @@ class ActivationDB(OpenFile):
         lo, hi = min(a + max(start, 0), b), b if stop is None else min(a + max(stop, 0), b)
         return self.file["csc/rows"][lo:hi].astype(np.int64), self.file["csc/values"][lo:hi].astype(np.float32)
 
+    def each_feature_rows(self, max_entries: int = 1 << 24) -> Iterator[tuple[int, np.ndarray]]:
+        """(f, its rows by rank) for every feature in id order, read in blocks of at most `max_entries` rows
+        (one HDF5 read per block instead of one per feature; a feature larger than that is one block)."""
+        f = 0
+        while f < self.d_sae:
+            base = int(self.csc_indptr[f])
+            stop = max(int(np.searchsorted(self.csc_indptr, base + max_entries, side="right")) - 1, f + 1)
+            block = self.file["csc/rows"][base : int(self.csc_indptr[stop])].astype(np.int64)
+            for g in range(f, stop):
+                yield g, block[int(self.csc_indptr[g]) - base : int(self.csc_indptr[g + 1]) - base]
+            f = stop
+
     @functools.lru_cache(maxsize=64)  # noqa: B019 - the DB lives as long as its cache
     def _by_row(self, f: int) -> tuple[np.ndarray, np.ndarray]:
         rows, values = self.feature_rows(f)
@@ -217,10 +229,27 @@ class ActivationDB(OpenFile):
         """(features active on each row, the row's split): the per-token L0, from the CSR's row pointers.
         `counted_only` leaves out the outlier rows the DB keeps without features, as every statistic does."""
         l0 = np.diff(self.file["csr/indptr"][:])
-        if counted_only and not self.attrs.get("outliers_included", False):
-            keep = ~self.file["rows/outlier"][:]
-            return l0[keep], self.row_split[keep]
+        if counted_only:
+            return l0[self.counted], self.row_split[self.counted]
         return l0, self.row_split
+
+    @functools.cached_property
+    def counted(self) -> np.ndarray:
+        """The rows every statistic counts: all but the outlier rows the DB keeps without features."""
+        if self.attrs.get("outliers_included", False):
+            return np.ones(self.n_rows, bool)
+        return ~self.row_outlier
+
+    @functools.cached_property
+    def token_totals(self) -> np.ndarray:
+        """Occurrences of each token id over the counted rows (indexed by id): how common a token is, so that a
+        feature's share of a token's occurrences, and the token's rarity, can be read beside its firings."""
+        return np.bincount(self.row_token[self.counted])
+
+    @functools.cached_property
+    def rows_in_document_order(self) -> np.ndarray:
+        """Every row, document by document, by position: document d's rows are [doc_offsets[d], doc_offsets[d+1])."""
+        return self._rows_by_position
 
     def _document_rows(self, doc: int) -> tuple[int, np.ndarray]:
         """(first cached position, rows in position order) of one document (empty when not in the DB)."""

@@ -25,7 +25,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -33,6 +33,8 @@ from saepipe.analysis.activation_db import Example
 from saepipe.analysis.explainer import Chat, Explainer
 
 OPEN, CLOSE = "<<", ">>"
+TOKEN_JUDGE = "token rule"
+"""The name of the rule judge that scores the token baseline (in autointerp.json and the report)."""
 
 EXPLAIN_SYSTEM = (
     "You are a meticulous AI researcher studying one neuron of a language model. You will see text excerpts "
@@ -88,24 +90,27 @@ def fuzzing_prompt(explanation: str, marked_text: str) -> Chat:
 
 
 def clean_explanation(text: str) -> str:
-    """The first non-empty line of a generated answer, without a leading label or surrounding quotes."""
-    line = next((s.strip() for s in text.strip().splitlines() if s.strip()), "")
+    """A generated answer kept whole (a model that starts with a heading goes on to say what it means), on one
+    line, without a leading label or surrounding quotes."""
+    line = " ".join(text.split())
     line = re.sub(r"^(explanation|answer)\s*:\s*", "", line, flags=re.I).strip()
     return line[1:-1].strip() if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'" else line
 
 
 def balanced_accuracy(truth: Sequence[bool], p_yes: Sequence[float]) -> float:
-    from sklearn.metrics import balanced_accuracy_score
-
-    return float(balanced_accuracy_score(np.asarray(truth, bool), np.asarray(p_yes) > 0.5))
+    """(true-positive rate + true-negative rate) / 2 of the answers P(Yes) > 0.5 (scikit-learn's definition,
+    in numpy: the token baseline scores thousands of features, and sklearn's input checks cost a millisecond)."""
+    truth, said = np.asarray(truth, bool), np.asarray(p_yes) > 0.5
+    return float((said[truth].mean() + (~said[~truth]).mean()) / 2)
 
 
 def auroc(truth: Sequence[bool], p_yes: Sequence[float]) -> float:
     """Area under the ROC curve of P(Yes): threshold-free, so a judge biased towards one answer still shows
-    whatever ranking it has (delphi computes it from the answers' log-probabilities too)."""
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(np.asarray(truth, bool), np.asarray(p_yes)))
+    whatever ranking it has (delphi computes it from the answers' log-probabilities too). The Mann-Whitney
+    form, over every (activating, non-activating) pair: P(higher P(Yes) for the activating one), ties half."""
+    truth, p = np.asarray(truth, bool), np.asarray(p_yes, np.float64)
+    pos, neg = p[truth][:, None], p[~truth][None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
 
 
 @dataclass(frozen=True)
@@ -121,36 +126,91 @@ class FeatureExamples:
     """Windows where the feature does not fire on any token."""
 
 
-def fuzzing_samples(examples: FeatureExamples, rng: random.Random) -> list[tuple[str, bool]]:
-    """(marked text, correctly marked?): activating windows marked where the feature fires; non-activating
-    windows marked at the positions of a randomly chosen activating window (delphi's default fuzzing)."""
-    samples = [(mark_activating(e), True) for e in examples.activating]
+@dataclass(frozen=True)
+class Explanation:
+    text: str
+    tokens: tuple[str, ...] = ()
+    """The tokens a rule judge looks for (the token baseline's explanation); empty for a written one."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """One excerpt a judge sees: unmarked (detection) or with some tokens marked (fuzzing)."""
+
+    tokens: list[str]
+    marked: list[bool] | None
+    truth: bool
+    """Activating (detection) or correctly marked (fuzzing)."""
+
+    def text(self) -> str:
+        return "".join(self.tokens) if self.marked is None else mark(self.tokens, self.marked)
+
+
+def detection_windows(examples: FeatureExamples) -> list[Window]:
+    return [Window(e.tokens, None, True) for e in examples.activating] + \
+        [Window(e.tokens, None, False) for e in examples.non_activating]
+
+
+def fuzzing_windows(examples: FeatureExamples, rng: random.Random) -> list[Window]:
+    """Activating windows marked where the feature fires (correct); non-activating windows marked at the
+    positions of a randomly chosen activating window (incorrect: delphi's default fuzzing)."""
     patterns = [[a > 0 for a in e.activations] for e in examples.activating]
+    windows = [Window(e.tokens, p, True) for e, p in zip(examples.activating, patterns, strict=True)]
     for e in examples.non_activating:
         pattern = rng.choice(patterns)
         marked = [pattern[i] if i < len(pattern) else False for i in range(len(e.tokens))]
         if not any(marked):  # the borrowed marks fall past this window's end: mark its own last token
             marked[-1] = True
-        samples.append((mark(e.tokens, marked), False))
-    return samples
+        windows.append(Window(e.tokens, marked, False))
+    return windows
 
 
-def score_feature(explainer: Explainer, explanation: str, examples: FeatureExamples, seed: int) -> dict[str, Any]:
-    """Detection and fuzzing balanced accuracies of one explanation, with every judged window."""
-    detection = [(e.text(), True) for e in examples.activating] + [(e.text(), False) for e in examples.non_activating]
-    fuzzing = fuzzing_samples(examples, random.Random(seed))
-    p_detect = explainer.yes_probability([detection_prompt(explanation, text) for text, _ in detection])
-    p_fuzz = explainer.yes_probability([fuzzing_prompt(explanation, text) for text, _ in fuzzing])
-    return {
-        "detection": balanced_accuracy([t for _, t in detection], p_detect),
-        "fuzzing": balanced_accuracy([t for _, t in fuzzing], p_fuzz),
-        "detection_auc": round(auroc([t for _, t in detection], p_detect), 4),
-        "fuzzing_auc": round(auroc([t for _, t in fuzzing], p_fuzz), 4),
-        "detection_examples": [{"text": text, "activating": truth, "p_yes": round(float(p), 4)}
-                               for (text, truth), p in zip(detection, p_detect, strict=True)],
-        "fuzzing_examples": [{"text": text, "correct": truth, "p_yes": round(float(p), 4)}
-                             for (text, truth), p in zip(fuzzing, p_fuzz, strict=True)],
-    }
+class Judge(Protocol):
+    name: str
+
+    def p_yes(self, explanation: Explanation, windows: list[Window], task: str) -> np.ndarray:
+        """P(Yes) for each window; `task` is "detection" or "fuzzing"."""
+        ...
+
+
+class ModelJudge:
+    """The explainer model asked one Yes/No question per window."""
+
+    def __init__(self, explainer: Explainer):
+        self.explainer, self.name = explainer, explainer.name
+
+    def p_yes(self, explanation: Explanation, windows: list[Window], task: str) -> np.ndarray:
+        prompt = detection_prompt if task == "detection" else fuzzing_prompt
+        return self.explainer.yes_probability([prompt(explanation.text, w.text()) for w in windows])
+
+
+class TokenJudge:
+    """The rule judge of the token baseline: Yes when the excerpt holds one of the explanation's tokens
+    (detection), or when a marked token is one of them (fuzzing). Needs no model, so every feature is scored."""
+
+    name = TOKEN_JUDGE
+
+    def p_yes(self, explanation: Explanation, windows: list[Window], task: str) -> np.ndarray:
+        words = set(explanation.tokens)
+        return np.array([float(any(t in words for t, on in zip(w.tokens, w.marked or [True] * len(w.tokens),
+                                                                strict=True) if on)) for w in windows])
+
+
+def score_feature(judge: Judge, explanation: Explanation, examples: FeatureExamples, seed: int,
+                  keep_windows: bool = True) -> dict[str, Any]:
+    """Detection and fuzzing balanced accuracies (and AUROCs) of one explanation, with every judged window."""
+    out: dict[str, Any] = {}
+    for task, windows in (("detection", detection_windows(examples)),
+                          ("fuzzing", fuzzing_windows(examples, random.Random(seed)))):
+        truth = [w.truth for w in windows]
+        p = judge.p_yes(explanation, windows, task)
+        out[task] = round(balanced_accuracy(truth, p), 4)
+        out[f"{task}_auc"] = round(auroc(truth, p), 4)
+        if keep_windows:
+            key = "activating" if task == "detection" else "correct"
+            out[f"{task}_examples"] = [{"text": w.text(), key: w.truth, "p_yes": round(float(q), 4)}
+                                       for w, q in zip(windows, p, strict=True)]
+    return out
 
 
 def explain(explainer: Explainer, features: Sequence[FeatureExamples], max_new_tokens: int) -> list[str]:
@@ -160,20 +220,27 @@ def explain(explainer: Explainer, features: Sequence[FeatureExamples], max_new_t
 
 
 def interpret(explainer: Explainer, features: Sequence[FeatureExamples], max_new_tokens: int, seed: int,
-              progress: Any = None, chunk: int = 8) -> list[dict[str, Any]]:
+              baselines: Sequence[Explanation] | None = None, progress: Any = None, chunk: int = 8
+              ) -> list[dict[str, Any]]:
     """Explain and score the features `chunk` at a time (one generation batch, then each one's scoring
-    prompts): one record per feature, explanations.jsonl's lines."""
+    prompts): one record per feature, explanations.jsonl's lines. With `baselines` (the token baseline's
+    explanation of each feature), each record also holds that baseline's scores on the very same windows."""
+    judge = ModelJudge(explainer)
     records = []
     for start in range(0, len(features), chunk):
         part = features[start : start + chunk]
-        for f, explanation in zip(part, explain(explainer, part, max_new_tokens), strict=True):
-            scores = score_feature(explainer, explanation, f, seed + f.feature)
-            records.append({"id": f.feature, "explanation": explanation, "detection": scores["detection"],
-                            "fuzzing": scores["fuzzing"], "detection_auc": scores["detection_auc"],
-                            "fuzzing_auc": scores["fuzzing_auc"],
-                            "examples": {"explanation": [mark_activating(e) for e in f.explain],
-                                         "detection": scores["detection_examples"],
-                                         "fuzzing": scores["fuzzing_examples"]}})
+        for i, (f, text) in enumerate(zip(part, explain(explainer, part, max_new_tokens), strict=True)):
+            scores = score_feature(judge, Explanation(text), f, seed + f.feature)
+            record = {"id": f.feature, "explanation": text,
+                      **{k: scores[k] for k in ("detection", "fuzzing", "detection_auc", "fuzzing_auc")}}
+            if baselines is not None:
+                baseline = baselines[start + i]
+                paired = score_feature(TokenJudge(), baseline, f, seed + f.feature, keep_windows=False)
+                record.update({"baseline_explanation": baseline.text,
+                               **{f"baseline_{k}": v for k, v in paired.items()}})
+            record["examples"] = {"explanation": [mark_activating(e) for e in f.explain],
+                                  "detection": scores["detection_examples"], "fuzzing": scores["fuzzing_examples"]}
+            records.append(record)
             if progress is not None:
                 progress.update(1)
     return records

@@ -151,6 +151,8 @@ class HTTPExplainer:
     """An OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp's server, a hosted API)."""
 
     def __init__(self, url: str, model: str | None, api_key_env: str | None, timeout: float = 120.0):
+        self.given = url
+        """The URL as the params spell it: what an error names."""
         self.url = url.rstrip("/")
         if not self.url.endswith("/chat/completions"):
             self.url += "/chat/completions"
@@ -176,13 +178,13 @@ class HTTPExplainer:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read().decode("utf-8"))
         except urllib.error.HTTPError as exc:
-            raise field_error("interp.explainer_url", self.url, f"an endpoint that answers (HTTP {exc.code} "
+            raise field_error("interp.explainer_url", self.given, f"an endpoint that answers (HTTP {exc.code} "
                               f"{exc.reason})") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise field_error("interp.explainer_url", self.url, f"a reachable endpoint ({reason})") from None
+            raise field_error("interp.explainer_url", self.given, f"a reachable endpoint ({reason})") from None
         except json.JSONDecodeError:
-            raise field_error("interp.explainer_url", self.url, "an endpoint that answers with JSON") from None
+            raise field_error("interp.explainer_url", self.given, "an endpoint that answers with JSON") from None
 
     def _complete(self, chat: Chat, max_tokens: int, **extra: Any) -> dict[str, Any]:
         body = {"model": self.model, "messages": chat, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0,
@@ -191,7 +193,12 @@ class HTTPExplainer:
         try:
             return reply["choices"][0]
         except (KeyError, IndexError, TypeError):
-            raise field_error("interp.explainer_url", self.url, "a chat-completions reply with choices") from None
+            raise field_error("interp.explainer_url", self.given, "a chat-completions reply with choices") from None
+
+    def check(self) -> None:
+        """One one-token question, so that an unreachable endpoint, a wrong key or an unknown model is refused
+        before the stage does any work."""
+        self._complete([{"role": "user", "content": "Answer with one word: Yes."}], 1)
 
     def generate(self, prompts: list[Chat], max_new_tokens: int) -> list[str]:
         return [self._complete(chat, max_new_tokens)["message"]["content"] or "" for chat in prompts]

@@ -3,7 +3,7 @@
     id, alive, count, density, mean, max, quantiles     from the activation DB (over the tokens it fires on)
     top_examples          the k strongest activations: decoded window, marked token, per-token activations
     quantile_examples     {q: examples centred on the q-quantile of its activations}, lower bands
-    top_tokens            the tokens it fires on most often [{id, token, count}]
+    top_tokens            the tokens it fires on most often [{id, token, count, token_share}]
     promoted_tokens / suppressed_tokens   logit lens of its decoder direction [{id, token, logit}]
     nearest_features      by decoder cosine [{id, cosine}] (from the matrices stage)
     cooccurring_features  by Jaccard of the tokens both fire on [{id, jaccard, count}] (likewise)
@@ -42,10 +42,14 @@ class FeatureTables:
 
 
 def top_tokens(db: ActivationDB, rows: np.ndarray, n: int) -> list[dict[str, Any]]:
-    """The `n` tokens most often among `rows`, most frequent first (ties by token id)."""
+    """The `n` tokens most often among `rows`, most frequent first (ties by token id), each with the share of
+    its own occurrences that are among `rows` (`token_share`: a ")" among many firings may be 1 % of the
+    corpus's ")"s, a name 100 % of its)."""
     ids, counts = np.unique(db.row_token[rows], return_counts=True)
     order = np.lexsort((ids, -counts))[:n]
-    return [{"id": int(ids[i]), "token": db.piece(int(ids[i])), "count": int(counts[i])} for i in order]
+    totals = db.token_totals
+    return [{"id": int(ids[i]), "token": db.piece(int(ids[i])), "count": int(counts[i]),
+             "token_share": round(float(counts[i] / max(totals[ids[i]], 1)), 4)} for i in order]
 
 
 def _token_list(db: ActivationDB, ids: np.ndarray, values: np.ndarray, key: str) -> list[dict[str, Any]]:

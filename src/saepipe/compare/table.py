@@ -19,8 +19,8 @@ HEADLINE = ("fvu", "l0", "dead_pct", "ce_recovered", "kl")
 """evaluate's headline.json."""
 PROBING = ("subject_k1", "subject_k5", "chapter_k1", "chapter_k5")
 """interp's probing.json: sparse-probe accuracy with 1 and 5 features."""
-AUTOINTERP = ("detection", "fuzzing")
-"""interp's autointerp.json."""
+AUTOINTERP = ("baseline_detection", "baseline_fuzzing", "detection", "fuzzing")
+"""interp's autointerp.json: the token baseline (every run has it), and the LLM explainer's scores (when one ran)."""
 HIGHER_IS_BETTER = {"fvu": False, "l0": None, "dead_pct": False, "ce_recovered": True, "kl": False,
                     **dict.fromkeys(PROBING + AUTOINTERP, True)}
 """Every figure a row may carry and which way is better (None: neither; L0 is the budget, not a score)."""

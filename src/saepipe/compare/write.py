@@ -21,7 +21,8 @@ COMPARE_JSON, README, FRONTIER, FRONTIER_DATA = "compare.json", "README.md", "fr
 MATCHES_JS = "index.js"
 """In `<analysis>/<A>/matches/`: what A's feature browser loads (`../../matches/index.js`) to show matches."""
 COLUMNS = (("fvu", "FVU", 4), ("l0", "L0", 1), ("dead_pct", "dead %", 2), ("ce_recovered", "CE rec.", 3),
-           ("kl", "KL", 3), ("subject_k1", "probe k1", 3), ("detection", "detection", 3))
+           ("kl", "KL", 3), ("subject_k1", "probe k1", 3),
+           ("baseline_detection", "token detection", 3))
 NOISE_METRICS = ("fvu", "ce_recovered", "kl")
 
 

@@ -13,11 +13,19 @@ from typing import Any
 import numpy as np
 
 from saepipe.analysis.activation_db import ActivationDB
-from saepipe.paths import COOCCURRENCE_TOPK, EXPLANATIONS, JACCARD, RUN_SUMMARY, SIMILARITY, SIMILARITY_TOPK
+from saepipe.paths import (
+    COOCCURRENCE_TOPK,
+    EXPLANATIONS,
+    JACCARD,
+    RUN_SUMMARY,
+    SIMILARITY,
+    SIMILARITY_TOPK,
+    TOKEN_BASELINE,
+)
 from saepipe.report import plots
 from saepipe.report.browser import write_browser
-from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE, concentration, most_active, most_interpretable
-from saepipe.report.inputs import RunFiles, RunInputs, read_explanations
+from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE, most_active, most_interpretable
+from saepipe.report.inputs import RunFiles, RunInputs, read_explanations, read_token_baseline
 from saepipe.report.markdown import render_readme
 from saepipe.report.run_summary import build_summary, headline_values, metric_sources
 from saepipe.storage import write_json
@@ -101,11 +109,12 @@ def write_report(out: Path, *, final: Path, run_name: str, inputs: RunInputs, fi
     browser = write_browser(out / BROWSER, summaries=files.summaries, db=db, run_info=info,
                             features_per_token=options.features_per_token, explanations=explanations)
     active = most_active(records, options.table_features)
-    interpretable = most_interpretable(records, options.table_features, options.min_count)
+    baseline = read_token_baseline(files.interp / TOKEN_BASELINE)
+    interpretable = most_interpretable(records, baseline, options.table_features, options.min_count)
     features = {
         "most_active": [r["id"] for r in active], "most_active_rule": ACTIVE_RULE,
         "most_interpretable": [r["id"] for r in interpretable],
-        "most_interpretable_concentration": [round(concentration(r), 4) for r in interpretable],
+        "most_interpretable_score": [r["baseline"]["score"] for r in interpretable],
         "most_interpretable_rule": INTERPRETABLE_RULE.format(min_count=options.min_count),
     }
     artifacts = {
@@ -127,7 +136,8 @@ def write_report(out: Path, *, final: Path, run_name: str, inputs: RunInputs, fi
                            token_cache=db.attrs.get("token_cache"), epochs=len(inputs.history),
                            plots={name: f"{PLOTS}/{path.name}" for name, path in drawn.items()}, active=active,
                            interpretable=interpretable, min_count=options.min_count, browser_stats=browser,
-                           probing=inputs.probing, autointerp=inputs.autointerp, explanations=explanations)
+                           baseline=bool(baseline), probing=inputs.probing, autointerp=inputs.autointerp,
+                           explanations=explanations)
     (out / README).write_text(readme, encoding="utf-8")
     return summary
 

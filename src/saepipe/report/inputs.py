@@ -101,7 +101,8 @@ def read_explanations(path: Path) -> dict[int, dict[str, Any]]:
     """`saepipe interp`'s explanations.jsonl by feature id (without the examples it used); {} when absent."""
     if not path.is_file():
         return {}
-    keep = ("explanation", "detection", "fuzzing", "detection_auc", "fuzzing_auc")
+    keep = ("explanation", "detection", "fuzzing", "detection_auc", "fuzzing_auc", "baseline_detection",
+            "baseline_fuzzing")
     explanations = {}
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -111,6 +112,23 @@ def read_explanations(path: Path) -> dict[int, dict[str, Any]]:
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise UserError(f"{path}:{number}: not an explanation record ({exc}); rerun `saepipe interp`") from None
     return explanations
+
+
+def read_token_baseline(path: Path) -> dict[int, dict[str, Any]]:
+    """`saepipe interp`'s token_baseline.jsonl by feature id (scores, rarity, explanation); {} when absent."""
+    if not path.is_file():
+        return {}
+    keep = ("explanation", "detection", "fuzzing", "rarity", "score")
+    baseline = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                record = json.loads(line)
+                baseline[int(record["id"])] = {key: record[key] for key in keep}
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise UserError(f"{path}:{number}: not a token-baseline record ({exc}); rerun `saepipe interp`") \
+                    from None
+    return baseline
 
 
 def read_summaries(path: Path, examples: int) -> list[dict[str, Any]]:

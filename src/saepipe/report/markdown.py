@@ -8,7 +8,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE, concentration
+from saepipe.analysis.autointerp import TOKEN_JUDGE
+from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE
 from saepipe.report.run_summary import HEADLINES
 
 BROWSER = "browser/index.html"
@@ -58,14 +59,24 @@ def headline_table(headline: dict[str, Any]) -> list[str]:
     return lines
 
 
-def feature_table(records: Sequence[dict[str, Any]], tokens: int, with_share: bool) -> list[str]:
-    header = "| feature | fires on | max | top tokens (share of firings) | top examples (activation) |"
+def token_cell(token: dict[str, Any], count: int) -> str:
+    """A top token with its share of the feature's firings and, where known, the share of the token's own
+    occurrences the feature fires on (a common token can hold many firings yet say little)."""
+    cell = f"\"{escape(token['token'])}\" {token['count'] / count:.0%}"
+    return cell + (f" / {token['token_share']:.0%}" if token.get("token_share") is not None else "")
+
+
+def feature_table(records: Sequence[dict[str, Any]], tokens: int, with_baseline: bool) -> list[str]:
+    header = ("| feature | fires on | max | top tokens (share of its firings / of the token's occurrences) | "
+              "top examples (activation) |")
     lines = [header, "|---|---|---|---|---|"]
     for r in records:
-        top = ", ".join(f"\"{escape(t['token'])}\" {t['count'] / r['count']:.0%}" for t in r["top_tokens"][:3])
+        top = ", ".join(token_cell(t, r["count"]) for t in r["top_tokens"][:3])
         fires = f"{r['count']:,} tokens ({r['density']:.2%})"
-        if with_share:
-            fires += f"; top token {concentration(r):.0%}"
+        if with_baseline:
+            b = r["baseline"]
+            fires += (f"; score {b['score']:.2f} (detection {b['detection']:.2f}, fuzzing {b['fuzzing']:.2f}, "
+                      f"rarity {b['rarity']:.2f})")
         examples = "<br>".join(example_text(e) for e in r["top_examples"])
         lines.append(f"| [#{r['id']}]({BROWSER}#feature={r['id']}) | {fires} | {r['max']:.3g} | {top} | {examples} |")
     return lines
@@ -74,7 +85,7 @@ def feature_table(records: Sequence[dict[str, Any]], tokens: int, with_share: bo
 def render_readme(*, run_name: str, config: dict[str, Any], metrics: dict[str, Any], headline: dict[str, Any],
                   db_rows: int, token_cache: str | None, epochs: int, plots: dict[str, str],
                   active: Sequence[dict[str, Any]], interpretable: Sequence[dict[str, Any]], min_count: int,
-                  browser_stats: dict[str, Any], probing: dict[str, Any] | None = None,
+                  browser_stats: dict[str, Any], baseline: bool = False, probing: dict[str, Any] | None = None,
                   autointerp: dict[str, Any] | None = None,
                   explanations: dict[int, dict[str, Any]] | None = None) -> str:
     evaluated = metrics.get("evaluated", {})
@@ -118,14 +129,15 @@ def render_readme(*, run_name: str, config: dict[str, Any], metrics: dict[str, A
         "",
         f"Selected as {ACTIVE_RULE}.",
         "",
-        *feature_table(active, tokens, with_share=False),
+        *feature_table(active, tokens, with_baseline=False),
         "",
         f"### Most interpretable-looking ({len(interpretable)})",
         "",
         f"Selected by {INTERPRETABLE_RULE.format(min_count=min_count)}.",
         "",
-        *(feature_table(interpretable, tokens, with_share=True) if interpretable else
-          [f"No feature fires at least {min_count} times (`report.min_count`)."]),
+        *(feature_table(interpretable, tokens, with_baseline=True) if interpretable else
+          [f"No feature scored by the token baseline fires at least {min_count} times (`report.min_count`)."]
+          if baseline else ["`saepipe interp` has not run for this SAE: its token baseline ranks this table."]),
         "",
         *interp_section(probing, autointerp, explanations or {}),
     ]
@@ -140,7 +152,7 @@ def interp_section(probing: dict[str, Any] | None, autointerp: dict[str, Any] | 
                    explanations: dict[int, dict[str, Any]]) -> list[str]:
     """Sparse-probing accuracies and the scored explanations from `saepipe interp`; a pointer when it has not run."""
     lines = ["## Interpretability scores", ""]
-    if probing is None and not explanations:
+    if probing is None and not explanations and not (autointerp or {}).get("baseline_features"):
         return [*lines, "`saepipe interp` has not run for this SAE: it adds sparse probing on the corpus's labels "
                 "and scored feature explanations here.", ""]
     if probing is not None and "skipped" not in probing:
@@ -157,14 +169,25 @@ def interp_section(probing: dict[str, Any] | None, autointerp: dict[str, Any] | 
         lines.append("")
     elif probing is not None:
         lines += [f"Sparse probing skipped: {probing['skipped']}.", ""]
+    auto = autointerp or {}
+    if auto.get("baseline_features"):
+        lines += [f"Token baseline: each of {auto['baseline_features']:,} features explained by its top tokens "
+                  f"(with their share of its firings), judged by the `{TOKEN_JUDGE}` judge (Yes when the excerpt, or "
+                  f"its marked part, holds one of those tokens) on held-out windows: mean detection "
+                  f"{_score(auto.get('baseline_detection'))}, fuzzing {_score(auto.get('baseline_fuzzing'))} "
+                  "(balanced accuracy; 0.5 is chance). It needs no model; a written explanation has to beat it.", ""]
     if explanations:
-        explainer = (autointerp or {}).get("explainer")
-        lines += [f"Auto-interpretation of {len(explanations)} sampled features by `{explainer}`: mean detection "
-                  f"{_score((autointerp or {}).get('detection'))}, fuzzing {_score((autointerp or {}).get('fuzzing'))} "
-                  "(balanced accuracy; 0.5 is chance).", "",
-                  "| feature | explanation | detection | fuzzing |", "|---|---|---|---|"]
+        verdict = ("beat" if auto.get("beats_baseline") else "do not beat")
+        lines += [f"LLM explanations of {len(explanations)} sampled features, written and judged by "
+                  f"`{auto.get('explainer')}`: mean detection {_score(auto.get('detection'))}, fuzzing "
+                  f"{_score(auto.get('fuzzing'))}; on the same windows the token baseline scores "
+                  f"{_score(auto.get('paired_baseline_detection'))} / {_score(auto.get('paired_baseline_fuzzing'))}: "
+                  f"the LLM's explanations **{verdict}** it.", "",
+                  "| feature | explanation | detection | fuzzing | token baseline (detection / fuzzing) |",
+                  "|---|---|---|---|---|"]
         for f, record in sorted(explanations.items()):
             lines.append(f"| [#{f}]({BROWSER}#feature={f}) | {escape(record.get('explanation') or '')} | "
-                         f"{_score(record.get('detection'))} | {_score(record.get('fuzzing'))} |")
+                         f"{_score(record.get('detection'))} | {_score(record.get('fuzzing'))} | "
+                         f"{_score(record.get('baseline_detection'))} / {_score(record.get('baseline_fuzzing'))} |")
         lines.append("")
     return lines

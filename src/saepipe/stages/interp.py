@@ -1,14 +1,19 @@
-"""Stage `interp`: sparse probes on the corpus's labels and scored feature explanations -> <analysis>/interp/.
+"""Stage `interp`: sparse probes on the corpus's labels and scored feature explanations -> <analysis>/interp/,
+written as one folder (under a temporary name, renamed when complete; an explainer is checked before any work).
 
     probing.json           DVC metrics: balanced held-out accuracy per task and k, the residual ceiling, sizes
     probing_features.json  per problem: the features each probe chose (with their top tokens), its accuracy
-    explanations.jsonl     one JSON object per explained feature: id, explanation, detection, fuzzing, examples
-    autointerp.json        DVC metrics: mean detection and fuzzing scores, features explained, the explainer
+    token_baseline.jsonl   every alive feature explained by its top tokens and scored by the rule judge
+    explanations.jsonl     one JSON object per feature an LLM explained: id, explanation, detection, fuzzing, the
+                           token baseline's scores on the same windows, the judged windows
+    autointerp.json        DVC metrics: which judge, the token baseline's means, the LLM's means and whether they
+                           beat the baseline
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +24,11 @@ from tqdm import tqdm
 from saepipe.activations.cache import ActivationCache
 from saepipe.activations.run_name import names_run
 from saepipe.analysis.activation_db import ActivationDB
-from saepipe.analysis.autointerp import feature_examples, interpret, sample_features
+from saepipe.analysis.autointerp import TOKEN_JUDGE, feature_examples, interpret, sample_features
 from saepipe.analysis.explainer import Explainer, HTTPExplainer, LocalExplainer
 from saepipe.analysis.probing import PROCEDURE, TaskResult, pooled_samples, probe_metrics, probe_tasks
 from saepipe.analysis.summaries import top_tokens
+from saepipe.analysis.token_baseline import paired_baseline, token_baseline
 from saepipe.config import Params
 from saepipe.corpus.labels import UNKNOWN, load_labels
 from saepipe.corpus.tokens import read_token_cache
@@ -34,23 +40,27 @@ from saepipe.paths import (
     EXPLANATIONS,
     PROBING,
     PROBING_FEATURES,
+    TOKEN_BASELINE,
     activation_cache,
     activation_db,
     interp_dir,
     labels_file,
     summaries_file,
 )
-from saepipe.storage import atomic_path, write_json
+from saepipe.storage import atomic_dir, require_file, write_json, write_jsonl
 
 
-def make_explainer(params: Params) -> Explainer:
+def make_explainer(params: Params) -> Explainer | None:
+    """The LLM explainer the params name, loaded or asked one question now, before any work; None without one
+    (the token baseline alone) or with `features: 0`."""
     cfg = params.interp
+    if not cfg.features or (cfg.explainer_url is None and cfg.explainer_model is None):
+        return None
     if cfg.explainer_url:
-        return HTTPExplainer(cfg.explainer_url, cfg.explainer_model, cfg.explainer_api_key_env)
-    model = cfg.explainer_model or params.base_model.output_dir
-    if cfg.explainer_model is None and not Path(model).is_dir():
-        raise UserError(f"base model directory not found: {model} (run `saepipe base-model` first)")
-    return LocalExplainer(model, resolve_device(cfg.device, "interp.device"), cfg.batch_size)
+        explainer = HTTPExplainer(cfg.explainer_url, cfg.explainer_model, cfg.explainer_api_key_env)
+        explainer.check()
+        return explainer
+    return LocalExplainer(cfg.explainer_model, resolve_device(cfg.device, "interp.device"), cfg.batch_size)
 
 
 def feature_tokens(db: ActivationDB, f: int, n: int) -> list[str]:
@@ -110,26 +120,50 @@ def read_summaries(path: Path, ids: list[int]) -> list[dict[str, Any]]:
     return [found[f] for f in ids]
 
 
-def run_autointerp(params: Params, db: ActivationDB, out_dir: Path) -> dict[str, Any]:
+def run_token_baseline(params: Params, db: ActivationDB, out_dir: Path) -> list[dict[str, Any]]:
     cfg, summarize = params.interp, params.summarize
-    shown = summarize.top_k + len(summarize.quantile_bands) * summarize.quantile_examples
-    ids = sample_features(db.counts, cfg.features, shown, cfg.score_examples, cfg.seed)
+    with tqdm(total=int((db.counts > 0).sum()), desc="interp: token baseline", unit="feature") as bar:
+        records = token_baseline(db, (summarize.context_before, summarize.context_after), cfg.score_examples,
+                                 cfg.top_tokens, cfg.seed, bar)
+    write_jsonl(out_dir / TOKEN_BASELINE, records)
+    return records
+
+
+def run_autointerp(params: Params, db: ActivationDB, explainer: Explainer | None, baseline: list[dict[str, Any]],
+                   out_dir: Path) -> dict[str, Any]:
+    cfg, summarize = params.interp, params.summarize
     records: list[dict[str, Any]] = []
-    explainer_name = None
-    if ids:
-        explainer = make_explainer(params)
-        explainer_name = explainer.name
+    if explainer is not None:
+        shown = summarize.top_k + len(summarize.quantile_bands) * summarize.quantile_examples
+        ids = sample_features(db.counts, cfg.features, shown, cfg.score_examples, cfg.seed)
+        if len(ids) < cfg.features:
+            print(f"interp: interp.features={cfg.features}, but only {len(ids)} features fire often enough "
+                  f"({shown + cfg.score_examples}+ times) to show {shown} examples and hold out {cfg.score_examples}: "
+                  f"explaining {len(ids)}", file=sys.stderr)
         context = (summarize.context_before, summarize.context_after)
         examples = [feature_examples(db, s, cfg.explain_examples, cfg.score_examples, context, cfg.seed)
                     for s in read_summaries(summaries_file(params), ids)]
+        baselines = [paired_baseline(db, e, cfg.top_tokens) for e in examples]
         with tqdm(total=len(examples), desc="interp: explain and score", unit="feature") as bar:
-            records = interpret(explainer, examples, cfg.max_new_tokens, cfg.seed, bar, chunk=cfg.batch_size)
-    with atomic_path(out_dir / EXPLANATIONS) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    metrics = {key: _mean(records, key) for key in ("detection", "fuzzing", "detection_auc", "fuzzing_auc")}
-    metrics.update(features=len(records), explainer=explainer_name)
+            records = interpret(explainer, examples, cfg.max_new_tokens, cfg.seed, baselines, bar, chunk=cfg.batch_size)
+    write_jsonl(out_dir / EXPLANATIONS, records)
+    metrics = autointerp_metrics(baseline, records, explainer.name if explainer else None)
     write_json(out_dir / AUTOINTERP, metrics)
+    return metrics
+
+
+def autointerp_metrics(baseline: list[dict[str, Any]], records: list[dict[str, Any]], explainer: str | None
+                       ) -> dict[str, Any]:
+    """autointerp.json (flat, for `dvc exp show`): the token baseline over every feature it scored; with an
+    LLM explainer, its means, the baseline's on the same windows, and whether the LLM beat it."""
+    metrics: dict[str, Any] = {"judge": explainer or TOKEN_JUDGE, "baseline_features": len(baseline)}
+    metrics.update({f"baseline_{key}": _mean(baseline, key) for key in ("detection", "fuzzing")})
+    metrics.update({"explainer": explainer, "features": len(records)})
+    metrics.update({key: _mean(records, key) for key in ("detection", "fuzzing", "detection_auc", "fuzzing_auc")})
+    metrics.update({f"paired_baseline_{key}": _mean(records, f"baseline_{key}") for key in ("detection", "fuzzing")})
+    metrics["beats_baseline"] = None if not records else bool(
+        metrics["detection"] + metrics["fuzzing"] > metrics["paired_baseline_detection"]
+        + metrics["paired_baseline_fuzzing"])
     return metrics
 
 
@@ -137,19 +171,28 @@ def run_autointerp(params: Params, db: ActivationDB, out_dir: Path) -> dict[str,
 def run(params: Params) -> None:
     started = time.perf_counter()
     out_dir = interp_dir(params)
-    tokenizer = load_tokenizer(params.base_model.output_dir)
     tokens = read_token_cache(params.tokenize.output)
     labels = load_labels(labels_file(params), tokens.n_documents)
-    with ActivationDB(activation_db(params), tokens=tokens, tokenizer=tokenizer) as db:
-        probing = run_probing(params, db, tokens.split, labels, out_dir)
-        auto = run_autointerp(params, db, out_dir)
+    require_file(summaries_file(params), "feature summaries", "run `saepipe summarize` first")
+    explainer = make_explainer(params)
+    tokenizer = load_tokenizer(params.base_model.output_dir)
+    with ActivationDB(activation_db(params), tokens=tokens, tokenizer=tokenizer) as db, \
+            atomic_dir(out_dir, keep=(".gitignore",)) as tmp:
+        probing = run_probing(params, db, tokens.split, labels, tmp)
+        baseline = run_token_baseline(params, db, tmp)
+        auto = run_autointerp(params, db, explainer, baseline, tmp)
     ks = params.interp.probe_k
     probes = "probing skipped (no labels)" if "skipped" in probing else (
         ", ".join(f"{task} " + "/".join(_fmt(probing[f"{task}_k{k}"]) for k in ks) + f" (resid "
                   f"{_fmt(probing[f'{task}_resid'])})" for task in ("subject", "chapter"))
         + f" at k={'/'.join(map(str, ks))}")
-    print(f"interp: {probes}; {auto['features']} features explained, detection {_fmt(auto['detection'])}, "
-          f"fuzzing {_fmt(auto['fuzzing'])} -> {out_dir} [{time.perf_counter() - started:.1f} s]")
+    llm = "" if not auto["features"] else (
+        f"; {auto['features']} explained by {auto['explainer']}: detection {_fmt(auto['detection'])}, fuzzing "
+        f"{_fmt(auto['fuzzing'])} ({'beats' if auto['beats_baseline'] else 'does not beat'} the token baseline's "
+        f"{_fmt(auto['paired_baseline_detection'])}/{_fmt(auto['paired_baseline_fuzzing'])} on the same windows)")
+    print(f"interp: {probes}; token baseline on {auto['baseline_features']} features: detection "
+          f"{_fmt(auto['baseline_detection'])}, fuzzing {_fmt(auto['baseline_fuzzing'])}{llm} -> {out_dir} "
+          f"[{time.perf_counter() - started:.1f} s]")
 
 
 def _mean(records: list[dict[str, Any]], key: str) -> float | None:
