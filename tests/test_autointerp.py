@@ -31,8 +31,8 @@ from saepipe.analysis.autointerp import (
     sample_features,
     score_feature,
 )
-from saepipe.analysis.token_baseline import MIN_SHARE, rarity, token_explanation
 from saepipe.analysis.explainer import HTTPExplainer, LocalExplainer, shared_prefix
+from saepipe.analysis.token_baseline import MIN_SHARE, rarity, token_explanation
 from saepipe.errors import UserError
 
 WORDS = [" the", " wave", " energy", " cell", " force", " acid", " mass", " light", " atom", " heat", " of", " and"]

@@ -189,6 +189,14 @@ CASES = [
     Case("summarize without matrices", ["summarize"], "run `saepipe matrices` first"),
     Case("base-model from a missing local dir", ["base-model", "--source", "local", "--local-path", "cases/nothing",
                                                  "--output-dir", "cases/base"], "cases/nothing"),
+    # ---- interp: bounds on its sizes, its inputs checked first (issue 22) ----------------------------------------
+    Case("interp explaining a million features", ["interp", "--features", "1000000"],
+         "interp.features=1000000: expected an integer in [0, 100,000]"),
+    Case("interp holding out no windows", ["interp", "--score-examples", "0"],
+         "interp.score_examples=0: expected an integer in [1, 100]"),
+    Case("interp with a huge explanation", ["interp", "--max-new-tokens", "100000"],
+         "interp.max_new_tokens=100000: expected an integer in [1, 2048]"),
+    Case("interp without feature summaries", ["interp"], "run `saepipe summarize` first"),
 ]
 
 

@@ -130,7 +130,8 @@ def test_the_token_baseline_scores_every_alive_feature_it_can(interp_params) -> 
             assert r["count"] == len(rows) and 1 <= len(r["tokens"]) <= cfg.top_tokens
             for t in r["tokens"]:  # its share of the firings the explanation was written from (all but held out)
                 n = int((tokens == t["id"]).sum())
-                low, high = (n - cfg.score_examples) / (len(rows) - cfg.score_examples), n / (len(rows) - cfg.score_examples)
+                kept = len(rows) - cfg.score_examples
+                low, high = (n - cfg.score_examples) / kept, n / kept
                 assert low - 1e-4 <= t["share"] <= high + 1e-4
             assert 0 <= r["detection"] <= 1 and 0 <= r["fuzzing"] <= 1 and 0 <= r["rarity"] <= 1
             assert r["score"] == pytest.approx((r["detection"] + r["fuzzing"]) / 2 * r["rarity"], abs=1e-4)

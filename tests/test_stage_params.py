@@ -25,8 +25,12 @@ from saepipe.config.fields import is_group
 DVC_ORDER = ["process", "base-model", "tokenize", "activations", "train", "export", "evaluate", "activation-db",
              "matrices", "summarize", "interp", "report"]
 PATH_KINDS = ("deps", "outs", "metrics", "plots")
-# Branches the first pass does not take, run again so that what they read is recorded too.
-SECOND_PASS = {"train": {"use_end_to_end": True, "end_to_end_windows": 1}}  # reads the model and token cache
+# Branches the first pass does not take, run again so that what they read is recorded too (overrides of the
+# stage's own section, from the first pass's params).
+SECOND_PASS = {
+    "train": lambda params: {"use_end_to_end": True, "end_to_end_windows": 1},  # reads the model and token cache
+    "interp": lambda params: {"explainer_model": params.base_model.output_dir},  # an LLM reads the summaries' sizes
+}
 
 
 def label_documents(params) -> None:
@@ -117,7 +121,8 @@ def test_each_stage_reads_exactly_the_params_dvc_yaml_lists(tiny_project, repo_d
         spec = STAGES[stage]
         module = importlib.import_module(spec.module)
         recorder.reads = set()
-        for overrides in ({}, *([SECOND_PASS[stage]] if stage in SECOND_PASS else [])):
+        first = load_params("params.yaml")
+        for overrides in ({}, *([SECOND_PASS[stage](first)] if stage in SECOND_PASS else [])):
             params = load_params("params.yaml", {spec.section: overrides})
             if stage == "interp":
                 label_documents(params)

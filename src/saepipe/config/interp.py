@@ -27,7 +27,7 @@ class InterpConfig:
     """Inverse L2 regularisation strength of the logistic-regression probes (scikit-learn's C)."""
     top_tokens: int
     """Tokens listed per feature a probe chose (the tokens it fires on most often), and the most tokens in a
-    token-baseline explanation (each holding at least 5 % of the feature's firings); at most 100."""
+    token-baseline explanation (each holding at least 5 per cent of the feature's firings); at most 100."""
     features: int
     """Features an LLM explainer (explainer_model or explainer_url) explains and scores, a seeded sample of those
     that fire often enough; at most 100,000, and fewer (with a note) when fewer fire often enough. 0 skips it.
