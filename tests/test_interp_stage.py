@@ -15,6 +15,7 @@ from saepipe.corpus.tokens import read_token_cache
 from saepipe.errors import UserError
 from saepipe.model.tokenizer import load_tokenizer
 from saepipe.paths import activation_db, analysis_dir, interp_dir
+from saepipe.report.markdown import interp_section
 from saepipe.stages import activation_db as activation_db_stage
 from saepipe.stages import interp, matrices, summarize
 
@@ -48,6 +49,9 @@ def test_probing_metrics_are_flat_and_sized(interp_params) -> None:
     for key in ("subject_k1", "subject_k2", "subject_resid", "chapter_k1", "chapter_resid"):
         assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0, key
     assert metrics["subject_problems"] >= 1 and metrics["window"] == 8
+    for key in ("subject_k1", "subject_k2", "subject_resid"):  # a scored task: each figure in its interval
+        assert metrics[f"{key}_lo"] <= metrics[key] <= metrics[f"{key}_hi"], key
+    assert metrics["subject_skipped"] is None
     assert all(not isinstance(v, dict | list) for v in metrics.values())  # flat, for `dvc exp show`
     with ActivationDB(activation_db(interp_params)) as db:
         docs = np.unique(db.row_doc)
@@ -61,6 +65,10 @@ def test_probing_metrics_are_flat_and_sized(interp_params) -> None:
     assert len(problem["probes"][1]["features"]) == 2
     assert isinstance(problem["probes"][0]["features"][0]["top_tokens"], list)
     assert problem["probes"][0]["features"][0]["id"] == problem["probes"][1]["features"][0]["id"]  # nested top-k
+    for probe in problem["probes"]:
+        assert probe["interval"][0] <= probe["accuracy"] <= probe["interval"][1]
+    assert sum(problem["validation_documents"]) == metrics["val_docs"]  # subjects: every held-out document
+    assert all(isinstance(s["reason"], str) for task in ("subject", "chapter") for s in details[task]["skipped"])
 
 
 def test_explanations_are_one_scored_line_per_feature_and_reproducible(interp_params) -> None:
@@ -79,8 +87,10 @@ def test_explanations_are_one_scored_line_per_feature_and_reproducible(interp_pa
     llm = [r["detection"] + r["fuzzing"] for r in records]
     assert auto["beats_baseline"] == (np.mean(llm) > np.mean(paired))
     assert all(isinstance(r["baseline_explanation"], str) and "%" in r["baseline_explanation"] for r in records)
+    probing = (interp_dir(interp_params) / "probing.json").read_bytes()
     interp.run(interp_params)
     assert path.read_bytes() == first  # greedy decoding, seeded examples
+    assert (interp_dir(interp_params) / "probing.json").read_bytes() == probing  # seeded bootstrap
 
 
 def test_held_out_windows_are_not_the_shown_ones(interp_params) -> None:
@@ -97,16 +107,40 @@ def test_held_out_windows_are_not_the_shown_ones(interp_params) -> None:
         assert len(examples.non_activating) == 4 and all(not any(e.activations) for e in examples.non_activating)
 
 
-def test_unlabelled_corpus_skips_probing_and_zero_features_skips_explaining(interp_params, tmp_path) -> None:
+def beside(interp_params, tmp_path):
+    """Params whose labels and interp outputs go to tmp_path, reading the module's activation DB and summaries."""
     params = with_section(interp_params, "process", output_dir=str(tmp_path))
     params = with_section(params, "evaluate", output_dir=str(tmp_path / "analysis"))
-    n = read_token_cache(params.tokenize.output).n_documents
-    write_labels(params, n, subject="unknown")
     source = analysis_dir(interp_params)
     target = analysis_dir(params)
     target.mkdir(parents=True)
     for name in ("activation_db.h5", "feature_summaries.jsonl"):
         (target / name).symlink_to(source / name)
+    return params
+
+
+def test_a_one_subject_corpus_says_why_in_probing_json_and_the_report(interp_params, tmp_path) -> None:
+    params = beside(interp_params, tmp_path)
+    n = read_token_cache(params.tokenize.output).n_documents
+    labels = [{"subject": "physics", "chapter": f"physics_ch{d % 2}"} for d in range(n)]
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    interp.run(with_section(params, "interp", features=0))
+    metrics = json.loads((interp_dir(params) / "probing.json").read_text())
+    reason = "the corpus has one subject only (physics)"
+    assert metrics["subject_skipped"] == reason and metrics["subject_k1"] is None
+    assert metrics["subject_problems"] == 0 and metrics["subject_left_out"] == 1
+    details = json.loads((interp_dir(params) / "probing_features.json").read_text())
+    assert details["subject"]["reason"] == reason and details["subject"]["problems"] == []
+    assert details["subject"]["skipped"] == [
+        {"class": "physics", "reason": "the only subject in the corpus: nothing to tell it apart from"}]
+    readme = "\n".join(interp_section(metrics, None, {}))
+    assert f"| subject | not scored: {reason} | | |\n" in readme  # the cells of k = 2 and the residual left empty
+
+
+def test_unlabelled_corpus_skips_probing_and_zero_features_skips_explaining(interp_params, tmp_path) -> None:
+    params = beside(interp_params, tmp_path)
+    n = read_token_cache(params.tokenize.output).n_documents
+    write_labels(params, n, subject="unknown")
     interp.run(with_section(params, "interp", features=0))
     assert "skipped" in json.loads((interp_dir(params) / "probing.json").read_text())
     assert (interp_dir(params) / "explanations.jsonl").read_text() == ""

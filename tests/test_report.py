@@ -16,6 +16,7 @@ from helpers import with_section
 from saepipe.analysis.activation_db import ActivationDB
 from saepipe.cli import main
 from saepipe.paths import activation_db, analysis_dir, evaluated_sae, report_dir, training_curves
+from saepipe.report.markdown import interp_section
 from saepipe.stages import activation_db as activation_db_stage
 from saepipe.stages import evaluate, matrices, report, summarize
 
@@ -255,8 +256,11 @@ def test_interp_results_reach_the_readme_browser_and_summary(reported, tmp_path)
     interp = analysis_dir(reported) / "interp"
     interp.mkdir()
     try:
-        probing = {"subject_k1": 0.61, "subject_k5": 0.83, "subject_resid": 0.97, "chapter_k1": 0.55,
-                   "chapter_k5": 0.64, "chapter_resid": 0.71, "train_samples": 30, "val_samples": 8, "window": 16}
+        probing = {"subject_k1": 0.61, "subject_k1_lo": 0.4, "subject_k1_hi": 0.8, "subject_k5": 0.83,
+                   "subject_k5_lo": 0.74, "subject_k5_hi": 0.88, "subject_resid": 0.97, "subject_resid_lo": 0.9,
+                   "subject_resid_hi": 1.0, "chapter_k1": None, "chapter_k5": None, "chapter_resid": None,
+                   "chapter_skipped": "every subject has one chapter only", "train_samples": 30, "val_samples": 8,
+                   "train_docs": 9, "val_docs": 3, "window": 16}
         (interp / "probing.json").write_text(json.dumps(probing))
         (interp / "autointerp.json").write_text(json.dumps({
             "judge": "tiny", "baseline_features": 40, "baseline_detection": 0.66, "baseline_fuzzing": 0.71,
@@ -268,7 +272,10 @@ def test_interp_results_reach_the_readme_browser_and_summary(reported, tmp_path)
         (interp / "explanations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
         report.run(reported)
         readme = (report_dir(reported) / "README.md").read_text(encoding="utf-8")
-        assert "| subject | 0.61 | 0.83 | 0.97 |" in readme and "| chapter | 0.55 | 0.64 | 0.71 |" in readme
+        assert "| subject | 0.61 [0.40, 0.80] | 0.83 [0.74, 0.88] | 0.97 [0.90, 1.00] |" in readme
+        assert "| chapter | not scored: every subject has one chapter only | | |\n" in readme
+        assert "8 held-out windows of 16 tokens from 9 and 3 documents" in readme
+        assert "a 95 % interval from a bootstrap over the 3 held-out documents" in readme
         assert "the word cell \\| in biology | 0.9 | 0.7 | 0.8 / 0.6 |" in readme
         assert "units of force | 0.5 | — | — / — |" in readme
         assert "mean detection 0.75, fuzzing 0.6; on the same windows the token baseline scores 0.8 / 0.7: the " \
@@ -282,3 +289,15 @@ def test_interp_results_reach_the_readme_browser_and_summary(reported, tmp_path)
     finally:
         shutil.rmtree(interp)
         report.run(reported)
+
+
+def test_probing_table_reads_files_without_intervals_and_counts_left_out_problems() -> None:
+    """A probing.json from before the intervals still renders; left-out problems are counted, not hidden."""
+    old = {"subject_k1": 0.61, "subject_k5": 0.83, "subject_resid": 0.97, "chapter_k1": 0.55, "chapter_k5": 0.64,
+           "chapter_resid": 0.71, "train_samples": 30, "val_samples": 8, "window": None}
+    text = "\n".join(interp_section(old, None, {}))
+    assert "| subject | 0.61 | 0.83 | 0.97 |" in text and "| chapter | 0.55 | 0.64 | 0.71 |" in text
+    assert "(30 training and 8 held-out documents; 0.5 is chance)" in text  # whole documents: no window
+    assert "bootstrap" not in text  # no interval to explain
+    text = "\n".join(interp_section({**old, "chapter_problems": 6, "chapter_left_out": 9}, None, {}))
+    assert "chapter: mean over 6 problems, 9 left out" in text

@@ -148,6 +148,47 @@ def _score(value: Any) -> str:
     return "—" if value is None else f"{value:.3g}"
 
 
+def _accuracy(probing: dict[str, Any], key: str) -> str:
+    """`0.81 [0.74, 0.88]`: a probing accuracy with its bootstrap interval (the value alone in older files)."""
+    value, lo, hi = (probing.get(key + suffix) for suffix in ("", "_lo", "_hi"))
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if lo is None or hi is None else f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def probing_table(probing: dict[str, Any]) -> list[str]:
+    """probing.json as a table: accuracy [95 % interval] per task and k; a task without a figure shows why."""
+    ks = sorted(int(m.group(1)) for key in probing if (m := re.fullmatch(r"subject_k(\d+)", key)))
+    window, docs = probing.get("window"), probing.get("val_docs")
+    sizes = f"{probing.get('train_samples')} training and {probing.get('val_samples')} held-out " + (
+        "documents" if window is None else f"windows of {window} tokens"
+        + ("" if docs is None else f" from {probing.get('train_docs')} and {docs} documents"))
+    intervals = any(key.endswith("_lo") for key in probing)
+    lines = [f"Sparse probing: held-out balanced accuracy of a logistic-regression probe on the k SAE features "
+             f"with the largest class-mean difference, against the same probe on all residual dimensions "
+             f"({sizes}; 0.5 is chance)."
+             + (f" In brackets, a 95 % interval from a bootstrap over the {docs} held-out "
+                "documents (resampled with replacement, the probes' predictions kept): few held-out documents "
+                "give wide intervals, though a class held out in a single document cannot vary in them."
+                if intervals else ""), "",
+             "| task | " + " | ".join(f"k = {k}" for k in ks) + " | residual (all dims) |",
+             "|---|" + "---|" * (len(ks) + 1)]
+    notes = []
+    for task in ("subject", "chapter"):
+        if probing.get(f"{task}_skipped"):
+            lines.append(f"| {task} | not scored: {escape(probing[f'{task}_skipped'])} |" + " |" * len(ks))
+            continue
+        cells = [_accuracy(probing, f"{task}_k{k}") for k in ks] + [_accuracy(probing, f"{task}_resid")]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        if probing.get(f"{task}_left_out"):
+            notes.append(f"{task}: mean over {probing.get(f'{task}_problems')} problems, "
+                         f"{probing[f'{task}_left_out']} left out")
+    if notes:
+        lines += ["", "; ".join(notes) + " (a split holds no sample of one of the classes; each problem's reason "
+                  "is in `interp/probing_features.json`)."]
+    return [*lines, ""]
+
+
 def interp_section(probing: dict[str, Any] | None, autointerp: dict[str, Any] | None,
                    explanations: dict[int, dict[str, Any]]) -> list[str]:
     """Sparse-probing accuracies and the scored explanations from `saepipe interp`; a pointer when it has not run."""
@@ -156,17 +197,7 @@ def interp_section(probing: dict[str, Any] | None, autointerp: dict[str, Any] | 
         return [*lines, "`saepipe interp` has not run for this SAE: it adds sparse probing on the corpus's labels "
                 "and scored feature explanations here.", ""]
     if probing is not None and "skipped" not in probing:
-        ks = sorted(int(key.rsplit("_k", 1)[1]) for key in probing if key.startswith("subject_k"))
-        lines += [f"Sparse probing: held-out balanced accuracy of a logistic-regression probe on the k SAE features "
-                  f"with the largest class-mean difference, against the same probe on all residual dimensions "
-                  f"({probing.get('train_samples')} training and {probing.get('val_samples')} held-out windows of "
-                  f"{probing.get('window')} tokens; 0.5 is chance).", "",
-                  "| task | " + " | ".join(f"k = {k}" for k in ks) + " | residual (all dims) |",
-                  "|---|" + "---|" * (len(ks) + 1)]
-        for task in ("subject", "chapter"):
-            cells = [_score(probing.get(f"{task}_k{k}")) for k in ks]
-            lines.append(f"| {task} | " + " | ".join(cells) + f" | {_score(probing.get(f'{task}_resid'))} |")
-        lines.append("")
+        lines += probing_table(probing)
     elif probing is not None:
         lines += [f"Sparse probing skipped: {probing['skipped']}.", ""]
     auto = autointerp or {}

@@ -69,12 +69,17 @@ def feature_tokens(db: ActivationDB, f: int, n: int) -> list[str]:
 
 
 def probe_details(db: ActivationDB, tasks: list[TaskResult], n_tokens: int) -> dict[str, Any]:
-    """probing_features.json: every problem's probes with the features they chose and those features' top tokens."""
+    """probing_features.json: every problem's probes with the features they chose and those features' top tokens,
+    each accuracy's bootstrap interval, and why a problem (or a whole task) was left out."""
     out: dict[str, Any] = {"procedure": PROCEDURE}
     for task in tasks:
-        out[task.name] = {"skipped": task.skipped, "problems": [
-            {"class": p.name, "train": list(p.train), "validation": list(p.validation), "residual": p.residual,
-             "probes": [{"k": k, "accuracy": p.accuracy[k],
+        out[task.name] = {"reason": task.reason,
+                          "skipped": [{"class": name, "reason": why} for name, why in task.skipped],
+                          "problems": [
+            {"class": p.name, "train": list(p.train), "validation": list(p.validation),
+             "validation_documents": p.documents, "residual": p.residual,
+             "residual_interval": p.interval(None),
+             "probes": [{"k": k, "accuracy": p.accuracy[k], "interval": p.interval(k),
                          "features": [{"id": f, "top_tokens": feature_tokens(db, f, n_tokens)}
                                       for f in p.features[k]]} for k in p.accuracy]}
             for p in task.problems]}
@@ -94,7 +99,7 @@ def run_probing(params: Params, db: ActivationDB, doc_split: np.ndarray, labels:
                         "probes need both: activation_db.splits=[train, validation]")
     with ActivationCache(activation_cache(params)) as cache:
         data = pooled_samples(db, cache, doc_split, labels, cfg.probe_window)
-    tasks = probe_tasks(data, cfg.probe_k, cfg.probe_c)
+    tasks = probe_tasks(data, cfg.probe_k, cfg.probe_c, cfg.seed)
     docs = np.unique(db.row_doc)
     held = np.asarray(doc_split)[docs] == 1
     metrics = probe_metrics(data, tasks, cfg.probe_k, cfg.probe_window, (int((~held).sum()), int(held.sum())))
@@ -183,7 +188,8 @@ def run(params: Params) -> None:
         auto = run_autointerp(params, db, explainer, baseline, tmp)
     ks = params.interp.probe_k
     probes = "probing skipped (no labels)" if "skipped" in probing else (
-        ", ".join(f"{task} " + "/".join(_fmt(probing[f"{task}_k{k}"]) for k in ks) + f" (resid "
+        ", ".join(f"{task} not scored ({probing[f'{task}_skipped']})" if probing.get(f"{task}_skipped") else
+                  f"{task} " + "/".join(_fmt(probing[f"{task}_k{k}"]) for k in ks) + f" (resid "
                   f"{_fmt(probing[f'{task}_resid'])})" for task in ("subject", "chapter"))
         + f" at k={'/'.join(map(str, ks))}")
     llm = "" if not auto["features"] else (
