@@ -33,7 +33,7 @@ class InterpConfig:
     that fire often enough; at most 100,000, and fewer (with a note) when fewer fire often enough. 0 skips it.
     The token baseline scores every alive feature either way."""
     seed: int
-    """Seed of the feature sample and of the held-out and non-activating examples."""
+    """Seed of the feature sample, of the held-out and non-activating examples, and of the probes' bootstrap."""
     explain_examples: int
     """Top-activating examples in each explanation prompt (the summary's quantile-band examples follow them);
     at most 100."""
