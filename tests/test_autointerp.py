@@ -32,7 +32,7 @@ from saepipe.analysis.autointerp import (
     score_feature,
 )
 from saepipe.analysis.explainer import HTTPExplainer, LocalExplainer, shared_prefix
-from saepipe.analysis.token_baseline import MIN_SHARE, rarity, token_explanation
+from saepipe.analysis.token_baseline import MIN_PRECISION, MIN_SHARE, rarity, token_explanation
 from saepipe.errors import UserError
 
 WORDS = [" the", " wave", " energy", " cell", " force", " acid", " mass", " light", " atom", " heat", " of", " and"]
@@ -165,6 +165,11 @@ def test_token_explanation_lists_the_tokens_that_hold_its_firings() -> None:
     assert [t["token"] for t in listed] == [" cell", " cells", "\n"] and MIN_SHARE > 3 / 100
     assert [t["share"] for t in listed] == [0.6, 0.3, 0.06]
     assert explanation.tokens == (" cell", " cells", "\n") and explanation.text == '" cell" 60%, " cells" 30%, "\\n" 6%'
+    # " cells" fires the feature on 30 of its 1,000 occurrences: a poor sign of it, left out
+    totals = np.zeros(10, np.int64)
+    totals[[7, 3, 9, 4, 5]] = [80, 1000, 6, 3, 1]
+    precise, _ = token_explanation(ids, {7: " cell", 3: " cells", 9: "\n", 4: "x", 5: "y"}.get, 5, totals)
+    assert precise.tokens == (" cell", "\n") and MIN_PRECISION > 30 / 1000
     one, _ = token_explanation(np.arange(100), str, 5)  # no token holds 5 %: the most frequent one still explains
     assert one.tokens == ("0",)
     totals = np.array([1000, 1, 10])

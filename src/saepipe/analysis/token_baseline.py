@@ -1,8 +1,9 @@
 """The token baseline: a feature explained by the tokens it fires on, scored by a rule judge. Needs no model.
 
 Explanation: the feature's most frequent tokens among its firings — at most `n_tokens`, each holding at least
-MIN_SHARE of them — with their shares, e.g. `" friction" 62%, " frictional" 11%`; written from every firing
-except the held-out ones the scorers use. Scoring: autointerp's detection and fuzzing harness (held-out
+MIN_SHARE of them and fired on at MIN_PRECISION of its own occurrences or more — with their shares, e.g.
+`" friction" 62%, " frictional" 11%`; written from every firing except the held-out ones the scorers use.
+Scoring: autointerp's detection and fuzzing harness (held-out
 activating windows drawn across the activation range, as many windows where the feature never fires),
 judged by `TokenJudge` (Yes when the excerpt, or its marked part, holds one of the explanation's tokens).
 A feature that fires on every occurrence of one word scores near 1; one spread over many tokens, or on a
@@ -28,20 +29,26 @@ from saepipe.analysis.activation_db import ActivationDB, Example
 from saepipe.analysis.autointerp import Explanation, FeatureExamples, TokenJudge, score_feature
 
 MIN_SHARE = 0.05
-"""A token joins a feature's explanation only if it holds at least this share of the feature's firings."""
+"""A token joins a feature's explanation only if it holds at least this share of the feature's firings..."""
+MIN_PRECISION = 0.1
+"""... and the feature fires on at least this share of the token's own occurrences."""
 RULE = ("token baseline score x rarity: the mean of the token baseline's detection and fuzzing (a rule judge: "
         "does the excerpt, or its marked part, hold one of the feature's top tokens?) times the share-weighted "
         "rarity of those tokens, 1 - log(occurrences) / log(tokens) (0 for a token on every row), among features "
         "that fire at least {min_count} times; highest first")
 
 
-def token_explanation(token_ids: np.ndarray, piece: Callable[[int], str], n_tokens: int
-                      ) -> tuple[Explanation, list[dict[str, Any]]]:
-    """The explanation written from the token ids of a feature's firings, and its tokens with their shares."""
+def token_explanation(token_ids: np.ndarray, piece: Callable[[int], str], n_tokens: int,
+                      totals: np.ndarray | None = None) -> tuple[Explanation, list[dict[str, Any]]]:
+    """The explanation written from the token ids of a feature's firings, and its tokens with their shares of
+    them. With `totals` (each token id's occurrences), a token the feature fires on at fewer than MIN_PRECISION
+    of its occurrences is left out: it would say Yes mostly where the feature is silent."""
     ids, counts = np.unique(np.asarray(token_ids), return_counts=True)
     order = np.lexsort((ids, -counts))[:n_tokens]
     shares = counts[order] / max(len(token_ids), 1)
-    keep = [i for i, share in zip(order, shares, strict=True) if share >= MIN_SHARE] or order[:1].tolist()
+    precise = np.ones(len(order), bool) if totals is None else counts[order] >= MIN_PRECISION * totals[ids[order]]
+    keep = [i for i, share, ok in zip(order, shares, precise, strict=True) if share >= MIN_SHARE and ok] \
+        or order[:1].tolist()
     listed = [{"id": int(ids[i]), "token": piece(int(ids[i])), "share": round(float(counts[i] / len(token_ids)), 4)}
               for i in keep]
     text = ", ".join(f"{json.dumps(t['token'], ensure_ascii=False)} {t['share']:.0%}" for t in listed)
@@ -127,7 +134,8 @@ def score_baseline(db: ActivationDB, windows: DocumentWindows, f: int, rows: np.
     held = held_out_ranks(len(rows), score_examples, rng)
     rest = np.ones(len(rows), bool)
     rest[held] = False
-    explanation, listed = token_explanation(db.row_token[rows[rest]], windows.pieces.__getitem__, n_tokens)
+    explanation, listed = token_explanation(db.row_token[rows[rest]], windows.pieces.__getitem__, n_tokens,
+                                            db.token_totals)
     shown = windows.rows(np.concatenate([rows[held], candidates[rng.integers(len(candidates),
                                                                         size=4 * score_examples)]]))
     on = np.isin(shown, rows, kind="table") & (shown >= 0)
@@ -165,5 +173,5 @@ def paired_baseline(db: ActivationDB, examples: FeatureExamples, n_tokens: int) 
     held = {(e.doc, e.position) for e in examples.activating}
     keep = np.array([(int(d), int(p)) not in held for d, p in zip(db.row_doc[rows], db.row_position[rows],
                                                                   strict=True)], bool)
-    explanation, _ = token_explanation(db.row_token[rows[keep]], db.piece, n_tokens)
+    explanation, _ = token_explanation(db.row_token[rows[keep]], db.piece, n_tokens, db.token_totals)
     return explanation
