@@ -84,6 +84,7 @@ def draw_plots(out: Path, inputs: RunInputs, files: RunFiles, db: ActivationDB, 
 
 
 def heatmap_label(record: dict[str, Any]) -> str:
+    """`#id`, and the top token with its share where that share reaches LABEL_SHARE (LABEL_RULE, in the title)."""
     share = concentration(record)
     if share < LABEL_SHARE:
         return f"#{record['id']}"

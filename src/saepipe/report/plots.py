@@ -22,7 +22,8 @@ SPLIT_NAMES = {0: "train", 1: "validation"}
 COLORS = {"train": "#1f77b4", "validation": "#ff7f0e", "clean": "#2ca02c", "sae": "#1f77b4", "zero": "#7f7f7f",
           "mean": "#9467bd", "dead": "#d62728"}
 L0_MAX_BINS = 150
-"""Most bins of the L0 histogram: unit bins up to this L0, then bins a whole number of L0 values wide."""
+"""Most bins of the L0 histogram: unit bins while there are no more L0 values, then bins of a whole number of
+them."""
 LEGEND_GAP = 0.1
 """Room between the density plot's tallest bar (and the count above the dead bar) and its legend, a share of
 the axes' height."""
