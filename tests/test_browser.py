@@ -63,9 +63,18 @@ def open_db(analysed) -> ActivationDB:
     return ActivationDB(activation_db(params), tokens=params.tokenize.output, tokenizer=analysed.tokenizer)
 
 
+def document_names(n: int) -> list[str | None]:
+    """Names for the tiny corpus's documents as report.inputs.document_names gives them, every fourth unlabelled."""
+    return [None if d % 4 == 3 else f"{('physics', 'biology')[d % 2]}_ch{d % 3:02d}_some-title" for d in range(n)]
+
+
 @pytest.fixture(scope="module")
 def built(analysed, tmp_path_factory):
-    """The browser written from the run, with an auto-interpretation explanation for one feature."""
+    """The browser written from the run, with an auto-interpretation explanation for one feature and each
+    document's chapter."""
+    from saepipe.corpus.tokens import read_token_cache
+
+    documents = document_names(read_token_cache(analysed.params.tokenize.output).n_documents)
     alive = [s for s in analysed.summaries if s["alive"]]
     explained = alive[len(alive) // 2]["id"]
     explanations = {explained: {"explanation": "Mentions of cellular energy", "detection": 0.81, "fuzzing": 0.74}}
@@ -74,8 +83,10 @@ def built(analysed, tmp_path_factory):
                 "sae_type": "batch_topk", "d_in": 64, "d_sae": len(analysed.summaries), "metrics": {"fvu": 0.25}}
     with open_db(analysed) as db:
         result = write_browser(out, summaries=analysed.path, db=db, run_info=run_info, features_per_token=PER_TOKEN,
-                               explanations=explanations, chunk_size=CHUNK, list_page=LIST_PAGE)
-    return types.SimpleNamespace(out=out, result=result, explained=explained, explanations=explanations)
+                               explanations=explanations, documents=documents, chunk_size=CHUNK,
+                               list_page=LIST_PAGE)
+    return types.SimpleNamespace(out=out, result=result, explained=explained, explanations=explanations,
+                                 documents=documents)
 
 
 # ---- the data files, without a browser ------------------------------------------------------------------
@@ -100,6 +111,9 @@ def test_index_and_chunks_cover_every_feature_once(analysed, built) -> None:
             seen.append(record["id"])
     assert sorted(seen) == sorted(summaries) and len(seen) == len(set(seen))
     assert len(index["chunks"]) == -(-len(summaries) // CHUNK)
+    table = index["documents"]  # each name once, each document pointing at its own
+    assert len(table["names"]) == len(set(table["names"])) < len(built.documents)
+    assert [table["names"][i] if i >= 0 else None for i in table["of"]] == built.documents
 
 
 def test_files_are_scripts_css_and_html_only_and_sized(analysed, built) -> None:
@@ -293,7 +307,19 @@ def test_list_filters_dead_alive_and_top_token_text(page, analysed, built) -> No
     assert "Showing 1 of 1" in page.find("#list-status").text
 
 
-def test_feature_page_shows_the_summary(page, analysed) -> None:
+def assert_source(li, example: dict, documents: list[str | None]) -> None:
+    """An example names its document's chapter (where labelled) above its document id and position."""
+    from selenium.webdriver.common.by import By
+
+    name = documents[example["doc"]]
+    assert [e.text for e in li.find_elements(By.CSS_SELECTOR, ".example-document")] == ([name] if name else [])
+    assert li.find_element(By.CSS_SELECTOR, ".example-position").text == \
+        f"doc {example['doc']}, pos {example['position']}"
+    where = li.find_element(By.CSS_SELECTOR, ".example-where").get_attribute("title")
+    assert where.endswith(f"document {example['doc']}, token {example['position']}") and (name or "") in where
+
+
+def test_feature_page_shows_the_summary(page, analysed, built) -> None:
     s = max(analysed.summaries, key=lambda s: (len(s["top_examples"]), s["count"]))
     page.load(f"#feature={s['id']}")
     page.feature_shown(s["id"])
@@ -311,6 +337,7 @@ def test_feature_page_shows_the_summary(page, analysed) -> None:
         marked = li.find_element(page.By.CSS_SELECTOR, "mark.marked")
         assert tokens.index(marked) == example["marked"]
         assert "this example's token" in marked.get_attribute("title")
+        assert_source(li, example, built.documents)
     for q, band in s["quantile_examples"].items():
         assert len(page.driver.find_elements(
             page.By.CSS_SELECTOR, f"ol[aria-label='examples around the {q} quantile'] li.example")) == len(band)
@@ -375,8 +402,20 @@ def test_deep_link_and_explanation(page, built) -> None:
     page.feature_shown(built.explained)
     assert page.find("#explanation").text == built.explanations[built.explained]["explanation"]
     assert page.find("#explanation-scores").text == "detection score 0.81, fuzzing score 0.74"
-    page.load("#feature=99999")
-    assert page.find("#feature-heading").text == "No feature 99999"
+
+
+
+@pytest.mark.parametrize("asked", ["99999", "abc", "-3", "12x", ""])
+def test_a_feature_link_to_no_feature_says_so_with_the_range(page, analysed, asked) -> None:
+    page.load(f"#feature={asked}")
+    assert not page.find("#list-view").is_displayed() and page.find("#feature-view").is_displayed()
+    ids = [s["id"] for s in analysed.summaries]
+    none = f"No feature {asked}" if asked else "No feature id given"
+    assert page.find("#feature-heading").text == none
+    assert page.find("#feature-missing").text.startswith(f"{none}: ids are {min(ids)}..{max(ids)}.")
+    assert page.find("#feature-missing a[href='#list']").text == "All features"
+    page.find("#feature-missing a").click()
+    page.wait.until(lambda d: page.find("#list-view").is_displayed())
 
 
 def test_keyboard_reaches_and_opens_a_feature(page) -> None:

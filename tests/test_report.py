@@ -301,3 +301,76 @@ def test_probing_table_reads_files_without_intervals_and_counts_left_out_problem
     assert "bootstrap" not in text  # no interval to explain
     text = "\n".join(interp_section({**old, "chapter_problems": 6, "chapter_left_out": 9}, None, {}))
     assert "chapter: mean over 6 problems, 9 left out" in text
+
+
+@pytest.fixture
+def labels_path(reported):
+    """labels.json beside the tiny run's texts.json (absent unless interp's tests wrote one), put back after."""
+    from saepipe.paths import labels_file
+
+    path = labels_file(reported)
+    before = path.read_bytes() if path.exists() else None
+    yield path
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(before)
+    report.run(reported)
+
+
+def example_sources(readme: str, records: list[dict], listed: list[int], examples: int) -> list[tuple[dict, bool]]:
+    """Each listed feature's example as the README's tables show it: (example, whether its line is there)."""
+    return [(e, f"doc {e['doc']}, pos {e['position']})" in readme)
+            for f in listed for e in records[f]["top_examples"][:examples]]
+
+
+def test_examples_name_their_chapter_in_the_readme_and_browser(reported, labels_path) -> None:
+    from saepipe.corpus.tokens import read_token_cache
+
+    labels_path.unlink(missing_ok=True)  # a corpus without labels: document id and position only
+    report.run(reported)
+    folder, records = report_dir(reported), summaries(reported)
+    listed = read(folder / "run_summary.json")["features"]["most_active"]
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    shown = example_sources(readme, records, listed, reported.report.table_examples)
+    assert shown and all(found for _, found in shown)
+    assert "documents" not in (folder / "browser" / "data" / "index.js").read_text(encoding="utf-8")
+
+    n = read_token_cache(reported.tokenize.output).n_documents
+    labels = [{"subject": "unknown", "chapter": "unknown"} if d % 4 == 3 else
+              {"subject": "physics", "chapter": f"physics_ch{d % 3:02d}_units"} for d in range(n)]
+    labels_path.write_text(json.dumps(labels))
+    report.run(reported)
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    for example, _ in shown:
+        label = labels[example["doc"]]
+        where = f"doc {example['doc']}, pos {example['position']})"
+        if label["chapter"] == "unknown":
+            assert f"; {where}" in readme
+        else:  # escaped: a chapter's underscores would otherwise turn the cell italic
+            assert f"; {label['chapter'].replace('_', chr(92) + '_')}, {where}" in readme
+    assert "unknown" not in readme
+    _, index = read_index(folder / "browser" / "data" / "index.js")
+    table = index["documents"]
+    assert table["names"] == sorted({label["chapter"] for label in labels} - {"unknown"})
+    assert [table["names"][i] if i >= 0 else "unknown" for i in table["of"]] == [label["chapter"] for label in labels]
+
+
+def read_index(path: Path) -> tuple[str, dict]:
+    match = re.match(r'^SAEBrowser\.receive\("(\w+)",(.*)\);\n$', path.read_text(encoding="utf-8"), re.S)
+    return match.group(1), json.loads(match.group(2))
+
+
+def test_labels_of_another_corpus_exit_2_naming_the_file(reported, labels_path, tmp_path, monkeypatch,
+                                                        capsys) -> None:
+    from saepipe.corpus.tokens import read_token_cache
+
+    n = read_token_cache(reported.tokenize.output).n_documents
+    labels_path.write_text(json.dumps([{"subject": "physics", "chapter": "physics_ch01"}] * (n + 2)))
+    monkeypatch.chdir(tmp_path)
+    file = write_params(reported, tmp_path / "params.yaml")
+    before = (report_dir(reported) / "run_summary.json").read_bytes()
+    assert main(["report", "--params", str(file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(labels_path) in err[0] and f"{n + 2} documents" in err[0]
+    assert (report_dir(reported) / "run_summary.json").read_bytes() == before  # the old report is untouched

@@ -10,7 +10,9 @@ open in a fraction of a second.
         index.html              the page (title filled in; everything else is built by assets/browser.js)
         assets/browser.js, browser.css
         data/index.js           run info and columnar per-feature fields: id, alive, count, density, mean,
-                                max, top (token strings), chunk, and explanation where one was given
+                                max, top (token strings), chunk, and explanation where one was given; and
+                                where the corpus has labels, documents: {names: each distinct subject and
+                                chapter, of: per document id, its index into names (-1: unlabelled)}
         data/features-NNNN.js   the summaries' records of features [NNNN * chunk_size, ...) in file order,
                                 with `explanation` / `detection` / `fuzzing` merged in where given
         data/tokens.js          per token id of the corpus: its piece, occurrences and strongest features
@@ -25,7 +27,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -110,12 +112,24 @@ def _index_columns(records: list[dict[str, Any]], chunk: int, columns: dict[str,
         columns["explanation"].append(r.get("explanation"))
 
 
+def document_table(names: Sequence[str | None]) -> dict[str, list[Any]] | None:
+    """Each document's name (subject and chapter) for the examples, each distinct name written once: the
+    examples name their document by id, and thousands of them share a few chapters. None: no names."""
+    distinct = sorted({name for name in names if name})
+    if not distinct:
+        return None
+    where = {name: i for i, name in enumerate(distinct)}
+    return {"names": distinct, "of": [where[name] if name else -1 for name in names]}
+
+
 def write_browser(out_dir: Path, *, summaries: Path, db: ActivationDB, run_info: dict[str, Any],
                   features_per_token: int, explanations: dict[int, dict[str, Any]] | None = None,
-                  chunk_size: int = CHUNK_SIZE, list_page: int = LIST_PAGE) -> dict[str, Any]:
+                  documents: Sequence[str | None] = (), chunk_size: int = CHUNK_SIZE,
+                  list_page: int = LIST_PAGE) -> dict[str, Any]:
     """Write the browser to `out_dir` (replaced as a whole, only once complete) from the summaries, the
     activation DB's token search and `run_info` (shown in the header); `explanations` maps a feature id
-    to {explanation, detection, fuzzing} (auto-interpretation), merged into its record where given.
+    to {explanation, detection, fuzzing} (auto-interpretation), merged into its record where given;
+    `documents` names each document by id (report.inputs.document_names), shown beside its examples.
     Returns {"features", "files", "bytes"}."""
     if features_per_token < 1:
         raise UserError(f"features_per_token={features_per_token!r}: expected an integer >= 1")
@@ -158,6 +172,9 @@ def write_browser(out_dir: Path, *, summaries: Path, db: ActivationDB, run_info:
             del columns["explanation"]
         index = {"run": run_info, "chunk_size": chunk_size, "list_page": list_page, "chunks": chunks,
                  "features": columns, "quantile_levels": db.quantile_levels, "tokens": "data/tokens.js"}
+        table = document_table(documents)
+        if table:
+            index["documents"] = table
         (data / "index.js").write_text(_script("index", index), encoding="utf-8")
         (data / "tokens.js").write_text(_script("tokens", token_table(db, features_per_token)), encoding="utf-8")
         assets = resources.files("saepipe.report") / "browser_assets"

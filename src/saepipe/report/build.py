@@ -6,6 +6,7 @@ place only when everything is written, so an interrupted report leaves no folder
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from saepipe.paths import (
 )
 from saepipe.report import plots
 from saepipe.report.browser import write_browser
-from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE, most_active, most_interpretable
+from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE, concentration, most_active, most_interpretable
 from saepipe.report.inputs import RunFiles, RunInputs, read_explanations, read_token_baseline
 from saepipe.report.markdown import render_readme
 from saepipe.report.run_summary import build_summary, headline_values, metric_sources
@@ -34,6 +35,11 @@ PLOTS = "plots"
 README = "README.md"
 BROWSER = "browser"
 PAIRWISE_EDGES = np.linspace(-1.0, 1.0, 201)
+LABEL_SHARE = 0.2
+"""A heatmap label names a feature's top token only when that token takes at least this share of its firings:
+below it the token says little of what the feature does (a feature spread over many tokens fires on " energy"
+1 % of the time)."""
+LABEL_RULE = f"labels: feature id, then its top token and that token's share of its firings where >= {LABEL_SHARE:.0%}"
 
 
 @dataclass(frozen=True)
@@ -77,17 +83,21 @@ def draw_plots(out: Path, inputs: RunInputs, files: RunFiles, db: ActivationDB, 
     if len(frequent) >= 2:
         block = plots.cooccurrence_block(files.matrices, JACCARD, COOCCURRENCE_TOPK, frequent)
         order = plots.cluster_order(block)
-        labels = [_label(records[int(f)]) for f in frequent[order]]
+        labels = [heatmap_label(records[int(f)]) for f in frequent[order]]
         drawn["cooccurrence_heatmap"] = plots.cooccurrence_heatmap(
             block[np.ix_(order, order)], labels,
-            f"Co-occurrence of the {len(frequent)} most frequent features (Jaccard index)",
+            f"Co-occurrence of the {len(frequent)} most frequent features (Jaccard index)\n{LABEL_RULE}",
             out / "cooccurrence_heatmap.png", dpi)
     return drawn
 
 
-def _label(record: dict[str, Any]) -> str:
-    token = record["top_tokens"][0]["token"] if record["top_tokens"] else ""
-    return f"#{record['id']} {token[:12]!r}"  # repr: a newline or a space stays visible
+def heatmap_label(record: dict[str, Any]) -> str:
+    """`#id`, and the top token with its share where that share reaches LABEL_SHARE (LABEL_RULE, in the title)."""
+    share = concentration(record)
+    if share < LABEL_SHARE:
+        return f"#{record['id']}"
+    token = record["top_tokens"][0]["token"]
+    return f"#{record['id']} {token[:12]!r} {share:.0%}"  # repr: a newline or a space stays visible
 
 
 def run_info(run_name: str, inputs: RunInputs) -> dict[str, Any]:
@@ -98,16 +108,28 @@ def run_info(run_name: str, inputs: RunInputs) -> dict[str, Any]:
             "headline": headline_values(metric_sources(inputs.history, inputs.metrics, inputs.matrices_metrics))}
 
 
+def name_examples(records: list[dict[str, Any]], documents: Sequence[str | None]) -> None:
+    """Give each of the records' examples its document's name (`document`) where it has one, for the README."""
+    for record in records:
+        for example in record["top_examples"]:
+            name = documents[example["doc"]] if 0 <= example["doc"] < len(documents) else None
+            if name:
+                example["document"] = name
+
+
 def write_report(out: Path, *, final: Path, run_name: str, inputs: RunInputs, files: RunFiles, db: ActivationDB,
                  records: list[dict[str, Any]], options: ReportOptions, params: dict[str, Any],
-                 extra_artifacts: dict[str, str]) -> dict[str, Any]:
-    """Write the whole report into `out` (to be renamed to `final`); returns the run summary."""
+                 extra_artifacts: dict[str, str], documents: Sequence[str | None] = ()) -> dict[str, Any]:
+    """Write the whole report into `out` (to be renamed to `final`); returns the run summary. `documents`:
+    each document's subject and chapter by id (inputs.document_names), shown beside the examples."""
     (out / PLOTS).mkdir()
+    name_examples(records, documents)
     drawn = draw_plots(out / PLOTS, inputs, files, db, records, options)
     info = run_info(run_name, inputs)
     explanations = read_explanations(files.interp / EXPLANATIONS)
     browser = write_browser(out / BROWSER, summaries=files.summaries, db=db, run_info=info,
-                            features_per_token=options.features_per_token, explanations=explanations)
+                            features_per_token=options.features_per_token, explanations=explanations,
+                            documents=documents)
     active = most_active(records, options.table_features)
     baseline = read_token_baseline(files.interp / TOKEN_BASELINE)
     interpretable = most_interpretable(records, baseline, options.table_features, options.min_count)

@@ -10,6 +10,13 @@ ACTIVE_RULE = "the features that fire on the most tokens (ties by id)"
 INTERPRETABLE_RULE = RULE + " (then more firings, then id)"
 
 
+def concentration(record: dict[str, Any]) -> float:
+    """The share of a feature's firings on its most frequent token (0 for a dead feature)."""
+    if not record["count"] or not record["top_tokens"]:
+        return 0.0
+    return record["top_tokens"][0]["count"] / record["count"]
+
+
 def most_active(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     alive = [r for r in records if r["count"] > 0]
     return sorted(alive, key=lambda r: (-r["count"], r["id"]))[:n]

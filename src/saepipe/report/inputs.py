@@ -14,6 +14,8 @@ from typing import Any
 
 from saepipe import paths
 from saepipe.config import Params
+from saepipe.corpus.labels import UNKNOWN, load_labels
+from saepipe.corpus.tokens import read_token_cache
 from saepipe.errors import UserError
 from saepipe.storage import read_json, require_file
 
@@ -148,3 +150,21 @@ def read_summaries(path: Path, examples: int) -> list[dict[str, Any]]:
     if [r["id"] for r in records] != list(range(len(records))):
         raise UserError(f"{path}: expected one line per feature in id order; rerun `saepipe summarize`")
     return records
+
+
+def document_name(label: dict[str, str]) -> str | None:
+    """A document's subject and chapter as an example's source reads: the chapter alone where it begins with
+    the subject (`physics_ch01_measurement-and-units`), else both; None where process had no labels."""
+    subject, chapter = (label[key] for key in ("subject", "chapter"))
+    known = [value for value in (subject, chapter) if value != UNKNOWN]
+    if len(known) == 2 and chapter.startswith(subject):
+        return chapter
+    return " / ".join(known) or None
+
+
+def document_names(labels: Path, token_cache: Path) -> list[str | None]:
+    """Each document's name (`document_name`), by document id; [] without a labels file (texts.json written
+    without `saepipe process`): the examples then show their document id and position only."""
+    if not labels.is_file():
+        return []
+    return [document_name(label) for label in load_labels(labels, read_token_cache(token_cache).n_documents)]

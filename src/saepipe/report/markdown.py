@@ -33,7 +33,8 @@ def escape(text: str) -> str:
 
 
 def example_text(example: dict[str, Any]) -> str:
-    """An example's window with the activating token in bold between «» (readable without formatting)."""
+    """An example's window with the activating token in bold between «» (readable without formatting), then
+    its activation and where it is: the document's subject and chapter where known, its id and position."""
     tokens = example["tokens"]
     marked = example["marked"]
     before = escape("".join(tokens[:marked]))
@@ -41,7 +42,9 @@ def example_text(example: dict[str, Any]) -> str:
     token = tokens[marked]
     word = token.strip()
     lead = token[: len(token) - len(token.lstrip())]  # a leading space stays outside the bold, as text
-    return f"…{before}{escape(lead)}**«{escape(word) or '␣'}»**{after}… ({example['activation']:.3g})"
+    where = f"{escape(example['document'])}, " if example.get("document") else ""
+    return (f"…{before}{escape(lead)}**«{escape(word) or '␣'}»**{after}… ({example['activation']:.3g}; {where}"
+            f"doc {example['doc']}, pos {example['position']})")
 
 
 def _value(value: Any, spec: str) -> str:

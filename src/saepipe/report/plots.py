@@ -21,6 +21,14 @@ TRAINING_PANELS = (
 SPLIT_NAMES = {0: "train", 1: "validation"}
 COLORS = {"train": "#1f77b4", "validation": "#ff7f0e", "clean": "#2ca02c", "sae": "#1f77b4", "zero": "#7f7f7f",
           "mean": "#9467bd", "dead": "#d62728"}
+L0_MAX_BINS = 150
+"""Most bins of the L0 histogram: unit bins while there are no more L0 values, then bins of a whole number of
+them."""
+LEGEND_GAP = 0.1
+"""Room between the density plot's tallest bar (and the count above the dead bar) and its legend, a share of
+the axes' height."""
+DEAD_AXIS_TOP = 1.0
+"""The dead-features panel's y axis reaches at least this many percent (an all-zero history gets an axis)."""
 
 
 def figure(width: float, height: float) -> Any:
@@ -53,9 +61,29 @@ def training_history(history: Sequence[dict[str, Any]], title: str, path: Path, 
         ax.set_ylabel(label)
         ax.set_xticks(epochs if len(epochs) <= 12 else np.linspace(epochs[0], epochs[-1], 12).round())
         ax.grid(alpha=0.3)
+        if key == "dead_feature_percentage":
+            dead_axis(ax, [v for line in ax.get_lines() for v in line.get_ydata()])
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=12)
     return save(fig, path, dpi)
+
+
+def dead_axis(ax: Any, values: Sequence[float]) -> None:
+    """A percentage axis from 0 for the dead-features panel: matplotlib would centre a flat zero line on
+    -0.04..0.04, negative percentages that cannot occur; with no dead feature at all, it says so."""
+    peak = max(values, default=0.0)
+    top = max(DEAD_AXIS_TOP, 1.15 * peak)
+    ax.set_ylim(-0.04 * top, top)  # a sliver below 0 so that the markers on 0 are not cut in half
+    if peak == 0:
+        ax.text(0.5, 0.5, "no dead features at any epoch", transform=ax.transAxes, ha="center", va="center",
+                fontsize=9, color="#555555")
+
+
+def l0_edges(top: int) -> np.ndarray:
+    """Bin edges on half-integers, every bin the same whole number of L0 values wide (at most L0_MAX_BINS
+    bins): L0 is an integer, and bins of a fractional width hold alternately n and n + 1 values (a comb)."""
+    width = max(1, -(-(top + 1) // L0_MAX_BINS))
+    return np.arange(0, top + width + 1, width) - 0.5
 
 
 def l0_distribution(l0: np.ndarray, splits: np.ndarray, title: str, path: Path, dpi: int) -> Path:
@@ -63,14 +91,15 @@ def l0_distribution(l0: np.ndarray, splits: np.ndarray, title: str, path: Path, 
     fig = figure(8, 4.5)
     ax = fig.add_subplot()
     top = int(l0.max()) if len(l0) else 1
-    edges = np.arange(top + 2) - 0.5 if top <= 150 else np.linspace(-0.5, top + 0.5, 101)
+    edges = l0_edges(top)
     for code, name in SPLIT_NAMES.items():
         values = l0[splits == code]
         if len(values):
             ax.hist(values, bins=edges, histtype="stepfilled", alpha=0.45, color=COLORS[name],
                     label=f"{name}: {len(values):,} tokens, mean {values.mean():.1f}")
             ax.axvline(values.mean(), color=COLORS[name], linestyle="--", linewidth=1)
-    ax.set_xlabel("L0: features active on a token")
+    width = int(edges[1] - edges[0])
+    ax.set_xlabel("L0: features active on a token" + (f" (bins of {width} values)" if width > 1 else ""))
     ax.set_ylabel("tokens")
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
@@ -104,8 +133,17 @@ def feature_density(histogram: Sequence[dict[str, Any]], dead: int, tokens: int,
     ax.set_ylabel("features")
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=9)
+    legend_above_bars(fig, ax, ax.legend(fontsize=9, loc="upper right"), max(counts.max(initial=0), dead))
     return save(fig, path, dpi)
+
+
+def legend_above_bars(fig: Any, ax: Any, legend: Any, peak: float) -> None:
+    """Raise the y axis until the tallest bar ends below the legend: inside, wherever it went, some run's bars
+    would lie under it ("best" finds no free corner in a histogram), and below the axes it meets the label."""
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    share = legend.get_window_extent(renderer).height / ax.get_window_extent(renderer).height
+    ax.set_ylim(0, max(peak, 1) / max(1 - share - LEGEND_GAP, 0.3))
 
 
 def ablation_bars(ablation: dict[str, Any], title: str, path: Path, dpi: int) -> Path:

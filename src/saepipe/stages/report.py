@@ -21,9 +21,9 @@ from saepipe.analysis.activation_db import ActivationDB
 from saepipe.config import Params, flat_values
 from saepipe.errors import UserError
 from saepipe.model.tokenizer import load_tokenizer
-from saepipe.paths import report_dir, training_curves
+from saepipe.paths import labels_file, report_dir, training_curves
 from saepipe.report.build import README, ReportOptions, curve_rows, write_report
-from saepipe.report.inputs import RunFiles, RunInputs, read_summaries
+from saepipe.report.inputs import RunFiles, RunInputs, document_names, read_summaries
 from saepipe.storage import atomic_dir, dir_size_bytes, write_json
 
 
@@ -34,6 +34,7 @@ def run(params: Params) -> None:
     files = RunFiles.of(params)
     inputs = RunInputs.read(files)
     records = read_summaries(files.summaries, cfg.table_examples)
+    documents = document_names(labels_file(params), params.tokenize.output)
     options = ReportOptions(table_features=cfg.table_features, min_count=cfg.min_count,
                             heatmap_features=cfg.heatmap_features, features_per_token=cfg.features_per_token,
                             dpi=cfg.dpi)
@@ -49,7 +50,7 @@ def run(params: Params) -> None:
                                    records=records, options=options,
                                    params={"training": inputs.config.get("training"),
                                            "evaluated": inputs.metrics.get("evaluated"), "report": flat_values(cfg)},
-                                   extra_artifacts={"training_curves": str(curves)})
+                                   extra_artifacts={"training_curves": str(curves)}, documents=documents)
     write_json(curves, curve_rows(inputs.history))
     head, browser = summary["headline"], summary["browser"]
     n_plots = sum(name.startswith("plot_") for name in summary["artifacts"])

@@ -181,8 +181,21 @@
     });
     return el("li", {className: "example"},
       el("span", {className: "example-value", title: "activation on the marked token"}, num(example.activation)),
-      el("span", {className: "example-where"}, "doc " + example.doc + ", pos " + example.position),
-      text);
+      exampleSource(example), text);
+  }
+
+  function documentName(doc) {  // index.documents: names, and each document's index into them (-1: none)
+    var d = state.index.documents;
+    var i = d && doc >= 0 && doc < d.of.length ? d.of[doc] : -1;
+    return i >= 0 ? d.names[i] : null;
+  }
+
+  function exampleSource(example) {  // the chapter (with its subject) first, then where in the corpus
+    var name = documentName(example.doc), at = "doc " + example.doc + ", pos " + example.position;
+    return el("span", {className: "example-where",
+                       title: (name ? name + ": " : "") + "document " + example.doc + ", token " + example.position},
+      name ? el("span", {className: "example-document", text: name}) : null,
+      el("span", {className: "example-position", text: at}));
   }
 
   function exampleList(examples, peak, label) {
@@ -330,18 +343,23 @@
     node.appendChild(list);
   }
 
-  function showFeature(id) {
-    var p = positionOf(id), view = document.getElementById("feature-view");
+  function showFeature(asked) {  // `asked`: the text after #feature=, as typed
+    var id = /^\d+$/.test(asked) ? parseInt(asked, 10) : null;
+    var p = id === null ? undefined : positionOf(id), view = document.getElementById("feature-view");
     if (p === undefined) {
+      var ids = state.index.features.id, none = asked ? "No feature " + asked : "No feature id given";
       view.textContent = "";
-      view.appendChild(el("h2", {id: "feature-heading", tabindex: "-1", text: "No feature " + id}));
-      view.appendChild(el("p", {}, "This run has no feature with that id. ", el("a", {href: "#list", text: "All features"})));
+      view.appendChild(el("h2", {id: "feature-heading", tabindex: "-1", text: none}));
+      view.appendChild(el("p", {id: "feature-missing", role: "alert"}, none + ": ids are " +
+        ids[0] + ".." + ids[ids.length - 1] + ". ", el("a", {href: "#list", text: "All features"})));
       view.dataset.feature = "";
+      document.title = none + " · " + state.title;
+      document.getElementById("feature-heading").focus();
       return;
     }
     delete view.dataset.feature;
     chunkOf(p).then(function (records) {
-      if (state.route !== "feature=" + id) return;  // the user has moved on
+      if (state.route !== "feature=" + asked) return;  // the user has moved on
       var record = records.find(function (r) { return r.id === id; });
       renderFeature(id, record);
     }, function (err) {
@@ -417,12 +435,15 @@
     var hash = location.hash.replace(/^#/, "");
     try { hash = decodeURIComponent(hash); } catch (e) { /* a malformed escape: read it as typed */ }
     var view = "list", feature = null, query = "";
-    var m = /^feature=(-?\d+)$/.exec(hash);
-    if (m) { view = "feature"; feature = parseInt(m[1], 10); }
+    var m = /^feature=([\s\S]*)$/.exec(hash);
+    if (m) { view = "feature"; feature = m[1].trim(); }  // anything else than an id gets a message, not the list
     else if (hash === "search" || hash.indexOf("search=") === 0) { view = "search"; query = hash.slice(7); }
     state.route = view === "feature" ? "feature=" + feature : hash;
     ["list", "feature", "search"].forEach(function (v) { document.getElementById(v + "-view").hidden = v !== view; });
-    if (view === "feature") { state.lastFeature = feature; showFeature(feature); }
+    if (view === "feature") {
+      if (/^\d+$/.test(feature)) state.lastFeature = parseInt(feature, 10);
+      showFeature(feature);
+    }
     else {
       document.title = state.title;
       if (view === "search") renderSearch(query);
