@@ -57,7 +57,8 @@ def sae_weights_sha256(sae_path: str | Path) -> str:
     for name in (EXPORT_WEIGHTS, SAELENS_WEIGHTS):
         if (path / name).is_file():
             return sha256_file(path / name)
-    raise UserError(f"{path}: no {EXPORT_WEIGHTS} or {SAELENS_WEIGHTS}; run `saepipe export` first")
+    what = "is not a directory" if not path.is_dir() else f"holds no {EXPORT_WEIGHTS} or {SAELENS_WEIGHTS}"
+    raise UserError(f"SAE not found: {path} {what} (run `saepipe export` first)")
 
 
 SAE_FIELDS = ("sae_type", "d_in", "d_sae", "model_name", "hook")
