@@ -333,6 +333,23 @@ def test_show_feature_loads_neither_torch_nor_transformers(built, tmp_path) -> N
             assert f"feature {d_sae}: expected an id in [0, {d_sae - 1}]" in done.stderr
 
 
+@pytest.mark.parametrize("stage", ["matrices", "summarize"])
+def test_analysis_stages_refuse_missing_inputs_before_importing_torch(built, tmp_path, stage) -> None:
+    import subprocess
+    import sys
+
+    from helpers import with_section, write_params
+
+    params_file = write_params(with_section(built, "evaluate", output_dir=str(tmp_path / "none")),
+                               tmp_path / "params.yaml")
+    script = ("import sys; from saepipe.cli import main; rc = main(sys.argv[1:]); "
+              "print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, stage, "--params", params_file],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "2 False", done.stderr[-500:]
+    assert str(tmp_path / "none") in done.stderr
+
+
 def test_reading_tokenizer_decodes_and_encodes_like_transformers(built) -> None:
     from saepipe.model.tokenizer import load_reading_tokenizer
 
