@@ -33,6 +33,8 @@ def run(params: Params) -> None:
     started = time.perf_counter()
     files = RunFiles.of(params)
     inputs = RunInputs.read(files)
+    with ActivationDB(files.activation_db) as db:  # a stale DB refused before the summaries and tokenizer load
+        db.check_sae(files.sae)
     records = read_summaries(files.summaries, cfg.table_examples)
     options = ReportOptions(table_features=cfg.table_features, min_count=cfg.min_count,
                             heatmap_features=cfg.heatmap_features, features_per_token=cfg.features_per_token,
