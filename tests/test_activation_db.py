@@ -175,6 +175,28 @@ def test_attributes_name_the_sources(db, built) -> None:
     db.check_sae(evaluated_sae(built))
 
 
+def test_a_replaced_export_is_refused_naming_what_changed(db, built, tmp_path) -> None:
+    import json
+    import shutil
+
+    other = tmp_path / "default"
+    shutil.copytree(evaluated_sae(built), other)
+    config = json.loads((other / "config.json").read_text())
+    config["hook"] = "blocks.1.hook_resid_post"
+    (other / "config.json").write_text(json.dumps(config))
+    db.check_sae(other)  # the same weights: the DB still holds its features
+    tensors = torch.load(other / "weights.pt", weights_only=True)
+    tensors["W_dec"] += 0.1
+    torch.save(tensors, other / "weights.pt")
+    with pytest.raises(UserError) as refused:
+        db.check_sae(other)
+    message = str(refused.value)
+    assert message.startswith(f"{db.path} is stale: built from another SAE than the one now at {other} (weights "
+                              f"sha256 {db.attrs['sae_sha256'][:12]} -> ")
+    assert "; hook blocks.0.hook_resid_post -> blocks.1.hook_resid_post)" in message
+    assert message.endswith("rebuild it with `saepipe activation-db` (or `dvc repro activation_db`)")
+
+
 def test_truncated_and_foreign_files_give_one_line(built, tmp_path, capsys) -> None:
     source = activation_db(built)
     truncated = tmp_path / "analysis" / "default" / "activation_db.h5"
@@ -214,11 +236,14 @@ def test_an_interrupted_build_leaves_nothing(built, tmp_path, monkeypatch) -> No
     assert not folder.exists() or not any(folder.iterdir())
 
 
-def test_show_feature_prints_stats_and_marked_examples(built, capsys) -> None:
-    import yaml
+def _show_params(built) -> Path:
+    from helpers import write_params
 
-    params_file = Path(built.tokenize.output).parent / "params_show.yaml"
-    params_file.write_text(yaml.safe_dump(built.to_dict()))
+    return Path(write_params(built, Path(built.tokenize.output).parent / "params_show.yaml"))
+
+
+def test_show_feature_prints_stats_and_marked_examples(built, capsys) -> None:
+    params_file = _show_params(built)
     with ActivationDB(activation_db(built)) as opened:
         f = int(np.argmax(opened.counts))
     assert main(["show-feature", str(f), "--params", str(params_file), "--top-k", "3"]) == 0
@@ -234,6 +259,105 @@ def test_show_feature_prints_stats_and_marked_examples(built, capsys) -> None:
         assert main(["show-feature", "--params", str(params_file), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert field in err and len(err.splitlines()) == 1, err
+
+
+def test_show_feature_flags_change_what_it_prints(built, db, capsys) -> None:
+    """--top-tokens, --neighbours and --logit-tokens each shape their section; index-tokens is not offered."""
+    from saepipe.analysis.matrices import decoder_cosine_topk
+    from saepipe.analysis.summaries import top_tokens
+
+    params_file = _show_params(built)
+    f = int(np.argmax(db.counts))
+    show = ["show-feature", str(f), "--params", str(params_file)]
+    assert main([*show, "--top-tokens", "2", "--neighbours", "3"]) == 0
+    out = capsys.readouterr().out
+    expected = top_tokens(db, db.feature_rows(f)[0], 2)  # ranked as the summaries rank them
+    shares = ", ".join(f"{t['token']!r} {t['count'] / db.counts[f]:.0%}" for t in expected)
+    assert f"top tokens (share of its {int(db.counts[f]):,} firings): {shares}\n" in out
+    # No matrices stage has run: the nearest come from the export's decoder rows, as the matrices stage ranks them.
+    ids, _ = decoder_cosine_topk(load_sae(evaluated_sae(built)).W_dec, 3, block_size=64)
+    line = next(x for x in out.splitlines() if x.startswith("nearest features by decoder cosine"))
+    assert [int(p.split()[0]) for p in line.split(": ", 1)[1].split(", ")] == ids[f].tolist()
+    assert "logit lens: not computed yet (it needs the model): run `saepipe summarize`" in out
+    assert main([*show, "--neighbours", "0"]) == 0
+    assert "nearest features" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="2"):  # argparse's own refusal (the bad-input table checks its one line)
+        main([*show, "--index-tokens", "3"])
+    assert "unrecognized arguments: --index-tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["show-feature", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--index-tokens" not in help_text and "--case-sensitive" in help_text and "at most 256" in help_text
+
+
+def test_show_feature_search_merges_case_variants_and_describes_features(built, db, capsys) -> None:
+    merged = db.token_occurrences("the", case_sensitive=False)
+    union = np.union1d(db.token_occurrences("the"), db.token_occurrences("The"))
+    assert len(db.token_occurrences("The")) and np.array_equal(merged, np.union1d(union, db.token_occurrences("THE")))
+    assert db.search_tokens("the", 3, case_sensitive=False)[0].occurrences == len(merged)
+    params_file = _show_params(built)
+    assert main(["show-feature", "--search", "the", "--results", "3", "--params", str(params_file)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"features most active on 'the' (any case; {len(merged):,} occurrences):"
+    best = db.search_tokens("the", 3, case_sensitive=False)
+    for r, line in zip(best, out[2:], strict=True):
+        described = top_tokens_of(db, r.feature)
+        assert line.split()[0] == str(r.feature) and f"{int(db.counts[r.feature]):,}" in line
+        assert line.endswith(", ".join(f"{t['token']!r} {t['count'] / db.counts[r.feature]:.0%}" for t in described))
+    assert main(["show-feature", "--search", "the", "--case-sensitive", "--params", str(params_file)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"(as spelled; {len(db.token_occurrences('the')):,} occurrences)" in first
+
+
+def top_tokens_of(db, f: int) -> list:
+    from saepipe.analysis.summaries import top_tokens
+
+    return top_tokens(db, db.feature_rows(f)[0], 3)
+
+
+def test_show_feature_loads_neither_torch_nor_transformers(built, tmp_path) -> None:
+    """A query and a refusal of an id the DB's size rules out need neither (they took seconds to import)."""
+    import subprocess
+    import sys
+
+    params_file = _show_params(built)
+    with ActivationDB(activation_db(built)) as opened:
+        d_sae = opened.d_sae
+    script = ("import sys; from saepipe.cli import main; rc = main(sys.argv[1:]); "
+              "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    for argv, rc in (([str(d_sae)], 2), (["1"], 0), (["--search", "the"], 0)):
+        done = subprocess.run([sys.executable, "-c", script, "show-feature", *argv, "--params", str(params_file)],
+                              capture_output=True, text=True, check=True)
+        assert done.stdout.splitlines()[-1] == f"{rc} []", (argv, done.stdout[-300:], done.stderr[-500:])
+        if rc == 2:
+            assert f"feature {d_sae}: expected an id in [0, {d_sae - 1}]" in done.stderr
+
+
+@pytest.mark.parametrize("stage", ["matrices", "summarize"])
+def test_analysis_stages_refuse_missing_inputs_before_importing_torch(built, tmp_path, stage) -> None:
+    import subprocess
+    import sys
+
+    from helpers import with_section, write_params
+
+    params_file = write_params(with_section(built, "evaluate", output_dir=str(tmp_path / "none")),
+                               tmp_path / "params.yaml")
+    script = ("import sys; from saepipe.cli import main; rc = main(sys.argv[1:]); "
+              "print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, stage, "--params", params_file],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "2 False", done.stderr[-500:]
+    assert str(tmp_path / "none") in done.stderr
+
+
+def test_reading_tokenizer_decodes_and_encodes_like_transformers(built) -> None:
+    from saepipe.model.tokenizer import load_reading_tokenizer
+
+    full, light = load_tokenizer(built.base_model.output_dir), load_reading_tokenizer(built.base_model.output_dir)
+    assert type(light).__name__ == "_RustTokenizer"
+    assert [light.decode([i]) for i in range(len(full))] == [full.decode([i]) for i in range(len(full))]
+    for text in ("The mitochondria", " the cell", "pH", "ATP."):
+        assert light(text, add_special_tokens=False) == {"input_ids": full(text, add_special_tokens=False)["input_ids"]}
 
 
 def test_outlier_rows_stay_without_features_unless_included(trained_pipeline, tmp_path) -> None:

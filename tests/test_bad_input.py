@@ -80,6 +80,26 @@ def params_file(relative: str, yaml_text: str) -> Setup:
     return write(relative, yaml_text)
 
 
+def activation_db_of(name: str, stale: bool = False) -> Setup:
+    """cases/<name>.yaml naming an activation DB under cases/<name>_analysis, built once from a copy of the
+    export at cases/<name>_sae; `stale`: that export's weights replaced after the DB was built."""
+    def setup(root: Path) -> None:
+        params = f"cases/{name}.yaml"
+        if (root / params).is_file():
+            return
+        shutil.copytree(root / "models" / "sae" / "default", root / f"cases/{name}_sae")
+        write(params, f"evaluate:\n  sae_path: cases/{name}_sae\n  output_dir: cases/{name}_analysis\n")(root)
+        assert main(["activation-db", "--params", params]) == 0
+        if stale:
+            import torch
+
+            weights = root / f"cases/{name}_sae/weights.pt"
+            tensors = torch.load(weights, weights_only=True)
+            tensors["W_dec"] += 0.1
+            torch.save(tensors, weights)
+    return setup
+
+
 BINARY = bytes(range(256)) * 4
 LONG_TEXT = "Energy is stored as ATP in the cell and used by every part of it. " * 3
 
@@ -187,6 +207,23 @@ CASES = [
          params_file("cases/db_none.yaml", "evaluate:\n  sae_path: cases/no_sae\n")),
     Case("matrices without an activation DB", ["matrices"], "analysis/default/activation_db.h5"),
     Case("summarize without matrices", ["summarize"], "run `saepipe matrices` first"),
+    # ---- show-feature: refused before the tokenizer is loaded, a stale DB like the other stages -------------
+    Case("show-feature id beyond d_sae", ["show-feature", "128", "--params", "cases/show.yaml"],
+         "feature 128: expected an id in [0, 127]", activation_db_of("show")),
+    Case("show-feature context beyond its bound", ["show-feature", "3", "--context-before", "1000000000"],
+         "summarize.context_before=1000000000: expected an integer <= 256 for show-feature"),
+    Case("show-feature context after beyond its bound", ["show-feature", "3", "--context-after", "257"],
+         "summarize.context_after=257: expected an integer <= 256"),
+    Case("show-feature --index-tokens", ["show-feature", "3", "--index-tokens", "3"],
+         "unrecognized arguments: --index-tokens 3"),
+    Case("show-feature empty search", ["show-feature", "--search", ""], "--search='': expected a token's text"),
+    Case("show-feature zero results", ["show-feature", "--search", "the", "--results", "0"], "--results=0"),
+    Case("show-feature on a stale DB", ["show-feature", "3", "--params", "cases/stale.yaml"],
+         "is stale: built from another SAE than the one now at cases/stale_sae (weights sha256 ",
+         activation_db_of("stale", stale=True)),
+    Case("matrices on a stale DB", ["matrices", "--params", "cases/stale.yaml"],
+         "rebuild it with `saepipe activation-db` (or `dvc repro activation_db`)",
+         activation_db_of("stale", stale=True)),
     Case("base-model from a missing local dir", ["base-model", "--source", "local", "--local-path", "cases/nothing",
                                                  "--output-dir", "cases/base"], "cases/nothing"),
     # ---- interp: bounds on its sizes, its inputs checked first (issue 22) ----------------------------------------

@@ -272,6 +272,8 @@ def test_stage_refuses_another_sae(stage, tmp_path):
     moved = with_section(params, "evaluate", sae_path=str(other))
     activation_db(moved).parent.mkdir(parents=True)
     shutil.copy(activation_db(params), activation_db(moved))  # a DB of the first SAE where the second's belongs
-    with pytest.raises(UserError, match=r"was built from the SAE at .* not from the one now at .*other"):
+    with pytest.raises(UserError, match=r"is stale: built from another SAE than the one now at \S*other "
+                       r"\(weights sha256 [0-9a-f]{12} -> [0-9a-f]{12}; path \S+ -> \S*other\); rebuild it with "
+                       r"`saepipe activation-db` \(or `dvc repro activation_db`\)$"):
         stage_module.run(moved)
     assert not (tmp_path / "analysis" / "other" / "matrices").exists()

@@ -112,6 +112,40 @@ def test_neighbours_come_from_the_matrices_files(summarized) -> None:
         assert [n["cosine"] for n in s["nearest_features"]] == pytest.approx(values[s["id"], :3], abs=1e-4)
 
 
+def test_show_feature_reads_the_logit_lens_and_matrices_of_this_sae(summarized, tmp_path, capsys) -> None:
+    """show-feature cannot compute the logit lens (it needs the model): it prints the summary line's, as many
+    as --logit-tokens asks; the neighbours come from the matrices files once they are of the DB's SAE."""
+    from helpers import write_params
+    from saepipe.cli import main
+    from saepipe.paths import MATRICES_METADATA
+
+    params, summaries, (ids, values) = summarized
+    params_file = write_params(params, tmp_path / "params.yaml")
+    s = next(s for s in summaries if s["alive"])
+
+    def shown(*flags: str) -> str:
+        assert main(["show-feature", str(s["id"]), "--params", params_file, *flags]) == 0
+        return capsys.readouterr().out
+
+    out = shown("--logit-tokens", "2")
+    promoted = ", ".join(f"{t['token']!r} {t['logit']:+.2f}" for t in s["promoted_tokens"][:2])
+    suppressed = ", ".join(f"{t['token']!r} {t['logit']:+.2f}" for t in s["suppressed_tokens"][:2])
+    assert f"\n  promotes  {promoted}\n  suppresses {suppressed}\n" in out
+    assert "which keeps 5 per feature" in shown("--logit-tokens", "9")  # the fixture's summarize kept 5
+    assert "from the decoder rows of" in out  # top-k files without metadata: not known to be of this SAE
+    with ActivationDB(activation_db(params)) as db:
+        sha256 = db.attrs["sae_sha256"]
+    meta = matrices_dir(params) / MATRICES_METADATA
+    try:
+        meta.write_text(json.dumps({"sae_sha256": sha256}))
+        out = shown("--neighbours", "2")
+    finally:
+        meta.unlink()
+    nearest = ", ".join(f"{i} {v:.3f}" for i, v in zip(ids[s["id"], :2], values[s["id"], :2], strict=True))
+    assert f"nearest features by decoder cosine (from {matrices_dir(params)}): {nearest}\n" in out
+    assert "co-occurring features (Jaccard, tokens both fire on): " in out
+
+
 def test_index_lists_every_feature(summarized) -> None:
     params, summaries, _ = summarized
     index = json.loads((analysis_dir(params) / SUMMARY_INDEX).read_text())

@@ -74,8 +74,8 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _add_field_flag(group: argparse._ArgumentGroup, field: FlatField) -> None:
-    hint, doc = field.hint, field.doc
+def _add_field_flag(group: argparse._ArgumentGroup, field: FlatField, note: str = "") -> None:
+    hint, doc = field.hint, field.doc + note
     inner = [a for a in typing.get_args(hint) if a is not type(None)]
     base = inner[0] if typing.get_origin(hint) in (typing.Union, typing.types.UnionType) else hint
     kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": doc}
@@ -127,13 +127,18 @@ def build_parser(only: str | None = None) -> OneLineParser:
         stage.add_argument("--params", default=DEFAULT_PARAMS, metavar="FILE",
                            help=f"the params file to read (default: {DEFAULT_PARAMS}); keys it leaves out come "
                            f"from ./{DEFAULT_PARAMS}")
-        if spec.arguments:
-            importlib.import_module(spec.module).add_arguments(stage)
+        module = importlib.import_module(spec.module) if spec.arguments else None
+        if module is not None:
+            module.add_arguments(stage)
         if spec.section is None:
             continue
+        # A module that borrows another stage's section may leave out the fields it does not use, and note
+        # how it reads the others (e.g. a tighter bound).
+        unused, notes = getattr(module, "UNUSED_FIELDS", ()), getattr(module, "FIELD_NOTES", {})
         group = stage.add_argument_group(f"{spec.section} params")
         for field in flat_fields(SECTIONS[spec.section]):
-            _add_field_flag(group, field)
+            if field.name not in unused:
+                _add_field_flag(group, field, notes.get(field.name, ""))
     return parser
 
 

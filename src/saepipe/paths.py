@@ -32,6 +32,7 @@ SHARDS_NOTE = "README.txt"  # in parts/: what the folder is for (never empty: DV
 CHECKPOINTS, LIVE = "checkpoints", "live"
 # <export.output_dir>/<run_name>/ (`sae.formats` writes them)
 EXPORT_CONFIG, EXPORT_HISTORY = "config.json", "history.json"
+EXPORT_WEIGHTS, SAELENS_WEIGHTS = "weights.pt", "sae_weights.safetensors"
 # <analysis>/quick/ (evaluate)
 QUICK = "quick"
 QUICK_METRICS, QUICK_HEADLINE, QUICK_DENSITY = "metrics.json", "headline.json", "feature_density.npy"

@@ -14,12 +14,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from saepipe.activations.cache import ActivationCache
 from saepipe.config import Params
 from saepipe.errors import UserError, field_error
 from saepipe.model.hooks import HookSpec
 from saepipe.paths import activation_cache
-from saepipe.sae import config_class
 
 
 def derived_run_name(params: Params) -> str:
@@ -29,6 +27,9 @@ def derived_run_name(params: Params) -> str:
     Model, layer and hook come from the activation cache's attributes (what the SAE is trained on, the middle
     layer resolved), the rest from `train`: two runs that differ in any of them get different folders.
     """
+    from saepipe.activations.cache import ActivationCache  # torch: only when a name must be derived
+    from saepipe.sae import config_class
+
     path = activation_cache(params)
     if not path.is_file():
         raise UserError(f"train.run_name is null and {path} does not exist to name the run from; "

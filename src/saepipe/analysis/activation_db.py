@@ -29,6 +29,7 @@ exported threshold), rounded to `values_dtype`; every statistic is computed from
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ import numpy as np
 
 from saepipe.corpus.tokens import TokenCache
 from saepipe.errors import UserError
+from saepipe.paths import EXPORT_CONFIG, EXPORT_WEIGHTS, SAELENS_WEIGHTS
 from saepipe.storage import OpenFile, plain, require_file, sha256_file
 
 FORMAT = "saepipe.activation_db"
@@ -51,13 +53,41 @@ SEARCH_OCCURRENCES = 2000
 
 def sae_weights_sha256(sae_path: str | Path) -> str:
     """The hash that names an exported SAE: of saepipe's weights.pt, else of SAELens's safetensors."""
-    from saepipe.sae.formats import SAELENS_WEIGHTS, WEIGHTS
-
     path = Path(sae_path)
-    for name in (WEIGHTS, SAELENS_WEIGHTS):
+    for name in (EXPORT_WEIGHTS, SAELENS_WEIGHTS):
         if (path / name).is_file():
             return sha256_file(path / name)
-    raise UserError(f"{path}: no {WEIGHTS} or {SAELENS_WEIGHTS}; run `saepipe export` first")
+    what = "is not a directory" if not path.is_dir() else f"holds no {EXPORT_WEIGHTS} or {SAELENS_WEIGHTS}"
+    raise UserError(f"SAE not found: {path} {what} (run `saepipe export` first)")
+
+
+SAE_FIELDS = ("sae_type", "d_in", "d_sae", "model_name", "hook")
+"""Attributes the DB copies from the SAE's export config.json, compared when the SAE has changed."""
+
+
+def sae_changes(attrs: dict[str, Any], sae_path: str | Path, sha256: str) -> list[str]:
+    """What tells the SAE at `sae_path` (weights hash `sha256`) from the one a DB with `attrs` was built from,
+    each as 'what old -> new': the weights' digest, its folder, and the config fields the export still has."""
+    changes = [f"weights sha256 {str(attrs.get('sae_sha256'))[:12]} -> {sha256[:12]}"]
+    if str(attrs.get("sae_path")) != str(sae_path):
+        changes.append(f"path {attrs.get('sae_path')} -> {sae_path}")
+    try:
+        config = json.loads((Path(sae_path) / EXPORT_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict):
+        changes += [f"{name} {attrs[name]} -> {config[name]}" for name in SAE_FIELDS
+                    if name in attrs and name in config and str(attrs[name]) != str(config[name])]
+    return changes
+
+
+def spellings(text: str, case_sensitive: bool = True) -> list[str]:
+    """The spellings a token search matches: `text`, with a leading space if it has none, and, unless
+    `case_sensitive`, both again in lower case, upper case and capitalised (each spelling once)."""
+    word = text.lstrip()
+    capitalised = text[: len(text) - len(word)] + word.capitalize()
+    cases = [text] if case_sensitive else [text, text.lower(), text.upper(), capitalised]
+    return list(dict.fromkeys(v for c in cases for v in (c, c if c.startswith(" ") else " " + c)))
 
 
 @dataclass(frozen=True)
@@ -345,11 +375,12 @@ class ActivationDB(OpenFile):
         return self.examples(f, rows, context)
 
     # ---- token search -----------------------------------------------------------------------------
-    def token_occurrences(self, text: str) -> np.ndarray:
-        """Rows whose token ends an occurrence of `text`'s tokens (also with a leading space, if it has none)."""
+    def token_occurrences(self, text: str, case_sensitive: bool = True) -> np.ndarray:
+        """Rows whose token ends an occurrence of `text`'s tokens (also with a leading space, if it has none;
+        without `case_sensitive`, also of its lower-case, upper-case and capitalised spellings)."""
         tokens = self._tokens()
         found: list[np.ndarray] = []
-        for variant in dict.fromkeys([text, text if text.startswith(" ") else " " + text]):
+        for variant in spellings(text, case_sensitive):
             ids = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
             if not ids:
                 continue
@@ -363,9 +394,10 @@ class ActivationDB(OpenFile):
             found.append(rows)
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
-    def search_tokens(self, text: str, k: int = 10) -> list[TokenFeature]:
-        """The features most active, on average, on the token(s) spelled by `text`."""
-        rows = self.token_occurrences(text)[:SEARCH_OCCURRENCES]
+    def search_tokens(self, text: str, k: int = 10, case_sensitive: bool = True) -> list[TokenFeature]:
+        """The features most active, on average, on the token(s) spelled by `text` (any of its case variants
+        merged into one token, without `case_sensitive`)."""
+        rows = self.token_occurrences(text, case_sensitive)[:SEARCH_OCCURRENCES]
         if len(rows) == 0:
             return []
         sums = np.zeros(self.d_sae, np.float64)
@@ -458,7 +490,10 @@ class ActivationDB(OpenFile):
         return sums / np.maximum(sizes, 1)[:, None]
 
     def check_sae(self, sae_path: str | Path) -> None:
-        """Refuse an SAE other than the one this DB was built from."""
-        if sae_weights_sha256(sae_path) != self.attrs["sae_sha256"]:
-            raise UserError(f"{self.path} was built from the SAE at {self.attrs['sae_path']}, not from the one "
-                            f"now at {sae_path}; rerun `saepipe activation-db`")
+        """Refuse an SAE other than the one this DB was built from (an export replaced after the DB was built),
+        naming what changed and the command that rebuilds the DB."""
+        sha256 = sae_weights_sha256(sae_path)
+        if sha256 != self.attrs["sae_sha256"]:
+            raise UserError(f"{self.path} is stale: built from another SAE than the one now at {sae_path} "
+                            f"({'; '.join(sae_changes(self.attrs, sae_path, sha256))}); rebuild it with "
+                            "`saepipe activation-db` (or `dvc repro activation_db`)")

@@ -56,10 +56,45 @@ def render_feature(stats: dict[str, Any], top: Sequence[Example], bands: dict[fl
     return "\n".join(lines)
 
 
-def render_search(text: str, results: Sequence[TokenFeature]) -> str:
+def _tokens_with_shares(tokens: Sequence[dict[str, Any]], count: int) -> str:
+    return ", ".join(f"{visible(t['token'])!r} {t['count'] / max(count, 1):.0%}" for t in tokens)
+
+
+def render_top_tokens(tokens: Sequence[dict[str, Any]], count: int) -> str:
+    """The tokens a feature fires on most often, each with its share of the feature's firings."""
+    return f"top tokens (share of its {count:,} firings): {_tokens_with_shares(tokens, count)}"
+
+
+def render_neighbours(nearest: Sequence[tuple[int, float]] | None,
+                      cooccurring: Sequence[tuple[int, float, int]] | None, source: str) -> str:
+    if nearest is None:
+        return f"nearest features: unavailable ({source})"
+    lines = [f"nearest features by decoder cosine ({source}): "
+             + (", ".join(f"{i} {c:.3f}" for i, c in nearest) or "none")]
+    if cooccurring is not None:
+        lines.append("co-occurring features (Jaccard, tokens both fire on): "
+                     + (", ".join(f"{i} {j:.3f} ({n:,})" for i, j, n in cooccurring) or "none"))
+    return "\n".join(lines)
+
+
+def render_logit_lens(promoted: Sequence[dict[str, Any]] | None, suppressed: Sequence[dict[str, Any]] | None,
+                      note: str) -> str:
+    if promoted is None or suppressed is None:
+        return f"logit lens: {note}"
+    def listed(tokens: Sequence[dict[str, Any]]) -> str:
+        return ", ".join(f"{visible(t['token'])!r} {t['logit']:+.2f}" for t in tokens) or "none"
+    return f"logit lens ({note}):\n  promotes  {listed(promoted)}\n  suppresses {listed(suppressed)}"
+
+
+def render_search(text: str, results: Sequence[TokenFeature], top_tokens: dict[int, Sequence[dict[str, Any]]],
+                  counts: dict[int, int], case_sensitive: bool = False) -> str:
+    """The features of a token, each described by how often it fires and on which tokens (`top_tokens` and
+    `counts` by feature id)."""
     if not results:
-        return f"no cached token spells {text!r}"
-    lines = [f"features most active on {text!r} ({results[0].occurrences:,} occurrences):",
-             f"{'feature':>8}  {'mean act':>9}  {'fires on':>8}"]
-    lines += [f"{r.feature:>8}  {r.mean_activation:9.3f}  {r.fire_fraction:8.1%}" for r in results]
+        return f"no cached token spells {text!r}" + ("" if case_sensitive else " in any case")
+    spelled = "as spelled" if case_sensitive else "any case"
+    lines = [f"features most active on {text!r} ({spelled}; {results[0].occurrences:,} occurrences):",
+             f"{'feature':>8}  {'mean act':>9}  {'fires on':>8}  {'firings':>8}  top tokens (share of its firings)"]
+    lines += [f"{r.feature:>8}  {r.mean_activation:9.3f}  {r.fire_fraction:8.1%}  {counts[r.feature]:>8,}  "
+              f"{_tokens_with_shares(top_tokens[r.feature], counts[r.feature])}" for r in results]
     return "\n".join(lines)

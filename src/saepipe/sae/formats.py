@@ -45,6 +45,7 @@ from torch import Tensor
 
 from saepipe.errors import UserError
 from saepipe.model.hooks import HookSpec
+from saepipe.paths import EXPORT_WEIGHTS, SAELENS_WEIGHTS
 from saepipe.sae import REGISTRY, SAEConfig, SparseAutoencoder, build_sae, config_class
 from saepipe.sae.batch_topk import BatchTopKConfig
 from saepipe.sae.provenance import Provenance, RunRecord
@@ -53,11 +54,10 @@ from saepipe.version import VERSION
 
 FORMAT = "saepipe.sae"
 FORMAT_VERSION = 2  # 2: the hook is one key, `hook` (1: hook_layer, hook_name, hook_spec)
-WEIGHTS = "weights.pt"
+WEIGHTS = EXPORT_WEIGHTS
 CONFIG = "config.json"
 HISTORY = "history.json"
 SAELENS_CFG = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 """cfg.json follows SAELens >= 6.0 (older configs are rewritten on load; ours must not be)."""
 

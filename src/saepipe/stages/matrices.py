@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from saepipe.activations.run_name import names_run
-from saepipe.analysis import matrices
 from saepipe.config import Params
 from saepipe.errors import UserError
 from saepipe.paths import (
@@ -41,7 +40,6 @@ from saepipe.paths import (
     evaluated_sae,
     matrices_dir,
 )
-from saepipe.sae.formats import load_sae
 from saepipe.storage import atomic_dir, write_json
 
 FILES = {
@@ -66,8 +64,13 @@ def run(params: Params) -> None:
     cfg = params.matrices
     started = time.perf_counter()
     path = evaluated_sae(params)
-    sae = load_sae(path)
     db_path = activation_db(params)
+    with ActivationDB(db_path) as db:  # the inputs' refusals before torch is imported (seconds)
+        db.check_sae(path)
+    from saepipe.analysis import matrices
+    from saepipe.sae.formats import load_sae
+
+    sae = load_sae(path)
     out_dir = matrices_dir(params)
     d_sae = sae.d_sae
     dense = d_sae <= cfg.dense_max_features
@@ -115,6 +118,8 @@ def _dense_file(path: Path, dtype: type, d_sae: int, dense: bool) -> np.ndarray 
 
 def metadata(params: Params, sae_path: Path, db_path: Path, attrs: dict[str, Any], n_rows: int, d_sae: int,
              dense: bool, k: int) -> dict[str, Any]:
+    from saepipe.analysis.matrices import JACCARD_FORMULA
+
     files = {name: what for name, what in FILES.items() if dense or name not in DENSE_FILES}
     return {
         "files": files,
@@ -124,7 +129,7 @@ def metadata(params: Params, sae_path: Path, db_path: Path, attrs: dict[str, Any
         "n_rows": n_rows,
         "fires": "a feature fires on a token when its activation is > 0",
         "cosine_formula": "W_dec[i] . W_dec[j] / (|W_dec[i]| |W_dec[j]|), 0 where either norm is 0",
-        "jaccard_formula": matrices.JACCARD_FORMULA,
+        "jaccard_formula": JACCARD_FORMULA,
         "histogram": f"each feature's max cosine to any other (zero-norm decoder rows left out), "
                      f"{params.matrices.histogram_bins} bins over [-1, 1]",
         "sae_path": str(sae_path),

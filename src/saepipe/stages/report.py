@@ -33,6 +33,8 @@ def run(params: Params) -> None:
     started = time.perf_counter()
     files = RunFiles.of(params)
     inputs = RunInputs.read(files)
+    with ActivationDB(files.activation_db) as db:  # a stale DB refused before the summaries and tokenizer load
+        db.check_sae(files.sae)
     records = read_summaries(files.summaries, cfg.table_examples)
     documents = document_names(labels_file(params), params.tokenize.output)
     options = ReportOptions(table_features=cfg.table_features, min_count=cfg.min_count,

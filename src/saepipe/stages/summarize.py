@@ -7,16 +7,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from saepipe.activations.run_name import names_run
 from saepipe.analysis.activation_db import ActivationDB
-from saepipe.analysis.logit_lens import logit_effects, unembedding
 from saepipe.analysis.summaries import FeatureTables, SummaryOptions, feature_summary, index_entry
 from saepipe.config import Params
 from saepipe.errors import UserError
-from saepipe.model.loading import load_hooked_model
 from saepipe.model.tokenizer import load_tokenizer
 from saepipe.paths import (
     COOCCURRENCE_TOPK,
@@ -28,14 +25,17 @@ from saepipe.paths import (
     evaluated_sae,
     matrices_dir,
 )
-from saepipe.sae.formats import check_compatible, load_sae
 from saepipe.storage import atomic_path, write_json
+
+
+def require_topk(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; run `saepipe matrices` first")
 
 
 def load_topk(path: Path, keys: tuple[str, ...], d_sae: int) -> tuple[np.ndarray, ...]:
     """Arrays of a matrices-stage top-k file, checked against the SAE's size."""
-    if not path.is_file():
-        raise UserError(f"{path}: file not found; run `saepipe matrices` first")
+    require_topk(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = tuple(data[k] for k in keys)
@@ -51,6 +51,17 @@ def run(params: Params) -> None:
     cfg = params.summarize
     started = time.perf_counter()
     sae_path = evaluated_sae(params)
+    # The inputs' refusals first, before torch is imported and the model loaded (seconds each).
+    for name in (SIMILARITY_TOPK, COOCCURRENCE_TOPK):
+        require_topk(matrices_dir(params) / name)
+    with ActivationDB(activation_db(params)) as db:
+        db.check_sae(sae_path)
+    import torch
+
+    from saepipe.analysis.logit_lens import logit_effects, unembedding
+    from saepipe.model.loading import load_hooked_model
+    from saepipe.sae.formats import check_compatible, load_sae
+
     sae = load_sae(sae_path)
     tokenizer = load_tokenizer(params.base_model.output_dir)
     model = load_hooked_model(params.base_model.output_dir, device=torch.device("cpu"))
