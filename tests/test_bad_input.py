@@ -189,6 +189,10 @@ CASES = [
     Case("summarize without matrices", ["summarize"], "run `saepipe matrices` first"),
     Case("base-model from a missing local dir", ["base-model", "--source", "local", "--local-path", "cases/nothing",
                                                  "--output-dir", "cases/base"], "cases/nothing"),
+    # ---- issue 22 §6: interval validation, labels ---------------------------------------------------------------
+    Case("negative val_every_steps", ["train", "--val-every-steps", "-1"], "train.val_every_steps=-1"),
+    Case("interp without labels.json", ["interp", "--params", "cases/no_labels.yaml"], "run `saepipe process`",
+         params_file("cases/no_labels.yaml", "process:\n  output_dir: cases/no_labels\n")),
 ]
 
 
