@@ -234,6 +234,10 @@ CASES = [
     Case("interp with a huge explanation", ["interp", "--max-new-tokens", "100000"],
          "interp.max_new_tokens=100000: expected an integer in [1, 2048]"),
     Case("interp without feature summaries", ["interp"], "run `saepipe summarize` first"),
+    # ---- issue 22 §6: interval validation, labels ---------------------------------------------------------------
+    Case("negative val_every_steps", ["train", "--val-every-steps", "-1"], "train.val_every_steps=-1"),
+    Case("interp without labels.json", ["interp", "--params", "cases/no_labels.yaml"], "run `saepipe process`",
+         params_file("cases/no_labels.yaml", "process:\n  output_dir: cases/no_labels\n")),
 ]
 
 

@@ -354,3 +354,24 @@ def test_real_default_gguf_route(repo_params, tmp_path):
         generated = model.generate(ids, max_new_tokens=8, do_sample=False)
     text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
     assert any(word.isalpha() and len(word) >= 2 for word in text.split()), text
+
+
+def test_reuse_base_model_recipe_keeps_a_copied_model(tmp_path, repo_dir, tiny_model_dir):
+    """docs/sharing.md's recipe: a models/base/ copied into a fresh clone (empty DVC cache) is committed to the
+    cache and kept, not rebuilt; a copy that is not the recorded model is refused."""
+    from dvc_projects import BIN, git_commit, make_project, ran_stages, recipe, run
+
+    if shutil.which("dvc", path=str(BIN)) is None:
+        pytest.skip("dvc is not installed")
+    first = make_project(tmp_path / "first", repo_dir, tiny_model_dir, ["Some words about the topic at hand."])
+    assert ran_stages(run(["dvc", "repro", "base-model"], first)) == ["base-model"]
+    git_commit(first, "base model")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(first), str(clone)], tmp_path)
+    assert "not in cache" in run(["dvc", "status", "base-model"], clone)  # why a plain copy was rebuilt
+    lock = (clone / "dvc.lock").read_text()
+    output = run(recipe(repo_dir, "reuse-base-model"), clone, env={"OTHER": str(first)})
+    assert "up to date" in output and (clone / "dvc.lock").read_text() == lock
+    assert ran_stages(run(["dvc", "repro", "base-model"], clone)) == []
+    (clone / "models/base/config.json").write_text("{}")  # not the model dvc.lock records
+    assert "unable to commit changed stage" in run(["dvc", "commit", "base-model"], clone, check=False)

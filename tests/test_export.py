@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -237,9 +238,10 @@ def test_export_stage_best_and_last(tmp_path, export_params, capsys) -> None:
     make_checkpoint(run_dir / BEST, "topk", epoch=1)
     make_checkpoint(epoch_dir(run_dir, 2), "topk", epoch=2)
     export_stage.run(export_params)
-    line = capsys.readouterr().out.strip()
+    line, seconds = re.fullmatch(r"(.*) \[(\d+\.\d) s\]", capsys.readouterr().out.strip()).groups()
     assert line == (f"exported topk SAE {D_IN}->{D_SAE} on {HOOK_SPEC} (epoch 1, val FVU 0.3123, val L0 4.5) "
                     f"to {tmp_path / 'sae' / 'r1'}")
+    assert 0 <= float(seconds) < 60
     export_stage.run(with_section(export_params, "export", checkpoint="last"))
     assert "(epoch 2, val FVU 0.1235, val L0 3.875)" in capsys.readouterr().out
     assert json.loads((tmp_path / "sae" / "r1" / "config.json").read_text())["checkpoint"]["epoch"] == 2

@@ -12,7 +12,8 @@ import h5py
 import pytest
 import yaml
 
-from dvc_projects import BIN, make_project, ran_stages, recipes, run
+from dvc_projects import BIN, git_commit, make_project, ran_stages, recipes, run
+from saepipe import paths
 
 pytestmark = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="dvc is not installed")
 
@@ -47,14 +48,19 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
             assert f[f"train/{name}"].shape == (f["train/activations"].shape[0],)
         assert f["train/mean"].shape == (64,)
     metrics = run(["dvc", "metrics", "show", "--json"], project)
-    assert "recompute_factor" in metrics and "documents" in metrics
+    # the detailed statistics are outputs in git, not metrics: `dvc exp show` lists the headline only
+    assert "recompute_factor" not in metrics
+    assert "recompute_factor" in (project / "data/activations/stats.json").read_text()
+    assert '"documents"' not in metrics and "documents" in (project / "data/processed/stats.json").read_text()
+    assert '"fvu"' in metrics and "val.fvu" not in metrics and "train.loss" not in metrics
 
     with h5py.File(project / "analysis/default/activation_db.h5") as f:
         assert f.attrs["n_rows"] == rows and f["csc/indptr"].shape == (129,)
     summaries = (project / "analysis/default/feature_summaries.jsonl").read_text().splitlines()
     assert len(summaries) == 128 and json.loads(summaries[0])["id"] == 0
     assert (project / "analysis/default/matrices/similarity_topk.npz").is_file()
-    assert "mean_max_cosine" in metrics
+    assert "mean_max_cosine" not in metrics
+    assert "mean_max_cosine" in (project / "analysis/default/matrices_metrics.json").read_text()
     assert "subject_k1" in metrics and "subject_resid" in metrics and '"detection"' in metrics
     explained = [json.loads(line) for line in
                  (project / "analysis/default/interp/explanations.jsonl").read_text().splitlines()]
@@ -88,6 +94,49 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
     (project / "src/saepipe/analysis/new_module.py").write_text('"""A new analysis."""\n')
     assert set(json.loads(run(["dvc", "status", "--json"], project))) == {
         "evaluate", "activation-db", "matrices", "summarize", "interp", "report"}
+
+
+def test_only_flat_headline_files_are_metrics_and_the_details_stay_in_git(repo_dir: Path) -> None:
+    """`dvc exp show` gives every key of every metrics file a column (329 on the default run when the corpus,
+    cache, dvclive and matrices statistics were metrics): only the flat headline files are metrics now; the
+    detailed files stay outputs kept in git (`cache: false`), versioned per experiment for compare and report."""
+    stages = yaml.safe_load((repo_dir / "dvc.yaml").read_text())["stages"]
+
+    def entries(kind: str) -> dict[tuple[str, str], dict]:
+        found = {}
+        for name, stage in stages.items():
+            for item in stage.get(kind, []):
+                path, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+                found[(name, Path(path).name)] = options
+        return found
+
+    assert set(entries("metrics")) == {("evaluate", paths.QUICK_HEADLINE), ("interp", paths.PROBING),
+                                       ("interp", paths.AUTOINTERP)}
+    outs = entries("outs")
+    for kept in [("process", paths.CORPUS_STATS), ("activations", paths.ACTIVATION_STATS),
+                 ("train", paths.LIVE_METRICS), ("evaluate", paths.QUICK_METRICS),
+                 ("matrices", paths.MATRICES_METRICS)]:
+        assert outs[kept] == {"cache": False}, kept
+
+
+def test_a_corpus_outside_the_checkout_through_a_link_has_one_deps_column(project: Path, tmp_path: Path) -> None:
+    """docs/experiments.md: DVC names an out-of-repo dep `../../x` in the workspace and `x` in a commit (two
+    `dvc exp show` columns for one folder); a link inside the repo has one name in every row and still
+    tracks the files behind it."""
+    outside = tmp_path / "outside" / "corpus"
+    outside.parent.mkdir()
+    shutil.move(project / "data/raw", outside)
+    (project / "data/corpus").symlink_to(outside)
+    set_param(project, "process", "raw_dir", "data/corpus")
+    assert ran_stages(run(["dvc", "repro", "process"], project)) == ["process"]
+    git_commit(project, "the corpus through a link")
+    set_param(project, "process", "min_words", 9)  # a workspace row beside the commit's
+    rows = json.loads(run(["dvc", "exp", "show", "--json"], project))
+    assert {row["rev"] for row in rows} >= {"workspace"} and len(rows) == 2
+    deps = {name for row in rows for name in (row.get("data") or {}).get("deps", {})}
+    assert {name for name in deps if "corpus" in name and not name.startswith("src/")} == {"data/corpus"}
+    next((outside / "physics_chapters").glob("*.md")).write_text("# Chapter 1: Edited\n\n" + "word " * 20)
+    assert "process" in json.loads(run(["dvc", "status", "--json"], project))
 
 
 def stage_count(project: Path) -> int:
@@ -136,12 +185,13 @@ def set_param(project: Path, section: str, key: str, value) -> None:
 
 
 # ---- docs/experiments.md's Experiments and Sweeps recipes, exactly as typed ----------------------------------------
-FORWARDS = re.compile(r"^activations: .* ([\d,]+) forward passes", re.MULTILINE)
+FORWARDS = re.compile(r"^activations: .* ([\d,]+) forward pass(?:es)?\b", re.MULTILINE)
 
 
 EXPERIMENT_RECIPES = ["baseline", "adhoc", "experiment", "sweep", "sweep-compare"]
-# Recipes of other pages, each run by its page's tests (test_many_models, test_remote_storage).
-OTHER_RECIPES = ["many-models", "sharing", "sharing-artifact", "remote-s3", "remote-gcs", "remote-ssh"]
+# Recipes of other pages, each run by its page's tests (test_many_models, test_remote_storage, test_base_model).
+OTHER_RECIPES = ["many-models", "sharing", "reuse-base-model", "sharing-artifact", "remote-s3", "remote-gcs",
+                 "remote-ssh"]
 
 
 def experiment_recipes(repo_dir: Path) -> list[tuple[str, str]]:

@@ -78,10 +78,21 @@ def test_chapters_become_section_documents_in_subject_then_file_order(repo_param
     assert stats["subjects"]["chemistry"]["documents"] == 1
     assert_stats_match(texts, stats)
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1] == (
+    line, seconds = re.fullmatch(r"(.*) \[(\d+\.\d) s\]", out[-1]).groups()  # ends with its duration, as every stage
+    assert line == (
         f"process: 3 documents, {stats['characters']:,} characters from 3 chapters "
         f"(physics 2, chemistry 1) -> {tmp_path / 'out' / 'texts.json'}"
     )
+    assert 0 <= float(seconds) < 60
+
+
+def test_one_document_from_one_chapter_is_singular(repo_params, tmp_path, capsys):
+    """A count of one takes the singular noun (the old line said `1 documents ... from 1 chapters`)."""
+    write_chapters(tmp_path / "raw", {"chemistry": SMALL_CORPUS["chemistry"]})
+    texts, stats = run_process(repo_params, tmp_path, subjects=["chemistry"])
+    assert len(texts) == 1
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"process: 1 document, {stats['characters']:,} characters from 1 chapter (chemistry 1) ")
 
 
 def test_min_words_filters_short_sections(repo_params, tmp_path):
@@ -156,7 +167,8 @@ def test_data_path_list_is_copied_as_is(repo_params, tmp_path, capsys):
     assert list(stats["subjects"]) == ["data_path"]
     assert stats["subjects"]["data_path"]["chapters"] == 0
     assert_stats_match(copied, stats)
-    assert capsys.readouterr().out.strip().endswith(f"from data_path {source} -> {tmp_path / 'out' / 'texts.json'}")
+    assert re.search(rf"from data_path {re.escape(str(source))} -> {re.escape(str(tmp_path / 'out' / 'texts.json'))} "
+                     r"\[\d+\.\d s\]$", capsys.readouterr().out.strip())
 
 
 def test_data_path_texts_pass_the_min_words_filter(repo_params, tmp_path):
@@ -301,6 +313,14 @@ def test_labels_name_each_documents_subject_and_chapter(repo_params, tmp_path):
                       {"subject": "chemistry", "chapter": "chemistry_ch01_atoms"}]
     with pytest.raises(UserError, match="labels 3 documents but the token cache holds 4"):
         load_labels(tmp_path / "out" / "labels.json", 4)
+
+
+def test_missing_labels_name_the_command_that_writes_them(tmp_path):
+    """A missing labels.json (the probes need it) says which command makes it, not only that it is missing."""
+    from saepipe.corpus.labels import load_labels
+
+    with pytest.raises(UserError, match=r"labels\.json.*run `saepipe process`"):
+        load_labels(tmp_path / "labels.json", 3)
 
 
 def test_data_path_documents_are_labelled_unknown(repo_params, tmp_path):

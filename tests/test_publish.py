@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import with_section
+from helpers import with_section, write_params
 from saepipe.errors import UserError
-from saepipe.paths import checkpoints_dir
+from saepipe.paths import checkpoints_dir, export_dir
 from saepipe.publish import hf
 from saepipe.stages import export as export_stage
 from saepipe.stages import upload as upload_stage
@@ -111,3 +111,44 @@ def test_upload_stage(tmp_path, export_params, hub, capsys) -> None:
         upload_stage.run(with_section(params, "export", hf_repo_id=None))
 
 
+
+
+@pytest.fixture
+def no_token(hub, monkeypatch, tmp_path):
+    """No token anywhere huggingface_hub looks: not in the environment, no stored `hf auth login` file."""
+    import huggingface_hub.constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+    return hub
+
+
+def test_upload_without_a_token_stops_before_the_network(tmp_path, export_params, no_token, capsys) -> None:
+    """`saepipe upload` (and export's upload) with no token: exit 2, one line naming both remedies, no hub call
+    (the old code reached the network and reported `Name or service not known`), and export writes nothing."""
+    from saepipe.cli import main
+
+    make_checkpoint(checkpoints_dir(export_params) / BEST, "batch_topk")
+    export_stage.run(export_params)
+    exported = {p: p.stat().st_mtime_ns for p in export_dir(export_params).iterdir()}
+    params_yaml = write_params(with_section(export_params, "export", hf_repo_id="me/saes"), tmp_path / "p.yaml")
+    capsys.readouterr()
+    for argv in (["upload"], ["export", "--upload-to-hf"]):
+        code = main([*argv, "--params", params_yaml])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, (argv, err)
+        assert "no Hugging Face token" in err[0] and "HF_TOKEN" in err[0] and "hf auth login" in err[0]
+        assert "create_repo" not in no_token and "upload_folder" not in no_token
+    assert {p: p.stat().st_mtime_ns for p in export_dir(export_params).iterdir()} == exported
+
+
+def test_a_stored_login_token_is_enough(tmp_path, no_token, monkeypatch) -> None:
+    """The token `hf auth login` stored counts, and is what the upload uses."""
+    import huggingface_hub.constants
+
+    stored = tmp_path / "token"
+    stored.write_text(FAKE_TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(stored))
+    assert hf.resolve_token(None) == FAKE_TOKEN
+    assert hf.resolve_token("hf_explicit") == "hf_explicit"

@@ -259,3 +259,22 @@ def test_train_stage_with_wandb_offline_keeps_its_files_in_the_run_folder(traine
         c.path for c in artifact.manifest.contents}
     assert final_summary(records)["status"] == "finished"
     assert not (tmp_path / "wandb").exists() and not (Path.cwd() / "wandb").exists()
+
+
+def test_validations_between_epochs_join_the_val_curves_on_the_training_step_axis(tmp_path, repo_params) -> None:
+    """The trainer logs each epoch at the step it ended on and validations between epoch ends at theirs: one
+    val/<name>.tsv with both, in step order; train/ curves and metrics.json's summary hold the epochs' values."""
+    with Tracker(train_config(repo_params), tmp_path / "run", {}) as tracker:
+        tracker.log_validation(4, {"epoch": 0.5, "val_loss": 2.5, "inference_threshold": 0.1})
+        tracker.log_epoch(1, EPOCHS[0], step=8)
+        tracker.log_validation(12, {"epoch": 1.5, "val_loss": 1.8})
+        tracker.log_epoch(2, EPOCHS[1], step=16)
+    plots = tmp_path / "run" / "live" / "plots" / "metrics"
+    with open(plots / "val" / "loss.tsv") as f:
+        assert [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f, delimiter="\t")] == [
+            (4, 2.5), (8, EPOCHS[0]["val_loss"]), (12, 1.8), (16, EPOCHS[1]["val_loss"])]
+    with open(plots / "train" / "loss.tsv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f, delimiter="\t")] == [8, 16]
+    assert not (plots / "train" / "epoch.tsv").exists() and not (plots / "train" / "inference_threshold.tsv").exists()
+    summary = json.loads((tmp_path / "run" / "live" / "metrics.json").read_text())
+    assert summary["val"]["loss"] == EPOCHS[1]["val_loss"] and summary["step"] == 16

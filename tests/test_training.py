@@ -296,3 +296,52 @@ def test_a_token_budget_sets_the_epochs(repo_params, tmp_path) -> None:
                      progress=False).fit()
     assert len(result.history) == 3
     assert load_checkpoint(tmp_path / "run" / "checkpoint_epoch3.pt").state["num_epochs"] == 3
+
+
+def test_validation_between_epochs_changes_nothing_but_the_curves(repo_params, tmp_path) -> None:
+    """`train.val_every_steps` adds curve points between epoch ends; the weights, every buffer (BatchTopK's
+    threshold), the history, the best epoch and the RNG state a checkpoint saves are bit for bit those of a
+    run without them."""
+    rows, _ = synthetic(2048)
+    val, _ = synthetic(256, seed=1)
+
+    class Points:
+        def __init__(self):
+            self.epochs, self.between = [], []
+
+        def log_epoch(self, epoch, metrics, step=None):
+            self.epochs.append((epoch, step))
+
+        def log_validation(self, step, metrics):
+            self.between.append((step, metrics))
+
+    def train(every: int, logger=None):
+        torch.manual_seed(0)
+        sae = build_sae(sae_config("batch_topk", d_in=32, d_sae=64, k=3, k_aux=16))
+        cfg = train_config(repo_params, val_every_steps=every)  # 3 epochs x 8 steps of 256 rows
+        result = Trainer(sae, make_data(rows, val), cfg, tmp_path / f"every{every}", None, torch.device("cpu"),
+                         logger=logger, progress=False).fit()
+        return sae, result, load_checkpoint(newest_checkpoint(tmp_path / f"every{every}")).tensors["torch_rng"]
+
+    points = Points()
+    plain, plain_result, plain_rng = train(0)
+    sae, result, rng = train(3, points)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, sae.state_dict()[name]), name
+    timing = ("seconds", "activations_per_second")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in result.history] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in plain_result.history]
+    assert result.best_epoch == plain_result.best_epoch and torch.equal(rng, plain_rng)
+    assert points.epochs == [(1, 8), (2, 16), (3, 24)]  # the epochs' points at the step each ended on
+    assert [step for step, _ in points.between] == [3, 6, 9, 12, 15, 18, 21]  # 24 ends epoch 3: validated there
+    for step, figures in points.between:
+        assert figures["epoch"] == step / 8 and 0 <= figures["val_fvu"] < 1.5
+        assert 1.5 <= figures["val_l0"] <= 6  # calibrated to k = 3 on the subsample, not the running estimate
+
+
+def test_interval_steps_default_to_about_sixteen_points_a_run() -> None:
+    from saepipe.training.trainer import INTERVAL_POINTS, interval_steps
+
+    steps = 1012  # the default run: 23 epochs of 44 steps
+    assert steps // interval_steps(None, steps) == INTERVAL_POINTS
+    assert interval_steps(None, 5) == 1 and interval_steps(0, 1012) == 0 and interval_steps(50, 1012) == 50

@@ -28,8 +28,9 @@ TEXTS, LABELS, CORPUS_STATS = "texts.json", "labels.json", "stats.json"
 # <activations.output_dir>/: the cache (or a manifest over shards/ in parts/) and its statistics
 ACTIVATION_CACHE, SHARDS, ACTIVATION_STATS = "activations.h5", "parts", "stats.json"
 SHARDS_NOTE = "README.txt"  # in parts/: what the folder is for (never empty: DVC warns of an empty dep)
-# <train.output_dir>/<run_name>/
+# <train.output_dir>/<run_name>/, and in live/ the file dvclive names (a DVC output in git, not metrics)
 CHECKPOINTS, LIVE = "checkpoints", "live"
+LIVE_METRICS = "metrics.json"
 # <export.output_dir>/<run_name>/ (`sae.formats` writes them)
 EXPORT_CONFIG, EXPORT_HISTORY = "config.json", "history.json"
 EXPORT_WEIGHTS, SAELENS_WEIGHTS = "weights.pt", "sae_weights.safetensors"

@@ -154,6 +154,9 @@ class TrainConfig:
     """Epoch checkpoints kept on disk, the newest (best_model.pt is kept besides); null: every one."""
     log_freq: int
     """Update the progress bar's loss figures every this many steps."""
+    val_every_steps: int | None
+    """Also validate every this many steps, for the dvclive curves only (on a fixed subsample; the best epoch is
+    still chosen by each epoch's full validation); null: about 16 points per run; 0: only at epoch ends."""
     resume: bool
     """Continue from the newest checkpoint of this run instead of starting over."""
     device: str
@@ -197,6 +200,8 @@ class TrainConfig:
             raise field_error("train.lr_decay_fraction", self.lr_decay_fraction, "a number in [0, 1]")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise field_error("train.adam_betas", self.adam_betas, "two numbers in [0, 1)")
+        if self.val_every_steps is not None and self.val_every_steps < 0:
+            raise field_error("train.val_every_steps", self.val_every_steps, "an integer >= 0 or null")
         for name in ("dead_window_tokens", "max_train_rows", "keep_checkpoints"):
             value = getattr(self, name)
             if value is not None and value < 1:

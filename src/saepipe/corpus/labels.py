@@ -9,10 +9,9 @@ keeps `texts.json` the plain `list[str]` every tool can write; `interp`'s probes
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from saepipe.errors import UserError
-from saepipe.storage import read_json, write_json
+from saepipe.storage import read_json, require_file, write_json
 
 UNKNOWN = "unknown"
 LABEL_KEYS = ("subject", "chapter")
@@ -24,7 +23,7 @@ def save_labels(path: str | os.PathLike[str], labels: list[dict[str, str]]) -> N
 
 def load_labels(path: str | os.PathLike[str], n_documents: int) -> list[dict[str, str]]:
     """Read and check a labels file against the corpus it must describe (`n_documents` documents)."""
-    path = Path(path)
+    path = require_file(path, "document labels", "run `saepipe process`: it writes them beside texts.json")
     labels = read_json(path, "document labels")
     if not isinstance(labels, list) or not all(
             isinstance(item, dict) and all(isinstance(item.get(k), str) for k in LABEL_KEYS) for item in labels):

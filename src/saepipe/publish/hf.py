@@ -45,6 +45,17 @@ def resolve_repo_id(repo_id: str | None) -> str:
     return repo_id
 
 
+def resolve_token(token: str | None) -> str:
+    """The token to upload with (the argument, HF_TOKEN, or the one `hf auth login` stored), found before any
+    network call: without one the hub answers with a resolver or 401 error that names no remedy."""
+    from huggingface_hub import get_token
+
+    found = token or os.environ.get("HF_TOKEN") or get_token()
+    if not found:
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    return found
+
+
 def final_metrics(config: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, float]:
     """The exported epoch's metrics (the checkpoint's own epoch, else the last one recorded)."""
     if not history:
@@ -144,7 +155,7 @@ def upload_sae(sae_dir: str | Path, repo_id: str | None, private: bool, token: s
     history = read_json(sae_dir / HISTORY, "exported SAE history (run `saepipe export` first)")
     if not isinstance(config, dict) or not isinstance(history, list):
         raise UserError(f"{sae_dir}: config.json / history.json are not what `saepipe export` writes")
-    token = token or os.environ.get("HF_TOKEN") or None
+    token = resolve_token(token)
     secrets = _secrets(token)
     with tempfile.TemporaryDirectory(prefix="saepipe-upload-") as tmp:
         staging = Path(tmp) / folder.replace("/", "_")
@@ -166,7 +177,8 @@ def upload_sae(sae_dir: str | Path, repo_id: str | None, private: bool, token: s
 
 def publish_export(sae_dir: Path, repo_id: str | None, private: bool) -> None:
     """What `saepipe upload` and `export.upload_to_hf` do: check the repo id and the export, upload, say where."""
-    repo_id = resolve_repo_id(repo_id)  # before any work: a missing repo id is the usual mistake
+    repo_id = resolve_repo_id(repo_id)  # before any work: a missing repo id or token is the usual mistake
+    resolve_token(None)
     load_sae(sae_dir)  # refuse a damaged export before anything leaves the machine
     url = upload_sae(sae_dir, repo_id, private, path_in_repo=sae_dir.name)
     print(f"uploaded {sae_dir} to {url}{' (private)' if private else ''}")

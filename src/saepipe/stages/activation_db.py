@@ -14,6 +14,7 @@ from saepipe.errors import UserError
 from saepipe.model.loading import resolve_device
 from saepipe.paths import activation_cache, activation_db, evaluated_sae
 from saepipe.sae.formats import check_compatible, load_sae
+from saepipe.text import count
 from saepipe.version import VERSION
 
 
@@ -45,7 +46,8 @@ def run(params: Params) -> None:
     seconds = time.perf_counter() - started
     size = out.stat().st_size
     print(f"activation-db: {result.n_rows:,} tokens x {sae.d_sae:,} features, {result.nnz:,} activations "
-          f"(L0 {result.nnz / max(result.n_rows, 1):.1f}, {cfg.values_dtype}; {result.outlier_rows:,} outlier rows "
+          f"(L0 {result.nnz / max(result.n_rows, 1):.1f}, {cfg.values_dtype}; "
+          f"{count(result.outlier_rows, 'outlier row')} "
           f"{'encoded' if cfg.include_outliers else 'left without features'}); encode "
-          f"{result.n_rows / max(result.encode_seconds, 1e-9):,.0f} tok/s, reverse index in {result.blocks} "
-          f"block{'s' * (result.blocks != 1)} -> {out} ({size / 2**20:,.1f} MiB) [{seconds:.1f} s]")
+          f"{result.n_rows / max(result.encode_seconds, 1e-9):,.0f} tok/s, reverse index in "
+          f"{count(result.blocks, 'block')} -> {out} ({size / 2**20:,.1f} MiB) [{seconds:.1f} s]")

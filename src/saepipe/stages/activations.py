@@ -29,6 +29,7 @@ from saepipe.model.loading import check_4bit, load_hooked_model, resolve_device
 from saepipe.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 from saepipe.paths import ACTIVATION_CACHE, ACTIVATION_STATS, SHARDS, SHARDS_NOTE
 from saepipe.storage import write_json
+from saepipe.text import count
 
 
 def split_sink(writer: ActivationCacheWriter, doc_split: np.ndarray) -> Callable[[torch.Tensor, WindowBatch], None]:
@@ -189,10 +190,11 @@ def _run(params: Params, device: torch.device, world: World) -> None:
     print(
         f"activations: {hook.full_name}, {summary['train']['rows']:,} train + "
         f"{summary['validation']['rows']:,} validation rows x {d_model} from {attrs['documents']:,}"
-        f"{'' if cfg.max_tokens is None else ' sampled'} of {tokens.n_documents:,} documents ({cfg.storage_dtype}, "
-        f"{size / 2**20:,.0f} MiB); {outliers} outlier rows above {summary['outlier_threshold']:.4g} "
+        f"{'' if cfg.max_tokens is None else ' sampled'} of {count(tokens.n_documents, 'document')} "
+        f"({cfg.storage_dtype}, {size / 2**20:,.0f} MiB); {count(outliers, 'outlier row')} "
+        f"above {summary['outlier_threshold']:.4g} "
         f"(= {cfg.outlier_factor:g} x median norm {summary['median_norm']:.4g}); "
-        f"{len(batches):,} forward passes, {stats['tokens_per_second']:,.0f} tok/s, "
+        f"{count(len(batches), 'forward pass', 'forward passes')}, {stats['tokens_per_second']:,.0f} tok/s, "
         f"recompute x{attrs['recompute_factor']:.2f} "
         f"-> {out_dir / ACTIVATION_CACHE} [{stats['seconds']:.0f} s]"
     )
@@ -256,8 +258,8 @@ def _run_sharded(params: Params, model, hooks: list[HookSpec], plan: WindowPlan,
     size = sum(p.stat().st_size for p in (out_dir / SHARDS).glob("*.h5"))
     print(
         f"activations: {', '.join(shards)}, {first['train']['rows']:,} train + {first['validation']['rows']:,} "
-        f"validation rows x {d_model} per hook from {attrs['documents']:,} documents in {world.size} process"
-        f"{'es' if world.size > 1 else ''} ({cfg.storage_dtype}, {size / 2**20:,.0f} MiB in "
-        f"{len(hooks) * world.size} shards); {stats['tokens_per_second']:,.0f} tok/s, recompute "
+        f"validation rows x {d_model} per hook from {count(attrs['documents'], 'document')} in "
+        f"{count(world.size, 'process', 'processes')} ({cfg.storage_dtype}, {size / 2**20:,.0f} MiB in "
+        f"{count(len(hooks) * world.size, 'shard')}); {stats['tokens_per_second']:,.0f} tok/s, recompute "
         f"x{attrs['recompute_factor']:.2f} -> {out_dir / ACTIVATION_CACHE} [{stats['seconds']:.0f} s]"
     )

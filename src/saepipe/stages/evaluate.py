@@ -44,6 +44,7 @@ from saepipe.paths import (
 from saepipe.sae import SparseAutoencoder
 from saepipe.sae.formats import check_compatible, load_sae
 from saepipe.storage import atomic_dir, write_json
+from saepipe.text import count
 
 FORMULAS = {
     **reconstruction.FORMULAS,
@@ -191,7 +192,8 @@ def summary(figures: dict[str, Any], out_dir: Path) -> str:
     outliers = rc["outlier_rows"]
     lines = [
         f"evaluate: {ev['sae_type']} SAE {ev['d_in']} -> {ev['d_sae']} on {ev['hook']}, {ev['split']} split",
-        f"  tokens          {sp['tokens']:,} cached rows of {ev['documents']:,} documents ({outliers} outlier rows "
+        f"  tokens          {count(sp['tokens'], 'cached row')} of {count(ev['documents'], 'document')} "
+        f"({count(outliers, 'outlier row')} "
         f"{'included' if rc['outliers_included'] else 'left out'})",
         f"  sparsity        L0 mean {_g(sp['l0_mean'])}, median {_g(sp['l0_median'])}, p90 {_g(sp['l0_p90'])}; "
         f"dead {sp['dead_features']} ({_g(sp['dead_feature_percentage'], '.2f')}%); firing on >1%: "

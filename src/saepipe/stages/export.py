@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ from saepipe.activations.run_name import names_run
 from saepipe.config import Params
 from saepipe.errors import UserError
 from saepipe.paths import checkpoints_dir, export_dir
-from saepipe.publish.hf import final_metrics
+from saepipe.publish.hf import final_metrics, resolve_repo_id, resolve_token
 from saepipe.sae.formats import CONFIG, HISTORY, export_sae
 from saepipe.storage import read_json
 from saepipe.training.checkpoints import BEST, load_checkpoint, newest_checkpoint
@@ -42,25 +43,29 @@ def check_finished(run_dir: Path) -> None:
                         "with `saepipe train --resume`, then export")
 
 
-def summary_line(config: dict[str, Any], history: list[dict[str, Any]], out_dir: Path) -> str:
+def summary_line(config: dict[str, Any], history: list[dict[str, Any]], out_dir: Path, seconds: float) -> str:
     metrics = final_metrics(config, history)
     scores = ", ".join(f"{label} {metrics[key]:.4g}" for key, label in (("val_fvu", "val FVU"), ("val_l0", "val L0"))
                        if key in metrics)
     epoch = (config.get("checkpoint") or {}).get("epoch")
     return (f"exported {config['sae_type']} SAE {config['d_in']}->{config['d_sae']} on {config.get('hook')} "
-            f"(epoch {epoch}{', ' + scores if scores else ''}) to {out_dir}")
+            f"(epoch {epoch}{', ' + scores if scores else ''}) to {out_dir} [{seconds:.1f} s]")
 
 
 @names_run
 def run(params: Params) -> None:
+    started = time.perf_counter()
     run_dir = checkpoints_dir(params)
+    if params.export.upload_to_hf:  # before the export is written: nothing changes when the upload cannot start
+        resolve_repo_id(params.export.hf_repo_id)
+        resolve_token(None)
     path = pick_checkpoint(run_dir, params.export.checkpoint)
     check_finished(run_dir)
     checkpoint = load_checkpoint(path)
     out_dir = export_dir(params)
     export_sae(checkpoint.sae, checkpoint.run_record(), checkpoint.history, out_dir, checkpoint.identity())
     print(summary_line(read_json(out_dir / CONFIG, "exported SAE config"), read_json(out_dir / HISTORY, "history"),
-                       out_dir))
+                       out_dir, time.perf_counter() - started))
     if params.export.upload_to_hf:
         from saepipe.publish.hf import publish_export
 

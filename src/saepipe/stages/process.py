@@ -8,6 +8,7 @@ and writes. Every subject folder is checked before any file is read, so a typo i
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from saepipe.corpus.texts import load_texts, save_texts
 from saepipe.errors import UserError
 from saepipe.paths import CORPUS_STATS, LABELS, TEXTS
 from saepipe.storage import write_json
+from saepipe.text import count
 
 
 def long_enough(text: str, min_words: int) -> bool:
@@ -94,7 +96,7 @@ def read_chapters(files: dict[str, list[Path]], min_words: int) -> Corpus:
             raise UserError(f"{path}: not UTF-8 text (expected a Markdown chapter)") from None
         if "\x00" in markdown:
             nul = markdown.count("\x00")
-            tqdm.write(f"process: warning: {path}: removed {nul:,} NUL byte{'s' * (nul != 1)}", file=sys.stderr)
+            tqdm.write(f"process: warning: {path}: removed {count(nul, 'NUL byte')}", file=sys.stderr)
             markdown = markdown.replace("\x00", "")
         stats.chapters += 1
         stats.source_characters += len(markdown)
@@ -127,19 +129,20 @@ def corpus_stats(corpus: Corpus, config: ProcessConfig) -> dict[str, Any]:
     }
 
 
-def summary_line(stats: dict[str, Any], texts_path: Path) -> str:
+def summary_line(stats: dict[str, Any], texts_path: Path, seconds: float) -> str:
     """One line a person reads at the end of `dvc repro`."""
     subjects = stats["subjects"]
     if "data_path" in subjects:
         origin = f"data_path {stats['source']}"
     else:
         parts = ", ".join(f"{name} {s['documents']:,}" for name, s in subjects.items())
-        origin = f"{stats['chapters']:,} chapters ({parts})"
-    counts = f"{stats['documents']:,} documents, {stats['characters']:,} characters"
-    return f"process: {counts} from {origin} -> {texts_path}"
+        origin = f"{count(stats['chapters'], 'chapter')} ({parts})"
+    counts = f"{count(stats['documents'], 'document')}, {count(stats['characters'], 'character')}"
+    return f"process: {counts} from {origin} -> {texts_path} [{seconds:.1f} s]"
 
 
 def run(params: Params) -> None:
+    started = time.perf_counter()
     config = params.process
     if config.data_path:
         corpus = read_data_path(config.data_path, config.min_words)
@@ -155,4 +158,4 @@ def run(params: Params) -> None:
     save_texts(texts_path, corpus.texts)
     save_labels(output_dir / LABELS, corpus.labels)
     write_json(output_dir / CORPUS_STATS, stats)
-    print(summary_line(stats, texts_path))
+    print(summary_line(stats, texts_path, time.perf_counter() - started))

@@ -15,6 +15,7 @@ from saepipe.corpus.texts import load_texts
 from saepipe.corpus.tokens import VALIDATION, split_documents, write_token_cache
 from saepipe.errors import UserError
 from saepipe.model.tokenizer import load_tokenizer, tokenizer_fingerprint
+from saepipe.text import count
 
 BATCH_DOCUMENTS = 256
 
@@ -64,8 +65,8 @@ def run(params: Params) -> None:
     lengths = cache.lengths()
     val_tokens = int(lengths[split == VALIDATION].sum())
     print(
-        f"tokenize: {cache.n_documents:,} documents, {len(cache.tokens):,} tokens "
-        f"(validation: {int((split == VALIDATION).sum()):,} documents, {val_tokens:,} tokens; "
+        f"tokenize: {count(cache.n_documents, 'document')}, {count(len(cache.tokens), 'token')} "
+        f"(validation: {count(int((split == VALIDATION).sum()), 'document')}, {count(val_tokens, 'token')}; "
         f"median document {int(np.median(lengths)) if len(lengths) else 0} tokens) -> {cfg.output} "
         f"[{time.perf_counter() - started:.1f} s]"
     )

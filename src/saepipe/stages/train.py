@@ -28,6 +28,7 @@ from saepipe.sae import build_sae, config_from_params
 from saepipe.sae.formats import export_sae
 from saepipe.sae.provenance import RunRecord
 from saepipe.storage import plain, sha256_file
+from saepipe.text import count
 from saepipe.training.checkpoints import BEST, load_checkpoint
 from saepipe.training.data import ActivationData, load_activation_data
 from saepipe.training.end_to_end import make_end_to_end_loss
@@ -134,7 +135,8 @@ def _train(params: Params, device: torch.device, world: World) -> None:
     parallel = f" x {world.size} processes ({data.train.shape[0]:,} rows on rank 0)" if world.distributed else ""
     say(f"train: {cfg.sae.sae_type} SAE {data.d_in} -> {sae.d_sae} on {record.hook.full_name}, "
         f"{data.n_train:,} train / {data.validation.shape[0]:,} validation rows "
-        f"({sum(data.dropped_outliers.values())} outliers left out), scale {data.scale:.4g}, {device}{parallel}")
+        f"({count(sum(data.dropped_outliers.values()), 'outlier')} left out), scale {data.scale:.4g}, "
+        f"{device}{parallel}")
     e2e = end_to_end_loss(params, data, device) if cfg.end_to_end.use_end_to_end else None
     tracking = Tracker(cfg, run_dir(params), record.to_dict()) if world.is_main else contextlib.nullcontext()
     with tracking as tracker:

@@ -1,8 +1,8 @@
 """Experiment tracking: epoch aggregates to dvclive (always) and Weights & Biases (optional).
 
 dvclive writes into the run's own folder (`saepipe.paths`): `<run>/live/metrics.json` (the latest value of
-every metric, for `dvc exp show`) and `<run>/live/plots/metrics/{train,val}/<name>.tsv` (one row per epoch, for
-`dvc plots`),
+every metric) and `<run>/live/plots/metrics/{train,val}/<name>.tsv` (for `dvc plots`: one row per epoch at the
+epoch's last training step, and in val/ also one per validation between epoch ends, `train.val_every_steps`),
 so an ad-hoc run with another run name never overwrites the pipeline's tracked metrics. It runs inside the
 DVC stage, so it must neither write `dvc.yaml` nor save experiments or git-commit by itself: the
 pipeline declares those files and `dvc exp run` records them.
@@ -97,18 +97,30 @@ class Tracker:
                 "or set train.wandb_mode: offline (and `wandb sync` later) or train.wandb: false"
             ) from None
 
-    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """One point per metric at step `epoch` (dvclive's step is the epoch number, resumes included)."""
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """One point per metric at `step`, the training step the epoch ended on (the trainer's), else at the epoch
+        number; resumes continue the same axis."""
         values = {name: float(value) for name, value in metrics.items()}
-        self.live.step = epoch
-        for name, value in values.items():
-            self.live.log_metric(wandb_name(name), value)
-        self.live.next_step()
+        at = epoch if step is None else step
+        self._log(at, values)
         if self._run is not None:
-            self._run.log({"epoch": epoch, **{wandb_name(k): v for k, v in values.items()}}, step=epoch)
+            self._run.log({"epoch": epoch, **{wandb_name(k): v for k, v in values.items()}}, step=at)
         for name in ("loss", "val_loss"):
             if name in values:
                 self._summary[f"final_{name}"] = values[name]
+
+    def log_validation(self, step: int, metrics: Mapping[str, float]) -> None:
+        """A validation between epoch ends: its `val_` figures at training step `step`, on the epochs' curves."""
+        values = {name: float(value) for name, value in metrics.items() if name.startswith("val_")}
+        self._log(step, values)
+        if self._run is not None:
+            self._run.log({wandb_name(k): v for k, v in values.items()}, step=step)
+
+    def _log(self, step: int, values: Mapping[str, float]) -> None:
+        self.live.step = step
+        for name, value in values.items():
+            self.live.log_metric(wandb_name(name), value)
+        self.live.next_step()
 
     def log_final_artifact(self, export_dir: Path) -> None:
         """Record where the final SAE is; upload it as a W&B model artifact if `wandb_log_final_artifact`."""

@@ -45,13 +45,19 @@ from saepipe.training.parallel import batch_bounds, gather_sample, rank_block, s
 
 DEFAULT_DEAD_WINDOW = 10_000_000
 B_DEC_SAMPLE_ROWS = 32_768
+INTERVAL_POINTS = 16
+"""Validations per run between epoch ends when `train.val_every_steps` is null."""
+INTERVAL_ROWS = 8_192
+"""Rows of each split an interval validation reads: calibration and validation on fixed, evenly spread subsamples."""
 
 # (sae, activation scale, step) -> (loss term to add, figures to log)
 EndToEndLoss = Callable[[SparseAutoencoder, float, int], tuple[Tensor, dict[str, float]]]
 
 
 class EpochLogger(Protocol):
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+    def log_epoch(self, epoch: int, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_validation(self, step: int, metrics: dict[str, float]) -> None: ...
 
 
 @dataclass
@@ -114,6 +120,9 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.calibration_ids = torch.randperm(data.n_train, generator=generator)[: cfg.calibration_rows].sort().values
         self._calibration_rows: Tensor | None = None  # under data parallelism: the sample, gathered once
+        self.val_every = interval_steps(cfg.val_every_steps, self.total_steps)
+        if self.world.distributed or data.validation.shape[0] == 0:  # only rank 0 holds the validation split
+            self.val_every = 0
 
     # ---- setup -----------------------------------------------------------------------------------
     def initialise(self) -> None:
@@ -280,6 +289,24 @@ class Trainer:
         self.sae.train()
         return metrics.summary("val_")
 
+    @torch.no_grad()
+    def validate_between_epochs(self) -> dict[str, float]:
+        """A curve point between epoch ends: the inference state calibrated on a subsample of the calibration
+        rows, validation on a subsample of the validation split. It reads the SAE and restores every buffer it
+        touched (BatchTopK's threshold), draws no random numbers, and feeds nothing back: training and the
+        choice of the best epoch go on exactly as without it."""
+        saved = {name: buffer.clone() for name, buffer in self.sae.named_buffers()}
+        try:
+            ids = spread(self.calibration_ids, INTERVAL_ROWS)
+            figures = self.sae.calibrate_(iter_batches(self.data.train, ids, self.cfg.batch_size, self.data.scale,
+                                                       self.device), int(ids.numel())) or {}
+            rows = self.data.validation
+            figures.update(self._validate(rows[spread(torch.arange(rows.shape[0]), INTERVAL_ROWS)]))
+        finally:
+            for name, buffer in self.sae.named_buffers():
+                buffer.copy_(saved[name])
+        return {"epoch": self.step / self.steps_per_epoch, **figures}
+
     def fit(self) -> TrainResult:
         started = time.perf_counter()
         torch.manual_seed(self.cfg.seed)
@@ -303,6 +330,10 @@ class Trainer:
                       unit="step", disable=not self.progress or not self.world.is_main) as bar:
                 for x in bar:
                     self.train_step(x, metrics)
+                    if self.val_every and self.step % self.val_every == 0 and self.step % self.steps_per_epoch:
+                        point = self.validate_between_epochs()  # an epoch's last step validates in full below
+                        if self.logger is not None:
+                            self.logger.log_validation(self.step, point)
                     if self.step % self.cfg.log_freq == 0:
                         last = metrics.summary()
                         bar.set_postfix(loss=f"{last['loss']:.4f}", l0=f"{last['l0']:.1f}",
@@ -325,7 +356,7 @@ class Trainer:
             if self.world.is_main:  # one writer; the others' records hold no validation figures
                 self._checkpoint(record)
                 if self.logger is not None:
-                    self.logger.log_epoch(epoch, record)
+                    self.logger.log_epoch(epoch, record, step=self.step)
                 print(self._epoch_line(record))
         self.world.barrier()  # every checkpoint is written before any rank returns
         return TrainResult(self.history, self.best_epoch, self.run_dir, time.perf_counter() - started)
@@ -375,3 +406,14 @@ class Trainer:
                 f"dead {int(r['dead_features'])} ({r['dead_feature_percentage']:.1f}%){val} "
                 f"[{r['seconds']:.0f} s, training {r['activations_per_second']:,.0f} act/s]")
 
+
+def interval_steps(val_every_steps: int | None, total_steps: int) -> int:
+    """Steps between two validations for the curves: the param, or (null) about INTERVAL_POINTS per run; 0: off."""
+    if val_every_steps is not None:
+        return val_every_steps
+    return max(1, round(total_steps / INTERVAL_POINTS))
+
+
+def spread(ids: Tensor, at_most: int) -> Tensor:
+    """At most `at_most` of `ids`, evenly spaced (no random draw): the same subsample at every point."""
+    return ids[:: max(1, math.ceil(ids.numel() / at_most))]
