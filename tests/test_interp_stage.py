@@ -15,6 +15,7 @@ from saepipe.corpus.tokens import read_token_cache
 from saepipe.errors import UserError
 from saepipe.model.tokenizer import load_tokenizer
 from saepipe.paths import activation_db, analysis_dir, interp_dir
+from saepipe.report.inputs import read_probing
 from saepipe.report.markdown import interp_section
 from saepipe.stages import activation_db as activation_db_stage
 from saepipe.stages import interp, matrices, summarize
@@ -45,14 +46,17 @@ def interp_params(trained_pipeline):
 
 
 def test_probing_metrics_are_flat_and_sized(interp_params) -> None:
-    metrics = json.loads((interp_dir(interp_params) / "probing.json").read_text())
+    headline = json.loads((interp_dir(interp_params) / "probing.json").read_text())
+    assert all(not isinstance(v, dict | list) for v in headline.values())  # flat, for `dvc exp show`
+    assert not [k for k in headline if k.endswith(("_lo", "_hi", "_skipped", "_left_out")) or k == "procedure"]
+    metrics = read_probing(interp_dir(interp_params))  # with the intervals and reasons probing_features.json keeps
+    assert {k: metrics[k] for k in headline} == headline
     for key in ("subject_k1", "subject_k2", "subject_resid", "chapter_k1", "chapter_resid"):
         assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0, key
     assert metrics["subject_problems"] >= 1 and metrics["window"] == 8
     for key in ("subject_k1", "subject_k2", "subject_resid"):  # a scored task: each figure in its interval
         assert metrics[f"{key}_lo"] <= metrics[key] <= metrics[f"{key}_hi"], key
     assert metrics["subject_skipped"] is None
-    assert all(not isinstance(v, dict | list) for v in metrics.values())  # flat, for `dvc exp show`
     with ActivationDB(activation_db(interp_params)) as db:
         docs = np.unique(db.row_doc)
         assert metrics["train_docs"] + metrics["val_docs"] == len(docs)
@@ -87,10 +91,10 @@ def test_explanations_are_one_scored_line_per_feature_and_reproducible(interp_pa
     llm = [r["detection"] + r["fuzzing"] for r in records]
     assert auto["beats_baseline"] == (np.mean(llm) > np.mean(paired))
     assert all(isinstance(r["baseline_explanation"], str) and "%" in r["baseline_explanation"] for r in records)
-    probing = (interp_dir(interp_params) / "probing.json").read_bytes()
+    probing = (interp_dir(interp_params) / "probing_features.json").read_bytes()
     interp.run(interp_params)
     assert path.read_bytes() == first  # greedy decoding, seeded examples
-    assert (interp_dir(interp_params) / "probing.json").read_bytes() == probing  # seeded bootstrap
+    assert (interp_dir(interp_params) / "probing_features.json").read_bytes() == probing  # seeded bootstrap
 
 
 def test_held_out_windows_are_not_the_shown_ones(interp_params) -> None:
@@ -125,7 +129,7 @@ def test_a_one_subject_corpus_says_why_in_probing_json_and_the_report(interp_par
     labels = [{"subject": "physics", "chapter": f"physics_ch{d % 2}"} for d in range(n)]
     (tmp_path / "labels.json").write_text(json.dumps(labels))
     interp.run(with_section(params, "interp", features=0))
-    metrics = json.loads((interp_dir(params) / "probing.json").read_text())
+    metrics = read_probing(interp_dir(params))
     reason = "the corpus has one subject only (physics)"
     assert metrics["subject_skipped"] == reason and metrics["subject_k1"] is None
     assert metrics["subject_problems"] == 0 and metrics["subject_left_out"] == 1

@@ -91,8 +91,18 @@ class RunInputs:
                    density_histogram=read_json(files.quick / paths.QUICK_HISTOGRAM, "density histogram"),
                    matrices_metrics=read_json(files.analysis / paths.MATRICES_METRICS, "matrices metrics"),
                    similarity_histogram=read_json(files.analysis / paths.SIMILARITY_HISTOGRAM, "similarity histogram"),
-                   probing=_optional_json(files.interp / paths.PROBING, "interp probing"),
+                   probing=read_probing(files.interp),
                    autointerp=_optional_json(files.interp / paths.AUTOINTERP, "interp auto-interpretation"))
+
+
+def read_probing(folder: Path) -> dict[str, Any] | None:
+    """interp's probing figures: probing.json (the metrics) with the intervals and reasons probing_features.json
+    keeps beside them (under "figures"); None when interp has not run."""
+    probing = _optional_json(folder / paths.PROBING, "interp probing")
+    details = _optional_json(folder / paths.PROBING_FEATURES, "interp probing details") if probing else None
+    if probing is not None and isinstance(details, dict) and isinstance(details.get("figures"), dict):
+        probing = {**details["figures"], **probing}
+    return probing
 
 
 def _optional_json(path: Path, what: str) -> Any:

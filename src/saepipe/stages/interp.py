@@ -103,9 +103,16 @@ def run_probing(params: Params, db: ActivationDB, doc_split: np.ndarray, labels:
     docs = np.unique(db.row_doc)
     held = np.asarray(doc_split)[docs] == 1
     metrics = probe_metrics(data, tasks, cfg.probe_k, cfg.probe_window, (int((~held).sum()), int(held.sum())))
-    write_json(out_dir / PROBING_FEATURES, probe_details(db, tasks, cfg.top_tokens))
-    write_json(out_dir / PROBING, metrics)
+    write_json(out_dir / PROBING_FEATURES, {**probe_details(db, tasks, cfg.top_tokens), "figures": metrics})
+    write_json(out_dir / PROBING, probing_headline(metrics))
     return metrics
+
+
+def probing_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """probing.json, the DVC metrics: the accuracies and sizes only, so `dvc exp show` stays readable; their
+    intervals, the reasons and the procedure are in probing_features.json's "figures"."""
+    detail = ("_lo", "_hi", "_left_out", "_skipped")
+    return {k: v for k, v in metrics.items() if not k.endswith(detail) and k != "procedure"}
 
 
 def read_summaries(path: Path, ids: list[int]) -> list[dict[str, Any]]:
