@@ -113,7 +113,8 @@ class ActivationDB(OpenFile):
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as exc:
-            raise UserError(f"{self.path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
+            raise UserError(f"{self.path} is not a readable HDF5 file ({str(exc).splitlines()[0]}); "
+                            "rerun `saepipe activation-db`") from None
         try:
             self._open()
         except (KeyError, OSError, ValueError) as exc:
