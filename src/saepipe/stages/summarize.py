@@ -16,7 +16,7 @@ from saepipe.analysis.activation_db import ActivationDB
 from saepipe.analysis.logit_lens import logit_effects, unembedding
 from saepipe.analysis.summaries import FeatureTables, SummaryOptions, feature_summary, index_entry
 from saepipe.config import Params
-from saepipe.errors import UserError
+from saepipe.errors import UserError, field_error
 from saepipe.model.loading import load_hooked_model
 from saepipe.model.tokenizer import load_tokenizer
 from saepipe.paths import (
@@ -37,7 +37,7 @@ from saepipe.storage import atomic_path, read_npz, write_json
 def load_topk(path: Path, keys: tuple[str, ...], d_sae: int) -> tuple[np.ndarray, ...]:
     """Arrays of a matrices-stage top-k file, checked against the SAE's size."""
     arrays = tuple(read_npz(path, keys, "matrices").values())
-    if any(a.ndim == 0 or a.shape[0] != d_sae for a in arrays):
+    if arrays[0].ndim != 2 or any(a.shape[:1] != (d_sae,) for a in arrays):
         raise UserError(f"{path} holds {arrays[0].shape[:1]} features, not the SAE's {d_sae}; "
                         "rerun `saepipe matrices`")
     return arrays
@@ -53,6 +53,10 @@ def run(params: Params) -> None:
     folder = matrices_dir(params)
     nearest = load_topk(folder / SIMILARITY_TOPK, ("ids", "values"), sae.d_sae)
     cooccurring = load_topk(folder / COOCCURRENCE_TOPK, ("ids", "jaccard", "counts"), sae.d_sae)
+    k = min(nearest[0].shape[1], cooccurring[0].shape[1])
+    if cfg.neighbours > k:
+        raise field_error("summarize.neighbours", cfg.neighbours,
+                          f"at most the {k} neighbours per feature of {folder} (matrices.top_k when it was made)")
     with ActivationDB(activation_db(params), tokens=params.tokenize.output) as db:
         db.check_sae(sae_path)
         db.tokenizer = load_tokenizer(params.base_model.output_dir)
