@@ -198,7 +198,7 @@ def read_json(path: str | os.PathLike[str], what: str, stage: str | None = None,
               keys: tuple[str, ...] = ()) -> Any:
     """Read a JSON file, turning a missing or malformed file into a one-line UserError; `stage` (the command
     that writes it) is named in the line, `kind` (dict or list) is the top-level shape expected and `keys`
-    the object's keys its reader cannot do without."""
+    those its reader cannot do without (of the object, or of each object in the list)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what}: file not found: {path}{_run_first(stage)}")
@@ -211,9 +211,14 @@ def read_json(path: str | os.PathLike[str], what: str, stage: str | None = None,
     if kind is not None and not isinstance(value, kind):
         raise UserError(f"{what}: {path} holds a JSON {type(value).__name__}, expected a JSON "
                         f"{'object' if kind is dict else kind.__name__}{_rerun(stage)}")
-    missing = [k for k in keys if k not in value]
-    if missing:
-        raise UserError(f"{what}: {path} has no key {missing[0]!r}{_rerun(stage)}")
+    for i, item in enumerate(value if kind is list else [value]) if keys else ():
+        where = f"item {i}" if kind is list else "it"
+        if not isinstance(item, dict):
+            raise UserError(f"{what}: {path}: {where} is a JSON {type(item).__name__}, expected an object"
+                            f"{_rerun(stage)}")
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise UserError(f"{what}: {path}: {where} has no key {missing[0]!r}{_rerun(stage)}")
     return value
 
 
@@ -222,7 +227,7 @@ def json_line(path: Path, number: int, line: bytes | str, stage: str | None = No
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}:{number}: not a JSON line ({exc}){_rerun(stage)}") from None
+        raise UserError(f"{path}:{number}: not a JSON object ({exc}){_rerun(stage)}") from None
     if not isinstance(record, dict):
         raise UserError(f"{path}:{number}: holds a JSON {type(record).__name__}, expected an object{_rerun(stage)}")
     return record

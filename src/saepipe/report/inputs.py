@@ -88,8 +88,8 @@ class RunInputs:
     @classmethod
     def read(cls, files: RunFiles) -> RunInputs:
         files.check()
-        history = read_json(files.sae / paths.EXPORT_HISTORY, "training history", "export", list)
-        if not history or not all(isinstance(e, dict) for e in history):
+        history = read_json(files.sae / paths.EXPORT_HISTORY, "training history", "export", list, ("epoch",))
+        if not history:
             raise UserError(f"{files.sae / paths.EXPORT_HISTORY}: expected a non-empty list of per-epoch records; "
                             "rerun `saepipe export`")
         return cls(config=read_json(files.sae / paths.EXPORT_CONFIG, "exported SAE config", "export", dict,
@@ -99,11 +99,11 @@ class RunInputs:
                                      ("sparsity", "evaluated")),
                    dead=read_json(files.quick / paths.QUICK_DEAD, "dead features", "evaluate", dict, ("count",)),
                    density_histogram=read_json(files.quick / paths.QUICK_HISTOGRAM, "density histogram",
-                                               "evaluate", list),
+                                               "evaluate", list, ("bin_low", "bin_high", "features")),
                    matrices_metrics=read_json(files.analysis / paths.MATRICES_METRICS, "matrices metrics",
                                               "matrices", dict),
                    similarity_histogram=read_json(files.analysis / paths.SIMILARITY_HISTOGRAM, "similarity histogram",
-                                                  "matrices", list),
+                                                  "matrices", list, ("max_cosine", "features")),
                    probing=_optional_json(files.interp / paths.PROBING, "interp probing"),
                    autointerp=_optional_json(files.interp / paths.AUTOINTERP, "interp auto-interpretation"))
 
