@@ -26,8 +26,9 @@ def run(params: Params) -> None:
     limit = encode_batch_limit(sae.d_in, sae.d_sae, cfg.max_memory_mb)
     if cfg.batch_size > limit:
         raise field_error("activation_db.batch_size", cfg.batch_size,
-                          f"at most {limit:,} rows for activation_db.max_memory_mb={cfg.max_memory_mb} with this "
-                          f"SAE (d_in {sae.d_in}, d_sae {sae.d_sae:,}); lower it or raise max_memory_mb")
+                          f"a batch that fits activation_db.max_memory_mb={cfg.max_memory_mb}: at most {limit:,} "
+                          f"rows with this SAE (d_in {sae.d_in}, d_sae {sae.d_sae:,}); lower it or raise "
+                          "max_memory_mb")
     cache_path = activation_cache(params)
     out = activation_db(params)
     with ActivationCache(cache_path, hook=sae_hook(sae), strict=False) as cache:
