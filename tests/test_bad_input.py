@@ -229,6 +229,9 @@ CASES = [
          "activation_db.batch_size=60000: expected a batch that fits activation_db.max_memory_mb=16: at most"),
     Case("summarize.index_tokens beyond top_tokens", ["summarize", "--top-tokens", "3", "--index-tokens", "4"],
          "summarize.index_tokens=4: expected an integer <= summarize.top_tokens = 3"),
+    Case("summarize.quantile_bands: too many",
+         ["summarize", "--quantile-bands", *(f"{q / 20:g}" for q in range(1, 19))],
+         "0.85, 0.9]: expected at most 16 bands"),
     *over_bounds(),
 ]
 

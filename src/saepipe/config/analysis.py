@@ -127,7 +127,8 @@ class SummarizeConfig:
     context_after: int = bounded(0, 256)
     """Tokens of context after it."""
     quantile_bands: list[float]
-    """Activation quantiles (over the tokens a feature fires on) around which lower-band examples are drawn."""
+    """Activation quantiles (over the tokens a feature fires on) around which lower-band examples are drawn
+    (at most 16 bands)."""
     quantile_examples: int = bounded(1, 100)
     """Examples per quantile band."""
     logit_tokens: int = bounded(1, 100)
