@@ -83,6 +83,15 @@ def empty(path: Path) -> None:
 
 DAMAGE = {"truncated to half": truncate_half, "truncated to 100 bytes": truncate_head,
           "header zeroed": zero_header, "empty": empty}
+BINARY = bytes(range(256)) * 4
+
+
+def foreign(path: Path) -> None:
+    """Content of another kind: JSON of the wrong shape in a JSON file, bytes of no format in a binary one."""
+    path.write_bytes(b'["not", "what", "was", "written"]\n' if path.suffix in (".json", ".jsonl") else BINARY)
+
+
+READER_DAMAGE = {**DAMAGE, "foreign content": foreign}
 
 # (what, stage argv, params file text, the file to copy from the project, where the copy goes)
 TARGETS = {
@@ -108,7 +117,7 @@ DAMAGED_FILE = {"weights.pt": "weights.pt", "sae_weights.safetensors": "sae_weig
                 "checkpoint optimizer state": "checkpoint_epoch2.pt/optimizer.pt"}
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("damage", list(READER_DAMAGE))
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_a_damaged_file_is_one_line_naming_it(project: Path, target: str, damage: str, capsys,
                                               monkeypatch) -> None:
@@ -123,22 +132,13 @@ def test_a_damaged_file_is_one_line_naming_it(project: Path, target: str, damage
     if target == "sae_weights.safetensors":
         (project / copy / "weights.pt").unlink()  # so that the SAELens files are the ones read
     damaged = project / copy / DAMAGED_FILE[target] if target in DAMAGED_FILE else project / copy
-    DAMAGE[damage](damaged)
+    READER_DAMAGE[damage](damaged)
     (project / "cases" / "p.yaml").write_text(params_text or "{}\n")
     line = one_line_error(argv, capsys)
-    assert str(damaged.relative_to(project)) in line, line
+    assert str(damaged.relative_to(project)) in line and "`saepipe " in line, line
 
 
 # ---- damaged inputs of the analysis stages ----------------------------------------------------------------------
-BINARY = bytes(range(256)) * 4
-
-
-def foreign(path: Path) -> None:
-    """Content of another kind: JSON of the wrong shape in a JSON file, bytes of no format in a binary one."""
-    path.write_bytes(b'["not", "what", "was", "written"]\n' if path.suffix in (".json", ".jsonl") else BINARY)
-
-
-READER_DAMAGE = {**DAMAGE, "foreign content": foreign}
 WRITER = {".npz": "matrices", ".npy": "matrices", "matrices_metrics.json": "matrices",
           "decoder_similarity_histogram.json": "matrices", "activation_db.h5": "activation-db",
           "feature_summaries.jsonl": "summarize", "quick/": "evaluate", "sae/": "export"}

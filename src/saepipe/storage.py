@@ -276,6 +276,40 @@ def open_npy(path: str | os.PathLike[str], stage: str | None = None) -> np.ndarr
                         f"{_rerun(stage)}") from None
 
 
+def open_h5(path: str | os.PathLike[str], what: str, stage: str) -> Any:
+    """An HDF5 file open for reading; a missing or unreadable one is one line naming it and `stage`."""
+    import h5py
+
+    path = require_file(path, what, f"run `saepipe {stage}` first")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"{path} is not a readable HDF5 file ({_first_line(exc)}){_rerun(stage)}") from None
+
+
+def load_safetensors(path: str | os.PathLike[str], stage: str, device: str = "cpu") -> dict[str, Any]:
+    """Every tensor of a safetensors file; a missing or damaged one is one line naming it and `stage`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({_first_line(exc)}){_rerun(stage)}") from None
+
+
+def load_tensors(path: str | os.PathLike[str], what: str, stage: str, map_location: Any = "cpu") -> Any:
+    """A torch.save file of tensors only (weights_only); a missing or damaged one is one line naming it."""
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling refusals, truncated zips, I/O: all mean a bad file
+        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}){_rerun(stage)}") from None
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0][:200]
 
