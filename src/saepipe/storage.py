@@ -6,6 +6,10 @@ are `.<final name>.<pid>.<random>.tmp` (dot-prefixed, so `.dvcignore` and `.giti
 one left by a process that was killed (SIGKILL skips every cleanup) is removed the next time the same
 artifact is written. A full disk while writing becomes one line naming the artifact (exit code 2), and the
 previous complete artifact stays as it was.
+
+Every file one stage writes for another is read through one reader per format here (`read_json`,
+`iter_jsonl`, `read_npz`, `open_npy`, `open_h5`, `load_safetensors`, `load_tensors`): a missing, truncated,
+zeroed or foreign file becomes one line naming it and the `saepipe` command that writes it (exit code 2).
 """
 
 from __future__ import annotations

@@ -74,8 +74,8 @@ class ActivationDBConfig:
     quantiles: list[float]
     """Activation quantiles per feature, over the tokens it fires on."""
     batch_size: int = bounded(1, 65536)
-    """Activation rows per SAE encode; a batch must also fit max_memory_mb (about 4 x (d_in + 3 d_sae) bytes a
-    row), which the stage checks against the SAE before it starts."""
+    """Activation rows per SAE encode; a batch must also fit max_memory_mb (8 x (d_in + d_sae) bytes a row
+    are counted), which the stage checks against the SAE before it starts."""
     max_memory_mb: int = bounded(16, 1 << 20)
     """Bound on the build's working memory: the encode batches and the reverse index's feature blocks fit it."""
     include_outliers: bool
