@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from saepipe.cli import main
@@ -100,6 +103,25 @@ def activation_db_of(name: str, stale: bool = False) -> Setup:
     return setup
 
 
+def over_bounds() -> list[Case]:
+    """One case per bounded size param of the analysis stages: one above its bound, read from the field (the
+    bound's one home), each refused with the field and the bound."""
+    from saepipe.config import SECTIONS
+    from saepipe.config.fields import flat_fields
+
+    cases = []
+    for section, stage in SIZED_SECTIONS.items():
+        for field in flat_fields(SECTIONS[section]):
+            low, high = field.field.metadata.get("bounds", (None, None))
+            if high is not None:
+                over = high + 1
+                cases.append(Case(f"{section}.{field.name} over its bound", [stage, "--" + field.name.replace("_", "-"),
+                                  str(over)], f"{section}.{field.name}={over}: expected an integer in [{low}, {high}]"))
+    return cases
+
+
+SIZED_SECTIONS = {"evaluate": "evaluate", "activation_db": "activation-db", "matrices": "matrices",
+                  "summarize": "summarize", "interp": "interp", "report": "report"}
 BINARY = bytes(range(256)) * 4
 LONG_TEXT = "Energy is stored as ATP in the cell and used by every part of it. " * 3
 
@@ -227,17 +249,35 @@ CASES = [
     Case("base-model from a missing local dir", ["base-model", "--source", "local", "--local-path", "cases/nothing",
                                                  "--output-dir", "cases/base"], "cases/nothing"),
     # ---- interp: bounds on its sizes, its inputs checked first (issue 22) ----------------------------------------
-    Case("interp explaining a million features", ["interp", "--features", "1000000"],
-         "interp.features=1000000: expected an integer in [0, 100,000]"),
     Case("interp holding out no windows", ["interp", "--score-examples", "0"],
-         "interp.score_examples=0: expected an integer in [1, 100]"),
-    Case("interp with a huge explanation", ["interp", "--max-new-tokens", "100000"],
-         "interp.max_new_tokens=100000: expected an integer in [1, 2048]"),
+         "interp.score_examples=0: expected an integer >= 1"),
     Case("interp without feature summaries", ["interp"], "run `saepipe summarize` first"),
     # ---- issue 22 §6: interval validation, labels ---------------------------------------------------------------
     Case("negative val_every_steps", ["train", "--val-every-steps", "-1"], "train.val_every_steps=-1"),
     Case("interp without labels.json", ["interp", "--params", "cases/no_labels.yaml"], "run `saepipe process`",
          params_file("cases/no_labels.yaml", "process:\n  output_dir: cases/no_labels\n")),
+    # ---- readers and size bounds (issue 22): missing inputs, the sizes from the issue, every bound --------------
+    Case("evaluate without an activation cache", ["evaluate", "--params", "cases/ev_none.yaml"],
+         "cases/none/activations.h5", params_file("cases/ev_none.yaml", "activations:\n  output_dir: cases/none\n")),
+    Case("matrices without an SAE", ["matrices", "--params", "cases/mx_none.yaml"], "SAE not found: cases/no_sae",
+         params_file("cases/mx_none.yaml", "evaluate:\n  sae_path: cases/no_sae\n")),
+    Case("report without evaluate's figures", ["report"],
+         "analysis/default/quick/metrics.json (run `saepipe evaluate` first)"),
+    Case("report.heatmap_features 10**9", ["report", "--heatmap-features", "1000000000"],
+         "report.heatmap_features=1000000000: expected an integer in [1, "),
+    Case("summarize.top_k 10**9", ["summarize", "--top-k", "1000000000"],
+         "summarize.top_k=1000000000: expected an integer in [1, "),
+    Case("activation_db.batch_size 10**9", ["activation-db", "--batch-size", "1000000000"],
+         "activation_db.batch_size=1000000000: expected an integer in [1, "),
+    Case("activation_db.batch_size beyond max_memory_mb", ["activation-db", "--max-memory-mb", "16",
+                                                            "--batch-size", "60000"],
+         "activation_db.batch_size=60000: expected a batch that fits activation_db.max_memory_mb=16: at most"),
+    Case("summarize.index_tokens beyond top_tokens", ["summarize", "--top-tokens", "3", "--index-tokens", "4"],
+         "summarize.index_tokens=4: expected an integer <= summarize.top_tokens = 3"),
+    Case("summarize.quantile_bands: too many",
+         ["summarize", "--quantile-bands", *(f"{q / 20:g}" for q in range(1, 19))],
+         "0.85, 0.9]: expected at most 16 bands"),
+    *over_bounds(),
 ]
 
 
@@ -263,6 +303,76 @@ def project(tmp_path_factory, tiny_model_dir, tiny_training_text) -> Path:
         for stage in ("process", "tokenize", "activations", "train", "export"):
             assert main([stage]) == 0, stage
     return root
+
+
+def test_every_size_param_of_the_analysis_stages_has_a_bound_stated_in_help() -> None:
+    from saepipe.cli import build_parser
+    from saepipe.config import SECTIONS
+    from saepipe.config.fields import flat_fields
+
+    sizes = {"evaluate": {"batch_size"}, "activation_db": {"batch_size", "max_memory_mb"},
+             "matrices": {"top_k", "dense_max_features", "block_size", "chunk_rows", "histogram_bins"},
+             "summarize": {"top_k", "context_before", "context_after", "quantile_examples", "logit_tokens",
+                           "top_tokens", "neighbours", "index_tokens"},
+             "report": {"table_features", "table_examples", "heatmap_features", "features_per_token", "dpi"}}
+    for section, names in sizes.items():
+        bounded = {f.name: f for f in flat_fields(SECTIONS[section]) if f.field.metadata.get("bounds", (0, None))[1]}
+        assert names <= set(bounded), (section, names - set(bounded))
+        help_text = " ".join(build_parser(SIZED_SECTIONS[section]).format_help().split())
+        for name in names:
+            low, high = bounded[name].field.metadata["bounds"]
+            assert f"Allowed: {low} to {high}." in bounded[name].doc
+        usage = build_parser(SIZED_SECTIONS[section])._subparsers._group_actions[0].choices[SIZED_SECTIONS[section]]
+        assert all(f"Allowed: {bounded[n].field.metadata['bounds'][0]} to" in " ".join(usage.format_help().split())
+                   for n in names), help_text[:200]
+
+
+def test_the_heatmap_at_its_bound_and_the_highest_dpi_stays_under_8000_pixels(tmp_path: Path, monkeypatch) -> None:
+    """The figure's size in pixels as it would be saved (not rendered: that takes a minute here)."""
+    from saepipe.config import SECTIONS
+    from saepipe.config.fields import flat_fields
+    from saepipe.report import plots
+
+    bounds = {f.name: f.field.metadata["bounds"][1] for f in flat_fields(SECTIONS["report"])
+              if f.name in ("heatmap_features", "dpi")}
+    saved = []
+    monkeypatch.setattr(plots, "save", lambda fig, path, dpi: saved.append(fig.get_size_inches() * dpi))
+    n = bounds["heatmap_features"]
+    block = np.random.default_rng(0).random((n, n)).astype(np.float32)
+    plots.cooccurrence_heatmap(block, [f"#{i} 'token'" for i in range(n)], "t", tmp_path / "h.png", bounds["dpi"])
+    assert max(saved[0]) < 8000
+
+
+def test_an_encode_batch_at_its_limit_stays_within_max_memory_mb() -> None:
+    """Peak memory of one encode at the largest batch activation-db allows, measured in a fresh process (the
+    default SAE's architecture and sparsity, a width in its range)."""
+    from saepipe.analysis.db_build import encode_batch_limit
+
+    budget_mb, d_in, d_sae = 64, 128, 4096
+    rows = encode_batch_limit(d_in, d_sae, budget_mb)
+    assert encode_batch_limit(d_in, 2 * d_sae, budget_mb) < rows  # a wider SAE fits fewer rows
+    assert abs(encode_batch_limit(d_in, d_sae, 2 * budget_mb) - 2 * rows) <= 1
+    code = f"""
+import torch
+from saepipe.analysis.db_build import encode_rows
+from saepipe.sae import build_sae, config_class
+torch.set_num_threads(1)
+sae = build_sae(config_class("batch_topk").from_dict(dict(d_in={d_in}, d_sae={d_sae}, k=32, k_aux=256)))
+x = torch.randn({rows}, {d_in})
+with torch.no_grad():  # a trained SAE's threshold: about k features a token (an untrained one fires them all)
+    sae.threshold.fill_(torch.quantile(sae.pre_activations(x[:256]).flatten(), 1 - 32 / {d_sae}))
+encode_rows(sae, x[:16])
+def kib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+before = kib("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:  # the peak (VmHWM) starts again from here
+    f.write("5")
+encode_rows(sae, x)
+print((kib("VmHWM:") - before) / 1024)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak_mb = float(result.stdout.split()[-1])
+    assert budget_mb / 8 < peak_mb <= budget_mb, peak_mb
 
 
 def test_the_table_is_large_enough() -> None:

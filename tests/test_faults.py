@@ -83,6 +83,15 @@ def empty(path: Path) -> None:
 
 DAMAGE = {"truncated to half": truncate_half, "truncated to 100 bytes": truncate_head,
           "header zeroed": zero_header, "empty": empty}
+BINARY = bytes(range(256)) * 4
+
+
+def foreign(path: Path) -> None:
+    """Content of another kind: JSON of the wrong shape in a JSON file, bytes of no format in a binary one."""
+    path.write_bytes(b'["not", "what", "was", "written"]\n' if path.suffix in (".json", ".jsonl") else BINARY)
+
+
+READER_DAMAGE = {**DAMAGE, "foreign content": foreign}
 
 # (what, stage argv, params file text, the file to copy from the project, where the copy goes)
 TARGETS = {
@@ -108,7 +117,7 @@ DAMAGED_FILE = {"weights.pt": "weights.pt", "sae_weights.safetensors": "sae_weig
                 "checkpoint optimizer state": "checkpoint_epoch2.pt/optimizer.pt"}
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("damage", list(READER_DAMAGE))
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_a_damaged_file_is_one_line_naming_it(project: Path, target: str, damage: str, capsys,
                                               monkeypatch) -> None:
@@ -123,10 +132,87 @@ def test_a_damaged_file_is_one_line_naming_it(project: Path, target: str, damage
     if target == "sae_weights.safetensors":
         (project / copy / "weights.pt").unlink()  # so that the SAELens files are the ones read
     damaged = project / copy / DAMAGED_FILE[target] if target in DAMAGED_FILE else project / copy
-    DAMAGE[damage](damaged)
+    READER_DAMAGE[damage](damaged)
     (project / "cases" / "p.yaml").write_text(params_text or "{}\n")
     line = one_line_error(argv, capsys)
-    assert str(damaged.relative_to(project)) in line, line
+    assert str(damaged.relative_to(project)) in line and "`saepipe " in line, line
+
+
+# ---- damaged inputs of the analysis stages ----------------------------------------------------------------------
+WRITER = {".npz": "matrices", ".npy": "matrices", "matrices_metrics.json": "matrices",
+          "decoder_similarity_histogram.json": "matrices", "activation_db.h5": "activation-db",
+          "feature_summaries.jsonl": "summarize", "quick/": "evaluate", "sae/": "export"}
+# stage -> the files it reads, under cases/ (a copy of the SAE at cases/sae/default, of its analyses at
+# cases/analysis/default)
+READERS = {
+    "summarize": ["matrices/similarity_topk.npz", "matrices/cooccurrence_topk.npz", "activation_db.h5"],
+    "report": ["matrices/similarity_topk.npz", "matrices/cooccurrence_topk.npz", "matrices/feature_similarity.npy",
+               "matrices/feature_cooccurrence_jaccard.npy", "feature_summaries.jsonl", "quick/metrics.json",
+               "quick/dead_features.json", "quick/density_histogram.json", "matrices_metrics.json",
+               "decoder_similarity_histogram.json", "activation_db.h5", "sae/config.json", "sae/history.json"],
+}
+ANALYSED = "evaluate:\n  sae_path: cases/sae/default\n  output_dir: cases/analysis\n"
+
+
+@pytest.fixture(scope="module")
+def analysed(project: Path) -> Path:
+    """The tiny project with every analysis the report reads (evaluate, matrices, summarize)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(project)
+        for stage in ("evaluate", "matrices", "summarize"):
+            assert main([stage]) == 0, stage
+    return project
+
+
+def copy_analyses(root: Path) -> None:
+    shutil.rmtree(root / "cases", ignore_errors=True)
+    shutil.copytree(root / "models/sae/default", root / "cases/sae/default")
+    shutil.copytree(root / "analysis/default", root / "cases/analysis/default")
+    (root / "cases/p.yaml").write_text(ANALYSED)
+
+
+def case_path(file: str) -> str:
+    return f"cases/sae/default/{file[4:]}" if file.startswith("sae/") else f"cases/analysis/default/{file}"
+
+
+@pytest.mark.parametrize("damage", list(READER_DAMAGE))
+@pytest.mark.parametrize(("stage", "file"), [(stage, file) for stage, files in READERS.items() for file in files])
+def test_a_damaged_analysis_input_is_one_line_naming_it_and_its_stage(analysed: Path, stage: str, file: str,
+                                                                     damage: str, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(analysed)
+    copy_analyses(analysed)
+    damaged = analysed / case_path(file)
+    before = damaged.read_bytes()
+    READER_DAMAGE[damage](damaged)
+    if damaged.read_bytes() == before:
+        pytest.skip(f"{file} is too small for this damage")
+    line = one_line_error([stage, "--params", "cases/p.yaml"], capsys)
+    assert case_path(file) in line, line
+    writer = next(w for key, w in WRITER.items() if key in file or file.endswith(key))
+    assert f"saepipe {writer}`" in line, line
+
+
+@pytest.mark.parametrize(("stage", "file"), [(stage, file) for stage, files in READERS.items() for file in files])
+def test_a_missing_analysis_input_is_refused_before_any_work(analysed: Path, stage: str, file: str, capsys,
+                                                              monkeypatch) -> None:
+    """Every input is checked when the stage starts: nothing is computed (no progress bar) before the line."""
+    monkeypatch.chdir(analysed)
+    copy_analyses(analysed)
+    (analysed / case_path(file)).unlink()
+    if file.endswith(".npy"):
+        pytest.skip("the dense matrices are optional (the top-k files stand in)")
+    capsys.readouterr()
+    assert main([stage, "--params", "cases/p.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "%|" not in err and err.count("\n") == 1 and case_path(file) in err, err
+
+
+def test_neighbours_beyond_the_matrices_top_k_are_refused(analysed: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(analysed)
+    copy_analyses(analysed)
+    k = np.load(analysed / "cases/analysis/default/matrices/similarity_topk.npz")["ids"].shape[1]
+    line = one_line_error(["summarize", "--params", "cases/p.yaml", "--neighbours", str(k + 1)], capsys)
+    assert f"summarize.neighbours={k + 1}: expected at most the {k} neighbours" in line, line
 
 
 def test_a_corrupted_json_in_a_checkpoint_is_one_line(project: Path, capsys, monkeypatch) -> None:

@@ -6,6 +6,10 @@ are `.<final name>.<pid>.<random>.tmp` (dot-prefixed, so `.dvcignore` and `.giti
 one left by a process that was killed (SIGKILL skips every cleanup) is removed the next time the same
 artifact is written. A full disk while writing becomes one line naming the artifact (exit code 2), and the
 previous complete artifact stays as it was.
+
+Every file one stage writes for another is read through one reader per format here (`read_json`,
+`iter_jsonl`, `read_npz`, `open_npy`, `open_h5`, `load_safetensors`, `load_tensors`): a missing, truncated,
+zeroed or foreign file becomes one line naming it and the `saepipe` command that writes it (exit code 2).
 """
 
 from __future__ import annotations
@@ -197,15 +201,132 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[Any]) -> None:
             handle.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
 
 
-def read_json(path: str | os.PathLike[str], what: str) -> Any:
-    """Read a JSON file, turning a missing or malformed file into a one-line UserError."""
+def _run_first(stage: str | None) -> str:
+    return f"; run `saepipe {stage}` first" if stage else ""
+
+
+def _rerun(stage: str | None) -> str:
+    return f"; rerun `saepipe {stage}`" if stage else ""
+
+
+def read_json(path: str | os.PathLike[str], what: str, stage: str | None = None, kind: type | None = None,
+              keys: tuple[str, ...] = ()) -> Any:
+    """Read a JSON file, turning a missing or malformed file into a one-line UserError; `stage` (the command
+    that writes it) is named in the line, `kind` (dict or list) is the top-level shape expected and `keys`
+    those its reader cannot do without (of the object, or of each object in the list)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what}: file not found: {path}")
+        raise UserError(f"{what}: file not found: {path}{_run_first(stage)}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{what}: {path} is not valid JSON ({exc})") from None
+        raise UserError(f"{what}: {path} is not valid JSON ({exc}){_rerun(stage)}") from None
+    except OSError as exc:
+        raise UserError(f"{what}: {path} cannot be read ({exc.strerror}){_rerun(stage)}") from None
+    if kind is not None and not isinstance(value, kind):
+        raise UserError(f"{what}: {path} holds a JSON {type(value).__name__}, expected a JSON "
+                        f"{'object' if kind is dict else kind.__name__}{_rerun(stage)}")
+    for i, item in enumerate(value if kind is list else [value]) if keys else ():
+        where = f"item {i}" if kind is list else "it"
+        if not isinstance(item, dict):
+            raise UserError(f"{what}: {path}: {where} is a JSON {type(item).__name__}, expected an object"
+                            f"{_rerun(stage)}")
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise UserError(f"{what}: {path}: {where} has no key {missing[0]!r}{_rerun(stage)}")
+    return value
+
+
+def json_line(path: Path, number: int, line: bytes | str, stage: str | None = None) -> dict[str, Any]:
+    """Line `number` of the JSON-lines file `path` as an object, or a one-line UserError naming the line."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}:{number}: not a JSON object ({exc}){_rerun(stage)}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}:{number}: holds a JSON {type(record).__name__}, expected an object{_rerun(stage)}")
+    return record
+
+
+def iter_jsonl(path: str | os.PathLike[str], stage: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSON-lines file; a missing file or a damaged line is
+    one line naming it (lines are read as bytes, so a file cut inside a character fails on its own line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found{_run_first(stage)}")
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                yield number, json_line(path, number, line, stage)
+
+
+def read_npz(path: str | os.PathLike[str], keys: tuple[str, ...], stage: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays `keys` of an .npz file, read whole; a missing, damaged or incomplete file is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found{_run_first(stage)}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise UserError(f"{path}: holds no array {missing[0]!r} (it has {', '.join(data.files) or 'none'})"
+                                f"{_rerun(stage)}")
+            return {k: data[k] for k in keys}
+    except UserError:
+        raise
+    except Exception as exc:  # zipfile, zlib, numpy's header parser and EOF each raise their own
+        raise UserError(f"{path}: not a readable .npz file ({type(exc).__name__}: {_first_line(exc)})"
+                        f"{_rerun(stage)}") from None
+
+
+def open_npy(path: str | os.PathLike[str], stage: str | None = None) -> np.ndarray:
+    """An .npy file memory-mapped read-only (its header and length checked); a damaged file is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found{_run_first(stage)}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable .npy file ({type(exc).__name__}: {_first_line(exc)})"
+                        f"{_rerun(stage)}") from None
+
+
+def open_h5(path: str | os.PathLike[str], what: str, stage: str) -> Any:
+    """An HDF5 file open for reading; a missing or unreadable one is one line naming it and `stage`."""
+    import h5py
+
+    path = require_file(path, what, f"run `saepipe {stage}` first")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"{path} is not a readable HDF5 file ({_first_line(exc)}){_rerun(stage)}") from None
+
+
+def load_safetensors(path: str | os.PathLike[str], stage: str, device: str = "cpu") -> dict[str, Any]:
+    """Every tensor of a safetensors file; a missing or damaged one is one line naming it and `stage`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({_first_line(exc)}){_rerun(stage)}") from None
+
+
+def load_tensors(path: str | os.PathLike[str], what: str, stage: str, map_location: Any = "cpu") -> Any:
+    """A torch.save file of tensors only (weights_only); a missing or damaged one is one line naming it."""
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling refusals, truncated zips, I/O: all mean a bad file
+        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}){_rerun(stage)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from saepipe.errors import UserError, field_error
-from saepipe.storage import OpenFile, atomic_h5, check_writes, is_disk_full, no_space_error, plain, require_file
+from saepipe.storage import OpenFile, atomic_h5, check_writes, is_disk_full, no_space_error, open_h5, plain
 
 FORMAT = "saepipe.activations"
 FORMAT_VERSION = 2  # 2: the hook is one attribute, `hook`
@@ -220,11 +220,8 @@ class ActivationCache(OpenFile):
     several (its full name); a one-hook cache takes None or its own hook (any hook, with `strict=False`)."""
 
     def __init__(self, path: str | Path, hook: str | None = None, strict: bool = True):
-        self.path = require_file(path, "activation cache", "run `saepipe activations` first")
-        try:
-            self.file = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise UserError(f"{self.path} is not a readable HDF5 file ({exc})") from None
+        self.path = Path(path)
+        self.file = open_h5(self.path, "activation cache", "activations")
         attrs = self.file.attrs
         if attrs.get("format") != FORMAT:
             raise UserError(f"{self.path} is not a saepipe activation cache (format={attrs.get('format')!r})")

@@ -35,13 +35,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from saepipe.corpus.tokens import TokenCache
 from saepipe.errors import UserError
 from saepipe.paths import EXPORT_CONFIG, EXPORT_WEIGHTS, SAELENS_WEIGHTS
-from saepipe.storage import OpenFile, plain, require_file, sha256_file
+from saepipe.storage import OpenFile, open_h5, plain, sha256_file
 
 FORMAT = "saepipe.activation_db"
 FORMAT_VERSION = 2  # 2: the SAE's hook is one attribute, `hook`
@@ -139,11 +138,8 @@ class ActivationDB(OpenFile):
     needed only for examples and token search (the windows' context and their text)."""
 
     def __init__(self, path: str | Path, tokens: TokenCache | str | Path | None = None, tokenizer: Any = None):
-        self.path = require_file(path, "activation DB", "run `saepipe activation-db` first")
-        try:
-            self.file = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise UserError(f"{self.path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
+        self.path = Path(path)
+        self.file = open_h5(self.path, "activation DB", "activation-db")
         try:
             self._open()
         except (KeyError, OSError, ValueError) as exc:

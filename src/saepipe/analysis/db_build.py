@@ -35,6 +35,15 @@ BLOCK_BYTES_PER_ENTRY = 8  # int32 row + float32 value
 READ_BYTES_PER_ENTRY = 12  # int32 feature + stored value + its float32 copy
 
 
+def encode_batch_limit(d_in: int, d_sae: int, max_memory_mb: int) -> int:
+    """Most rows one encode batch may hold within `max_memory_mb` (the encode pass and the reverse index
+    run one after the other, so each may use the whole budget): a row costs its float32 activations twice
+    (read, then on the device) and d_sae float32 pre-activations twice (the encode and its codes);
+    measured on the default SAE (L0 38 on its activations, 167 on random rows) a row costs half of that or
+    less. An untrained SAE that fires every feature holds far more codes: its rows cost several times this."""
+    return max(1, (max_memory_mb << 20) // (4 * (2 * d_in + 2 * d_sae)))
+
+
 @dataclass(frozen=True)
 class BuildResult:
     n_rows: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from saepipe.config.fields import check_device, check_nonnegative, check_positive
+from saepipe.config.fields import bounded, check_device
 from saepipe.errors import field_error
 
 
@@ -44,8 +44,9 @@ class EvaluateConfig:
     0 skips the ablation pass (and the model); null: the whole split."""
     include_outliers: bool
     """Count the cache's massive-activation outlier rows in the main figures (FVU with them is reported either way)."""
-    batch_size: int
-    """Activation rows per SAE batch (the ablation pass batches windows as the activations stage did)."""
+    batch_size: int = bounded(1, 16384)
+    """Activation rows per SAE batch (the ablation pass batches windows as the activations stage did); each
+    holds d_sae floats a row several times over."""
     device: str
     """auto (CUDA when available), cpu, cuda or cuda:N."""
     output_dir: str
@@ -59,8 +60,6 @@ class EvaluateConfig:
         if self.ablation_max_tokens is not None and self.ablation_max_tokens < 0:
             raise field_error("evaluate.ablation_max_tokens", self.ablation_max_tokens,
                               "an integer >= 0 (0 skips the ablation pass) or null")
-        if self.batch_size < 1:
-            raise field_error("evaluate.batch_size", self.batch_size, "an integer >= 1")
         check_device("evaluate.device", self.device)
 
 
@@ -74,10 +73,11 @@ class ActivationDBConfig:
     """dtype of the stored feature activations."""
     quantiles: list[float]
     """Activation quantiles per feature, over the tokens it fires on."""
-    batch_size: int
-    """Activation rows per SAE encode."""
-    max_memory_mb: int
-    """Bound on the build's working memory: the reverse index is built in feature blocks that fit it."""
+    batch_size: int = bounded(1, 65536)
+    """Activation rows per SAE encode; a batch must also fit max_memory_mb (8 x (d_in + d_sae) bytes a row
+    are counted), which the stage checks against the SAE before it starts."""
+    max_memory_mb: int = bounded(16, 1 << 20)
+    """Bound on the build's working memory: the encode batches and the reverse index's feature blocks fit it."""
     include_outliers: bool
     """Encode the cache's massive-activation outlier rows too (by default they stay as rows without features)."""
     device: str
@@ -88,10 +88,6 @@ class ActivationDBConfig:
             raise field_error("activation_db.splits", self.splits, "a non-empty list of distinct splits")
         if any(not 0.0 <= q <= 1.0 for q in self.quantiles) or self.quantiles != sorted(set(self.quantiles)):
             raise field_error("activation_db.quantiles", self.quantiles, "increasing distinct numbers in [0, 1]")
-        if self.batch_size < 1:
-            raise field_error("activation_db.batch_size", self.batch_size, "an integer >= 1")
-        if self.max_memory_mb < 16:
-            raise field_error("activation_db.max_memory_mb", self.max_memory_mb, "an integer >= 16")
         check_device("activation_db.device", self.device)
 
 
@@ -99,22 +95,22 @@ class ActivationDBConfig:
 class MatricesConfig:
     """Decoder similarity and co-occurrence between features -> <analysis>/matrices/."""
 
-    top_k: int
-    """Nearest features (decoder cosine) and top co-occurring features kept per feature."""
-    dense_max_features: int
-    """Write the dense d_sae x d_sae matrices only up to this many features; above it, only the top-k files."""
-    block_size: int
-    """Features per block of the decoder-similarity product."""
-    chunk_rows: int
-    """Activation-DB rows per co-occurrence chunk."""
+    top_k: int = bounded(1, 1000)
+    """Nearest features (decoder cosine) and top co-occurring features kept per feature (d_sae - 1 at most
+    exist)."""
+    dense_max_features: int = bounded(1, 32768)
+    """Write the dense d_sae x d_sae matrices only up to this many features (16 bytes a pair on disk: 17 GB
+    at the bound); above it, only the top-k files."""
+    block_size: int = bounded(1, 16384)
+    """Features per block of the decoder-similarity product (block x d_sae floats in memory)."""
+    chunk_rows: int = bounded(1, 262144)
+    """Activation-DB rows per co-occurrence chunk (each row's L0 squared feature pairs in memory)."""
     similarity_threshold: float
     """Decoder cosine above which a pair counts as near-duplicate in the metrics."""
-    histogram_bins: int
+    histogram_bins: int = bounded(1, 10000)
     """Bins of the decoder-similarity histogram (each feature's max cosine to any other)."""
 
     def validate(self) -> None:
-        check_positive("matrices", {name: getattr(self, name) for name in
-                                    ("top_k", "dense_max_features", "block_size", "chunk_rows", "histogram_bins")})
         if not -1.0 < self.similarity_threshold < 1.0:
             raise field_error("matrices.similarity_threshold", self.similarity_threshold, "a number in (-1, 1)")
 
@@ -123,29 +119,33 @@ class MatricesConfig:
 class SummarizeConfig:
     """One JSON line per feature: stats, examples, logit lens, neighbours -> <analysis>/feature_summaries.jsonl."""
 
-    top_k: int
-    """Top-activating examples per feature."""
-    context_before: int
+    top_k: int = bounded(1, 100)
+    """Top-activating examples per feature (each a line of context in feature_summaries.jsonl: 20 make tens
+    of MB for a few thousand features)."""
+    context_before: int = bounded(0, 256)
     """Tokens of context before the activating token in each example."""
-    context_after: int
+    context_after: int = bounded(0, 256)
     """Tokens of context after it."""
     quantile_bands: list[float]
-    """Activation quantiles (over the tokens a feature fires on) around which lower-band examples are drawn."""
-    quantile_examples: int
+    """Activation quantiles (over the tokens a feature fires on) around which lower-band examples are drawn
+    (at most 16 bands)."""
+    quantile_examples: int = bounded(1, 100)
     """Examples per quantile band."""
-    logit_tokens: int
+    logit_tokens: int = bounded(1, 100)
     """Tokens listed as promoted and as suppressed by each feature's decoder direction (logit lens)."""
-    top_tokens: int
+    top_tokens: int = bounded(1, 100)
     """Most frequent activating tokens listed per feature."""
-    neighbours: int
-    """Nearest features (decoder cosine) and co-occurring features listed per feature (at most matrices.top_k)."""
-    index_tokens: int
-    """Top token strings per feature in summary_index.json."""
+    neighbours: int = bounded(0, 1000)
+    """Nearest features (decoder cosine) and co-occurring features listed per feature (at most the top_k the
+    matrices were made with, checked when the stage starts)."""
+    index_tokens: int = bounded(1, 100)
+    """Top token strings per feature in summary_index.json (at most top_tokens)."""
 
     def validate(self) -> None:
-        check_positive("summarize", {name: getattr(self, name) for name in
-                                     ("top_k", "quantile_examples", "logit_tokens", "top_tokens", "index_tokens")})
-        check_nonnegative("summarize", {name: getattr(self, name) for name in
-                                        ("context_before", "context_after", "neighbours")}, "an integer >= 0")
+        if self.index_tokens > self.top_tokens:
+            raise field_error("summarize.index_tokens", self.index_tokens,
+                              f"an integer <= summarize.top_tokens = {self.top_tokens}")
+        if len(self.quantile_bands) > 16:
+            raise field_error("summarize.quantile_bands", self.quantile_bands, "at most 16 bands")
         if any(not 0.0 < q < 1.0 for q in self.quantile_bands):
             raise field_error("summarize.quantile_bands", self.quantile_bands, "numbers strictly between 0 and 1")

@@ -30,6 +30,26 @@ def choices(names: Callable[[], list[str]]) -> dict[str, Any]:
     return {"choices": names}
 
 
+def bounded(low: float, high: float | None = None) -> Any:
+    """A numeric field that must lie in [low, high] (high None: no upper bound). The bound is checked with the
+    field's type, by `coerce`, and `--help` states it: a size read as given (a figure, a file, a batch) has
+    one, so that a typo of a few zeros is refused in a line rather than exhausting memory or disk later."""
+    return dataclasses.field(metadata={"bounds": (low, high)})
+
+
+def bounds_text(bounds: tuple[float, float | None]) -> str:
+    low, high = bounds
+    return f"at least {low}" if high is None else f"{low} to {high}"
+
+
+def check_bounds(field: str, value: float, bounds: tuple[float, float | None], kind: str) -> None:
+    low, high = bounds
+    if value < low:
+        raise field_error(field, value, f"{kind} >= {low}")
+    if high is not None and value > high:
+        raise field_error(field, value, f"{kind} in [{low}, {high}]")
+
+
 @dataclass(frozen=True)
 class FlatField:
     """A key of a section as params.yaml and the CLI see it, and where it lives in the dataclasses."""
@@ -55,7 +75,10 @@ def flat_fields(cls: type) -> tuple[FlatField, ...]:
         if is_group(hints[f.name]):
             out += [dataclasses.replace(sub, path=(f.name, *sub.path)) for sub in flat_fields(hints[f.name])]
         else:
-            out.append(FlatField(f.name, hints[f.name], docs.get(f.name, ""), f, ()))
+            doc = docs.get(f.name, "")
+            if "bounds" in f.metadata:
+                doc = f"{doc} Allowed: {bounds_text(f.metadata['bounds'])}.".strip()
+            out.append(FlatField(f.name, hints[f.name], doc, f, ()))
     names = [f.name for f in out]
     if len(set(names)) != len(names):
         raise TypeError(f"{cls.__name__}: a key appears twice among its groups")
@@ -129,15 +152,19 @@ def coerce(value: Any, annotation: Any, field: str, metadata: typing.Mapping[str
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise field_error(field, value, "an integer")
+        if metadata and "bounds" in metadata:
+            check_bounds(field, value, metadata["bounds"], "an integer")
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise field_error(field, value, "a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise field_error(field, value, "a number")
+        if metadata and "bounds" in metadata:
+            check_bounds(field, float(value), metadata["bounds"], "a number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from saepipe.config.fields import check_device
+from saepipe.config.fields import bounded, check_device
 from saepipe.errors import field_error
-
-MAX_FEATURES = 100_000
-LIMITS = {"top_tokens": 100, "explain_examples": 100, "score_examples": 100, "max_new_tokens": 2048,
-          "batch_size": 1024}
-"""Upper bounds of the size params: past them a prompt, a judged set or a batch stops being a sensible size."""
 
 
 @dataclass(frozen=True)
@@ -25,21 +20,20 @@ class InterpConfig:
     by document); null: one sample per document."""
     probe_c: float
     """Inverse L2 regularisation strength of the logistic-regression probes (scikit-learn's C)."""
-    top_tokens: int
+    top_tokens: int = bounded(1, 100)
     """Tokens listed per feature a probe chose (the tokens it fires on most often), and the most tokens in a
-    token-baseline explanation (each holding at least 5 per cent of the feature's firings); at most 100."""
-    features: int
+    token-baseline explanation (each holding at least 5 per cent of the feature's firings)."""
+    features: int = bounded(0, 100_000)
     """Features an LLM explainer (explainer_model or explainer_url) explains and scores, a seeded sample of those
-    that fire often enough; at most 100,000, and fewer (with a note) when fewer fire often enough. 0 skips it.
+    that fire often enough; fewer (with a note) when fewer fire often enough. 0 skips it.
     The token baseline scores every alive feature either way."""
     seed: int
     """Seed of the feature sample, of the held-out and non-activating examples, and of the probes' bootstrap."""
-    explain_examples: int
-    """Top-activating examples in each explanation prompt (the summary's quantile-band examples follow them);
-    at most 100."""
-    score_examples: int
+    explain_examples: int = bounded(1, 100)
+    """Top-activating examples in each explanation prompt (the summary's quantile-band examples follow them)."""
+    score_examples: int = bounded(1, 100)
     """Held-out activating windows per feature for detection and fuzzing, and as many non-activating ones (the
-    token baseline's too); at most 100."""
+    token baseline's too)."""
     explainer_model: str | None
     """A local directory or hub id of an instruct model to explain and judge with (e.g. models/base; a small
     model judges near chance); null: no LLM explainer, the token baseline alone."""
@@ -48,11 +42,10 @@ class InterpConfig:
     explainer_model names the model it serves."""
     explainer_api_key_env: str | None
     """Environment variable holding the endpoint's API key (sent as a bearer token, never printed); null: none."""
-    max_new_tokens: int
-    """Longest explanation generated, in tokens (greedy decoding; kept whole); at most 2048."""
-    batch_size: int
-    """Prompts per forward pass (explanations are generated, detection and fuzzing prompts scored, in batches);
-    at most 1024."""
+    max_new_tokens: int = bounded(1, 2048)
+    """Longest explanation generated, in tokens (greedy decoding; kept whole)."""
+    batch_size: int = bounded(1, 1024)
+    """Prompts per forward pass (explanations are generated, detection and fuzzing prompts scored, in batches)."""
     device: str
     """auto (CUDA when available), cpu, cuda or cuda:N, for a local explainer model."""
 
@@ -63,12 +56,6 @@ class InterpConfig:
             raise field_error("interp.probe_window", self.probe_window, "an integer >= 1 or null")
         if self.probe_c <= 0:
             raise field_error("interp.probe_c", self.probe_c, "a number > 0")
-        if not 0 <= self.features <= MAX_FEATURES:
-            raise field_error("interp.features", self.features,
-                              f"an integer in [0, {MAX_FEATURES:,}] (0 skips the LLM explainer)")
-        for name, most in LIMITS.items():
-            if not 1 <= getattr(self, name) <= most:
-                raise field_error(f"interp.{name}", getattr(self, name), f"an integer in [1, {most}]")
         if self.explainer_url is not None and not self.explainer_url.startswith(("http://", "https://")):
             raise field_error("interp.explainer_url", self.explainer_url, "an http:// or https:// URL or null")
         if self.explainer_api_key_env is not None and not self.explainer_api_key_env.strip():

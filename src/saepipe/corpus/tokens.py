@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from saepipe.errors import UserError
-from saepipe.storage import atomic_h5, plain, require_file
+from saepipe.storage import atomic_h5, open_h5, plain
 
 FORMAT = "saepipe.tokens"
 FORMAT_VERSION = 1
@@ -82,9 +81,9 @@ def write_token_cache(
 def read_token_cache(path: str | Path, matching: Mapping[str, Any] | None = None) -> TokenCache:
     """The token cache at `path`; with `matching` (an activation cache's attrs), refused unless it was made by
     the same tokenizer, since its token ids would otherwise name other words than the cached activations'."""
-    path = require_file(path, "token cache", "run `saepipe tokenize` first")
+    path = Path(path)
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path, "token cache", "tokenize") as f:
             attrs = dict(f.attrs)
             if attrs.get("format") != FORMAT:
                 raise UserError(f"{path} is not a saepipe token cache (format={attrs.get('format')!r})")
@@ -94,7 +93,7 @@ def read_token_cache(path: str | Path, matching: Mapping[str, Any] | None = None
             cache = TokenCache(tokens=f["tokens"][:], offsets=f["offsets"][:], split=f["split"][:],
                                attrs={k: plain(v) for k, v in attrs.items()})
     except OSError as exc:
-        raise UserError(f"{path} is not a readable HDF5 file ({exc})") from None
+        raise UserError(f"{path} is not a readable HDF5 file ({exc}); rerun `saepipe tokenize`") from None
     except (KeyError, RuntimeError) as exc:
         raise UserError(f"{path}: damaged token cache ({exc}); rerun `saepipe tokenize`") from None
     if len(cache.offsets) != cache.n_documents + 1 or cache.offsets[-1] != len(cache.tokens):

@@ -34,7 +34,7 @@ from typing import Any
 
 from saepipe.analysis.activation_db import SEARCH_OCCURRENCES, ActivationDB
 from saepipe.errors import UserError
-from saepipe.storage import atomic_dir
+from saepipe.storage import atomic_dir, iter_jsonl
 
 CHUNK_SIZE = 128
 """Features per detail file: about 1.7 MB of script for the default run's 20 top examples a feature."""
@@ -65,20 +65,11 @@ def _script(name: str, data: Any) -> str:
 
 def read_summaries(path: Path) -> Iterator[dict[str, Any]]:
     """The summarize stage's records, one per line, checked enough to fail with the line that is wrong."""
-    if not path.is_file():
-        raise UserError(f"{path}: file not found; run `saepipe summarize` first")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not a JSON object ({exc.msg}); rerun `saepipe summarize`") from None
-            if not isinstance(record, dict) or not isinstance(record.get("id"), int):
-                raise UserError(f"{path}:{number}: expected a feature summary with an integer `id`; "
-                                "rerun `saepipe summarize`")
-            yield record
+    for number, record in iter_jsonl(path, "summarize"):
+        if not isinstance(record.get("id"), int):
+            raise UserError(f"{path}:{number}: expected a feature summary with an integer `id`; "
+                            "rerun `saepipe summarize`")
+        yield record
 
 
 def token_table(db: ActivationDB, features_per_token: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE, concentrati
 from saepipe.report.inputs import RunFiles, RunInputs, read_explanations, read_token_baseline
 from saepipe.report.markdown import render_readme
 from saepipe.report.run_summary import build_summary, headline_values, metric_sources
-from saepipe.storage import write_json
+from saepipe.storage import read_npz, write_json
 
 PLOTS = "plots"
 README = "README.md"
@@ -76,8 +76,7 @@ def draw_plots(out: Path, inputs: RunInputs, files: RunFiles, db: ActivationDB, 
     drawn["decoder_similarity"] = plots.decoder_similarity(
         inputs.similarity_histogram, pairs, PAIRWISE_EDGES, f"Decoder similarity, {config['d_sae']:,} features",
         out / "decoder_similarity.png", dpi)
-    with np.load(files.matrices / COOCCURRENCE_TOPK, allow_pickle=False) as data:
-        fire_counts = data["fire_counts"]
+    fire_counts = read_npz(files.matrices / COOCCURRENCE_TOPK, ("fire_counts",), "matrices")["fire_counts"]
     frequent = np.argsort(-fire_counts, kind="stable")[: options.heatmap_features]
     frequent = frequent[fire_counts[frequent] > 0]
     if len(frequent) >= 2:

@@ -17,7 +17,7 @@ from saepipe.config import Params
 from saepipe.corpus.labels import UNKNOWN, load_labels
 from saepipe.corpus.tokens import read_token_cache
 from saepipe.errors import UserError
-from saepipe.storage import read_json, require_file
+from saepipe.storage import iter_jsonl, open_npy, read_json, read_npz, require_file
 
 
 @dataclass(frozen=True)
@@ -46,21 +46,31 @@ class RunFiles:
         return self.analysis / paths.INTERP
 
     def required(self) -> dict[Path, str]:
-        """Every file the report cannot do without, with the command that writes it."""
+        """Every file the report cannot do without, with the stage that writes it."""
         return {
-            self.sae / paths.EXPORT_CONFIG: "saepipe export", self.sae / paths.EXPORT_HISTORY: "saepipe export",
-            self.quick / paths.QUICK_METRICS: "saepipe evaluate", self.quick / paths.QUICK_DEAD: "saepipe evaluate",
-            self.quick / paths.QUICK_HISTOGRAM: "saepipe evaluate", self.activation_db: "saepipe activation-db",
-            self.analysis / paths.MATRICES_METRICS: "saepipe matrices",
-            self.analysis / paths.SIMILARITY_HISTOGRAM: "saepipe matrices",
-            self.matrices / paths.SIMILARITY_TOPK: "saepipe matrices",
-            self.matrices / paths.COOCCURRENCE_TOPK: "saepipe matrices",
-            self.summaries: "saepipe summarize",
+            self.sae / paths.EXPORT_CONFIG: "export", self.sae / paths.EXPORT_HISTORY: "export",
+            self.quick / paths.QUICK_METRICS: "evaluate", self.quick / paths.QUICK_DEAD: "evaluate",
+            self.quick / paths.QUICK_HISTOGRAM: "evaluate", self.activation_db: "activation-db",
+            self.analysis / paths.MATRICES_METRICS: "matrices",
+            self.analysis / paths.SIMILARITY_HISTOGRAM: "matrices",
+            self.matrices / paths.SIMILARITY_TOPK: "matrices",
+            self.matrices / paths.COOCCURRENCE_TOPK: "matrices",
+            self.summaries: "summarize",
         }
 
     def check(self) -> None:
-        for path, command in self.required().items():
-            require_file(path, "report input", f"run `{command}` first")
+        """Every required file present, and the matrices stage's arrays readable, before any work."""
+        for path, stage in self.required().items():
+            require_file(path, "report input", f"run `saepipe {stage}` first")
+        for name, keys in TOPK_KEYS.items():
+            read_npz(self.matrices / name, keys, "matrices")
+        for name in (paths.SIMILARITY, paths.JACCARD):  # the dense matrices, when the stage wrote them
+            if (self.matrices / name).is_file():
+                open_npy(self.matrices / name, "matrices")
+
+
+TOPK_KEYS = {paths.SIMILARITY_TOPK: ("values",), paths.COOCCURRENCE_TOPK: ("ids", "jaccard", "fire_counts")}
+"""What the report reads of each top-k file of the matrices stage."""
 
 
 @dataclass(frozen=True)
@@ -81,16 +91,22 @@ class RunInputs:
     @classmethod
     def read(cls, files: RunFiles) -> RunInputs:
         files.check()
-        history = read_json(files.sae / paths.EXPORT_HISTORY, "training history")
-        if not isinstance(history, list) or not history or not all(isinstance(e, dict) for e in history):
+        history = read_json(files.sae / paths.EXPORT_HISTORY, "training history", "export", list, ("epoch",))
+        if not history:
             raise UserError(f"{files.sae / paths.EXPORT_HISTORY}: expected a non-empty list of per-epoch records; "
                             "rerun `saepipe export`")
-        return cls(config=read_json(files.sae / paths.EXPORT_CONFIG, "exported SAE config"), history=history,
-                   metrics=read_json(files.quick / paths.QUICK_METRICS, "evaluate metrics"),
-                   dead=read_json(files.quick / paths.QUICK_DEAD, "dead features"),
-                   density_histogram=read_json(files.quick / paths.QUICK_HISTOGRAM, "density histogram"),
-                   matrices_metrics=read_json(files.analysis / paths.MATRICES_METRICS, "matrices metrics"),
-                   similarity_histogram=read_json(files.analysis / paths.SIMILARITY_HISTOGRAM, "similarity histogram"),
+        return cls(config=read_json(files.sae / paths.EXPORT_CONFIG, "exported SAE config", "export", dict,
+                                    ("sae_type", "d_sae", "model_name", "hook")),
+                   history=history,
+                   metrics=read_json(files.quick / paths.QUICK_METRICS, "evaluate metrics", "evaluate", dict,
+                                     ("sparsity", "evaluated")),
+                   dead=read_json(files.quick / paths.QUICK_DEAD, "dead features", "evaluate", dict, ("count",)),
+                   density_histogram=read_json(files.quick / paths.QUICK_HISTOGRAM, "density histogram",
+                                               "evaluate", list, ("bin_low", "bin_high", "features")),
+                   matrices_metrics=read_json(files.analysis / paths.MATRICES_METRICS, "matrices metrics",
+                                              "matrices", dict),
+                   similarity_histogram=read_json(files.analysis / paths.SIMILARITY_HISTOGRAM, "similarity histogram",
+                                                  "matrices", list, ("max_cosine", "features")),
                    probing=read_probing(files.interp),
                    autointerp=_optional_json(files.interp / paths.AUTOINTERP, "interp auto-interpretation"))
 
@@ -106,7 +122,7 @@ def read_probing(folder: Path) -> dict[str, Any] | None:
 
 
 def _optional_json(path: Path, what: str) -> Any:
-    return read_json(path, what) if path.is_file() else None
+    return read_json(path, what, "interp", dict) if path.is_file() else None
 
 
 def read_explanations(path: Path) -> dict[int, dict[str, Any]]:
@@ -116,13 +132,11 @@ def read_explanations(path: Path) -> dict[int, dict[str, Any]]:
     keep = ("explanation", "detection", "fuzzing", "detection_auc", "fuzzing_auc", "baseline_detection",
             "baseline_fuzzing")
     explanations = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            try:
-                record = json.loads(line)
-                explanations[int(record["id"])] = {key: record.get(key) for key in keep}
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise UserError(f"{path}:{number}: not an explanation record ({exc}); rerun `saepipe interp`") from None
+    for number, record in iter_jsonl(path, "interp"):
+        try:
+            explanations[int(record["id"])] = {key: record.get(key) for key in keep}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path}:{number}: not an explanation record ({exc}); rerun `saepipe interp`") from None
     return explanations
 
 
@@ -148,16 +162,14 @@ def read_summaries(path: Path, examples: int) -> list[dict[str, Any]]:
     tokens, the first `examples` top examples): the file holds every example and runs to tens of MB."""
     keep = ("id", "alive", "count", "density", "mean", "max", "top_tokens")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            try:
-                summary = json.loads(line)
-                record = {key: summary[key] for key in keep}
-                record["top_examples"] = summary["top_examples"][:examples]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise UserError(f"{path}:{number}: not a feature summary ({exc}); rerun `saepipe summarize`") from None
-            records.append(record)
-    if [r["id"] for r in records] != list(range(len(records))):
+    for number, summary in iter_jsonl(path, "summarize"):
+        try:
+            record = {key: summary[key] for key in keep}
+            record["top_examples"] = summary["top_examples"][:examples]
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{path}:{number}: not a feature summary (no {exc}); rerun `saepipe summarize`") from None
+        records.append(record)
+    if not records or [r["id"] for r in records] != list(range(len(records))):
         raise UserError(f"{path}: expected one line per feature in id order; rerun `saepipe summarize`")
     return records
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from saepipe.storage import open_npy, read_npz
+
 TRAINING_PANELS = (
     ("loss", "loss", "training objective (normalised MSE + penalties)"),
     ("fvu", "FVU", "fraction of variance unexplained"),
@@ -173,15 +175,14 @@ def pairwise_cosines(matrices: Path, similarity: str, topk: str, edges: np.ndarr
     counts = np.zeros(len(edges) - 1, np.int64)
     dense = matrices / similarity
     if dense.is_file():
-        matrix = np.load(dense, mmap_mode="r")
+        matrix = open_npy(dense, "matrices")
         n = matrix.shape[0]
         for start in range(0, n, block):
             rows = np.asarray(matrix[start : start + block], dtype=np.float32)
             above = np.arange(n)[None, :] > np.arange(start, start + len(rows))[:, None]
             counts += np.histogram(rows[above], bins=edges)[0]
         return counts, f"all {n * (n - 1) // 2:,} feature pairs"
-    with np.load(matrices / topk, allow_pickle=False) as data:
-        values = data["values"]
+    values = read_npz(matrices / topk, ("values",), "matrices")["values"]
     counts += np.histogram(values.ravel(), bins=edges)[0]
     return counts, f"each feature's {values.shape[1]} nearest (no dense matrix)"
 
@@ -218,12 +219,11 @@ def cooccurrence_block(matrices: Path, jaccard: str, topk: str, ids: np.ndarray)
     (pairs not among a feature's top co-occurring ones then read as 0)."""
     dense = matrices / jaccard
     if dense.is_file():
-        matrix = np.load(dense, mmap_mode="r")
+        matrix = open_npy(dense, "matrices")
         return np.asarray(matrix[ids][:, ids], dtype=np.float32)  # reads only those rows
     where = {int(f): i for i, f in enumerate(ids)}
     block = np.zeros((len(ids), len(ids)), np.float32)
-    with np.load(matrices / topk, allow_pickle=False) as data:
-        partners, values = data["ids"], data["jaccard"]
+    partners, values = read_npz(matrices / topk, ("ids", "jaccard"), "matrices").values()
     for i, f in enumerate(ids):
         for j, v in zip(partners[f], values[f], strict=True):
             if int(j) in where:

@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from saepipe.errors import UserError
@@ -49,7 +48,7 @@ from saepipe.paths import EXPORT_WEIGHTS, SAELENS_WEIGHTS
 from saepipe.sae import REGISTRY, SAEConfig, SparseAutoencoder, build_sae, config_class
 from saepipe.sae.batch_topk import BatchTopKConfig
 from saepipe.sae.provenance import Provenance, RunRecord
-from saepipe.storage import atomic_dir, read_json, write_json
+from saepipe.storage import atomic_dir, load_safetensors, load_tensors, read_json, write_json
 from saepipe.version import VERSION
 
 FORMAT = "saepipe.sae"
@@ -241,10 +240,7 @@ def _provenance(path: Path, config: dict[str, Any], model_name: Any, hook: Any) 
 def _load_ours(path: Path) -> SparseAutoencoder:
     config = _read_config(path / CONFIG)
     cfg = _sae_config(config, path / CONFIG)
-    try:
-        tensors = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refusals, truncated zips, I/O: all mean a bad file
-        raise UserError(f"{path / WEIGHTS}: not a readable weights file ({type(exc).__name__})") from None
+    tensors = load_tensors(path / WEIGHTS, "weights file", "export")
     if not isinstance(tensors, dict):
         raise UserError(f"{path / WEIGHTS}: expected a dict of tensors, got {type(tensors).__name__}")
     sae = _build(cfg, tensors, path / WEIGHTS)
@@ -259,10 +255,7 @@ def _load_saelens(path: Path) -> SparseAutoencoder:
     cfg_path = path / SAELENS_CFG
     config = _read_config(cfg_path)
     metadata = config.get("metadata") or {}
-    try:
-        tensors = load_file(path / SAELENS_WEIGHTS)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path / SAELENS_WEIGHTS}: not a readable safetensors file ({exc})") from None
+    tensors = load_safetensors(path / SAELENS_WEIGHTS, "export")
     for field, allowed in (("normalize_activations", "none"), ("reshape_activations", "none")):
         if config.get(field, allowed) != allowed:
             raise UserError(f"{cfg_path}: {field}={config[field]!r} is not supported (only {allowed!r})")

@@ -7,10 +7,10 @@ import time
 from saepipe.activations.cache import ActivationCache, sae_hook
 from saepipe.activations.run_name import names_run
 from saepipe.analysis.activation_db import sae_weights_sha256
-from saepipe.analysis.db_build import build_activation_db
+from saepipe.analysis.db_build import build_activation_db, encode_batch_limit
 from saepipe.config import Params
 from saepipe.corpus.tokens import read_token_cache
-from saepipe.errors import UserError
+from saepipe.errors import UserError, field_error
 from saepipe.model.loading import resolve_device
 from saepipe.paths import activation_cache, activation_db, evaluated_sae
 from saepipe.sae.formats import check_compatible, load_sae
@@ -24,6 +24,12 @@ def run(params: Params) -> None:
     started = time.perf_counter()
     sae_path = evaluated_sae(params)
     sae = load_sae(sae_path, resolve_device(cfg.device, "activation_db.device"))
+    limit = encode_batch_limit(sae.d_in, sae.d_sae, cfg.max_memory_mb)
+    if cfg.batch_size > limit:
+        raise field_error("activation_db.batch_size", cfg.batch_size,
+                          f"a batch that fits activation_db.max_memory_mb={cfg.max_memory_mb}: at most {limit:,} "
+                          f"rows with this SAE (d_in {sae.d_in}, d_sae {sae.d_sae:,}); lower it or raise "
+                          "max_memory_mb")
     cache_path = activation_cache(params)
     out = activation_db(params)
     with ActivationCache(cache_path, hook=sae_hook(sae), strict=False) as cache:

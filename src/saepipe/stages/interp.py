@@ -12,7 +12,6 @@ written as one folder (under a temporary name, renamed when complete; an explain
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from saepipe.paths import (
     labels_file,
     summaries_file,
 )
-from saepipe.storage import atomic_dir, require_file, write_json, write_jsonl
+from saepipe.storage import atomic_dir, json_line, require_file, write_json, write_jsonl
 
 
 def make_explainer(params: Params) -> Explainer | None:
@@ -120,10 +119,10 @@ def read_summaries(path: Path, ids: list[int]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{path}: file not found; run `saepipe summarize` first")
     wanted, found = set(ids), {}
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:
         for f, line in enumerate(handle):
             if f in wanted:
-                summary = json.loads(line)
+                summary = json_line(path, f + 1, line, "summarize")
                 if summary.get("id") != f:
                     raise UserError(f"{path}: line {f + 1} is not feature {f}; rerun `saepipe summarize`")
                 found[f] = summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -13,7 +14,7 @@ from saepipe.activations.run_name import names_run
 from saepipe.analysis.activation_db import ActivationDB
 from saepipe.analysis.summaries import FeatureTables, SummaryOptions, feature_summary, index_entry
 from saepipe.config import Params
-from saepipe.errors import UserError
+from saepipe.errors import UserError, field_error
 from saepipe.model.tokenizer import load_tokenizer
 from saepipe.paths import (
     COOCCURRENCE_TOPK,
@@ -25,24 +26,18 @@ from saepipe.paths import (
     evaluated_sae,
     matrices_dir,
 )
-from saepipe.storage import atomic_path, write_json
+from saepipe.storage import atomic_path, read_npz, write_json
 
-
-def require_topk(path: Path) -> None:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found; run `saepipe matrices` first")
+if TYPE_CHECKING:
+    from saepipe.sae import SparseAutoencoder
 
 
 def load_topk(path: Path, keys: tuple[str, ...], d_sae: int) -> tuple[np.ndarray, ...]:
     """Arrays of a matrices-stage top-k file, checked against the SAE's size."""
-    require_topk(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = tuple(data[k] for k in keys)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{path}: not a readable top-k file ({exc}); rerun `saepipe matrices`") from None
-    if any(a.shape[0] != d_sae for a in arrays):
-        raise UserError(f"{path} holds {arrays[0].shape[0]} features, not the SAE's {d_sae}; rerun `saepipe matrices`")
+    arrays = tuple(read_npz(path, keys, "matrices").values())
+    if arrays[0].ndim != 2 or any(a.shape[:1] != (d_sae,) for a in arrays):
+        raise UserError(f"{path} holds {arrays[0].shape[:1]} features, not the SAE's {d_sae}; "
+                        "rerun `saepipe matrices`")
     return arrays
 
 
@@ -51,19 +46,42 @@ def run(params: Params) -> None:
     cfg = params.summarize
     started = time.perf_counter()
     sae_path = evaluated_sae(params)
-    # The inputs' refusals first, before torch is imported and the model loaded (seconds each).
-    for name in (SIMILARITY_TOPK, COOCCURRENCE_TOPK):
-        require_topk(matrices_dir(params) / name)
+    # every input checked and read before torch is imported and the model loaded (seconds, then a minute)
     with ActivationDB(activation_db(params)) as db:
         db.check_sae(sae_path)
+        d_sae = db.d_sae
+    folder = matrices_dir(params)
+    nearest = load_topk(folder / SIMILARITY_TOPK, ("ids", "values"), d_sae)
+    cooccurring = load_topk(folder / COOCCURRENCE_TOPK, ("ids", "jaccard", "counts"), d_sae)
+    k = min(nearest[0].shape[1], cooccurring[0].shape[1])
+    if cfg.neighbours > k:
+        raise field_error("summarize.neighbours", cfg.neighbours,
+                          f"at most the {k} neighbours per feature of {folder} (matrices.top_k when it was made)")
+    from saepipe.sae.formats import load_sae
+
+    sae = load_sae(sae_path)
+    with ActivationDB(activation_db(params), tokens=params.tokenize.output) as db:
+        db.tokenizer = load_tokenizer(params.base_model.output_dir)
+        index = _summarize(params, sae, db, nearest, cooccurring)
+    out_dir = analysis_dir(params)
+    write_json(out_dir / SUMMARY_INDEX, index)
+    alive = sum(1 for entry in index if entry["density"] > 0)
+    size = (out_dir / SUMMARIES).stat().st_size
+    print(f"summarize: {sae.d_sae:,} features ({alive:,} alive), {cfg.top_k} top examples each -> "
+          f"{out_dir / SUMMARIES} ({size / 2**20:,.1f} MiB), {out_dir / SUMMARY_INDEX} "
+          f"[{time.perf_counter() - started:.1f} s]")
+
+
+def _summarize(params: Params, sae: SparseAutoencoder, db: ActivationDB, nearest: tuple[np.ndarray, ...],
+               cooccurring: tuple[np.ndarray, ...]) -> list[dict[str, Any]]:
+    """Write feature_summaries.jsonl; returns the index entries."""
     import torch
 
     from saepipe.analysis.logit_lens import logit_effects, unembedding
     from saepipe.model.loading import load_hooked_model
-    from saepipe.sae.formats import check_compatible, load_sae
+    from saepipe.sae.formats import check_compatible
 
-    sae = load_sae(sae_path)
-    tokenizer = load_tokenizer(params.base_model.output_dir)
+    cfg = params.summarize
     model = load_hooked_model(params.base_model.output_dir, device=torch.device("cpu"))
     check_compatible(sae, d_model=int(model.cfg.d_model), model_name=params.base_model.model_name,
                      against=f"the model in {params.base_model.output_dir}")
@@ -71,26 +89,16 @@ def run(params: Params) -> None:
     del model
     promoted_ids, promoted, suppressed_ids, suppressed = logit_effects(sae.W_dec.detach(), W_U, scale, center,
                                                                        cfg.logit_tokens)
-    folder = matrices_dir(params)
     tables = FeatureTables(
         promoted=(promoted_ids.numpy(), promoted.numpy()), suppressed=(suppressed_ids.numpy(), suppressed.numpy()),
-        nearest=load_topk(folder / SIMILARITY_TOPK, ("ids", "values"), sae.d_sae),
-        cooccurring=load_topk(folder / COOCCURRENCE_TOPK, ("ids", "jaccard", "counts"), sae.d_sae))
+        nearest=nearest, cooccurring=cooccurring)
     options = SummaryOptions(top_k=cfg.top_k, context=(cfg.context_before, cfg.context_after),
                              quantile_bands=cfg.quantile_bands, quantile_examples=cfg.quantile_examples,
                              top_tokens=cfg.top_tokens, neighbours=cfg.neighbours)
-    out_dir = analysis_dir(params)
     index = []
-    with ActivationDB(activation_db(params), tokens=params.tokenize.output, tokenizer=tokenizer) as db:
-        db.check_sae(sae_path)
-        with atomic_path(out_dir / SUMMARIES) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-            for f in tqdm(range(sae.d_sae), desc="summarize", unit="feature"):
-                summary = feature_summary(db, f, options, tables)
-                handle.write(json.dumps(summary, ensure_ascii=False) + "\n")
-                index.append(index_entry(summary, cfg.index_tokens))
-    write_json(out_dir / SUMMARY_INDEX, index)
-    alive = sum(1 for entry in index if entry["density"] > 0)
-    size = (out_dir / SUMMARIES).stat().st_size
-    print(f"summarize: {sae.d_sae:,} features ({alive:,} alive), {cfg.top_k} top examples each -> "
-          f"{out_dir / SUMMARIES} ({size / 2**20:,.1f} MiB), {out_dir / SUMMARY_INDEX} "
-          f"[{time.perf_counter() - started:.1f} s]")
+    with atomic_path(analysis_dir(params) / SUMMARIES) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for f in tqdm(range(sae.d_sae), desc="summarize", unit="feature"):
+            summary = feature_summary(db, f, options, tables)
+            handle.write(json.dumps(summary, ensure_ascii=False) + "\n")
+            index.append(index_entry(summary, cfg.index_tokens))
+    return index

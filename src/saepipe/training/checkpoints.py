@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from saepipe.errors import UserError
 from saepipe.sae import SparseAutoencoder, build_sae, config_from_dict
 from saepipe.sae.provenance import RunRecord
-from saepipe.storage import atomic_dir, read_json
+from saepipe.storage import atomic_dir, load_safetensors, load_tensors, read_json
 from saepipe.training.guards import check_finite_weights
 
 BEST = "best_model.pt"
@@ -88,19 +87,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{path / 'sae_config.json'}: not an SAE config ({type(exc).__name__}: {exc})") from None
     sae = build_sae(cfg)
-    try:
-        weights = load_file(path / "sae.safetensors", device=str(map_location))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path / 'sae.safetensors'}: not a readable safetensors file ({exc})") from None
+    weights = load_safetensors(path / "sae.safetensors", "train", device=str(map_location))
     try:
         sae.load_state_dict(weights)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise UserError(f"{path / 'sae.safetensors'}: does not match {path / 'sae_config.json'} ({first})") from None
-    try:
-        tensors = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling refusals, truncated zips, I/O: all mean a bad file
-        raise UserError(f"{path / 'optimizer.pt'}: not a readable optimizer state ({type(exc).__name__})") from None
+    tensors = load_tensors(path / "optimizer.pt", "optimizer state", "train", map_location)
     return Checkpoint(
         sae=sae,
         state=read_json(path / "state.json", "checkpoint state"),
