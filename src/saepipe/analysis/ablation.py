@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -92,9 +92,9 @@ class AblationAccumulator:
     """Sums of CE (clean and each variant) and KL (each variant) over scored predictions, batch by batch.
 
     Below the hook the clean and spliced runs are the same, so (`split`, the default) the model runs once up
-    to the hook and only the blocks above it run per variant, the head only at scored positions
-    (`saepipe.model.split`); hooks that cannot be split, or a model whose continuation does not reproduce
-    its full forward on the first window, get one full forward per variant (`path` says which ran).
+    to the hook and only the blocks above it run, for all variants in one stacked batch, the head only at
+    scored positions (`saepipe.model.split`); hooks that cannot be split, or a model whose continuation does
+    not reproduce its full forward on the first window, get one full forward per variant (`path` says which).
     """
 
     def __init__(self, variants: Iterable[str], *, split: bool = True):
@@ -128,16 +128,17 @@ class AblationAccumulator:
             raise ValueError("scored positions must be >= 1 and have a next token in the window")
         targets = tokens[b, s + 1].unsqueeze(1)
         splitter = self._forward(model, hook, tokens)
-        logits = (full_forward(model, hook, tokens, b, s) if splitter is None
-                  else split_forward(splitter, tokens, b, s))
-        log_p = F.log_softmax(logits(None).float(), dim=-1)
+        runs = [None, *(splices[name] for name in self.variants)]
+        logits = (full_forward(model, hook, tokens, b, s, runs) if splitter is None
+                  else split_forward(splitter, tokens, b, s, runs))
+        log_p = F.log_softmax(next(logits).float(), dim=-1)
         # Once, not once per variant: the vocabulary-wide passes are the cost beyond the forwards.
         # KL(p || q) = -sum p (log q - log p): the difference is formed in place, entry by entry, so a variant
         # that barely moves q is not lost to the cancellation of two large sums (float32 entropies ~ log V).
         p = log_p.exp()
         self.ce["clean"] += float(-log_p.gather(1, targets).sum())
         for name in self.variants:
-            log_q = F.log_softmax(logits(splices[name]).float(), dim=-1)
+            log_q = F.log_softmax(next(logits).float(), dim=-1)
             self.ce[name] += float(-log_q.gather(1, targets).sum())
             self.kl[name] -= float(torch.linalg.vecdot(p, log_q.sub_(log_p)).double().sum())
         self.tokens += len(b)
@@ -162,32 +163,28 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator != 0 else float("nan")
 
 
-VariantLogits = Callable[[Replacement | None], Tensor]
-"""A splice (None: clean) -> the logits [n, vocab] at the scored (rows, positions) of one batch."""
-
-
-def full_forward(model: Any, hook: HookSpec, tokens: Tensor, rows: Tensor, positions: Tensor) -> VariantLogits:
-    """One full forward per variant, the splice as a hook: works at any hook."""
-
-    def logits(replace: Replacement | None) -> Tensor:
+def full_forward(model: Any, hook: HookSpec, tokens: Tensor, rows: Tensor, positions: Tensor,
+                 runs: list[Replacement | None]) -> Iterator[Tensor]:
+    """The logits [n, vocab] at (rows, positions) of each run (None: clean; else a splice at the hook), one full
+    forward each, the splice as a hook: works at any hook."""
+    for replace in runs:
         if replace is None:
-            return model(tokens)[rows, positions]
-        return model.run_with_hooks(tokens, fwd_hooks=[(hook.full_name, splice_hook(replace))],
-                                    reset_hooks_end=True)[rows, positions]
+            yield model(tokens)[rows, positions]
+        else:
+            yield model.run_with_hooks(tokens, fwd_hooks=[(hook.full_name, splice_hook(replace))],
+                                       reset_hooks_end=True)[rows, positions]
 
-    return logits
 
-
-def split_forward(splitter: SplitForward, tokens: Tensor, rows: Tensor, positions: Tensor) -> VariantLogits:
-    """The model up to the hook once; per variant, the blocks above it from the spliced activation."""
+def split_forward(splitter: SplitForward, tokens: Tensor, rows: Tensor, positions: Tensor,
+                  runs: list[Replacement | None]) -> Iterator[Tensor]:
+    """The same logits: the model up to the hook once, the blocks above it once for all runs stacked into one
+    batch (fewer, larger products), the head per run and only at (rows, positions)."""
     lower = splitter.lower(tokens)
-
-    def logits(replace: Replacement | None) -> Tensor:
-        activation = lower.activation if replace is None else spliced(lower.activation, replace)
-        return splitter.logits(lower, activation, rows, positions)
-
-    return logits
-
+    activations = [lower.activation if r is None else spliced(lower.activation, r) for r in runs]
+    final = splitter.residuals(lower, activations)
+    del activations
+    for residual in final.split(tokens.shape[0]):
+        yield splitter.head(residual, rows, positions)
 
 
 # ---- one call on a batch of windows ---------------------------------------------------------------------------

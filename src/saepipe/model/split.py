@@ -10,17 +10,21 @@ positions that are scored.
 
     split = SplitForward(model, HookSpec(15, "hook_resid_post"))   # None-safe: SplitForward.supports(...)
     lower = split.lower(tokens)                # the hook's activation [batch, seq, d_model], and the rest
-    logits = split.logits(lower, lower.activation, rows, positions)   # [n, vocab] at (rows, positions)
+    final = split.residuals(lower, [lower.activation, replaced])      # both continuations in one batch
+    logits = split.head(final[:batch], rows, positions)               # [n, vocab] at (rows, positions)
 
 Hooks whose replacement determines the next block's input: `hook_resid_pre` (it is that block's input),
 `hook_resid_post` (the input of the block above) and `hook_mlp_out` (the block's output is resid_mid +
 mlp_out). Any other hook (inside attention, resid_mid, ...) is not split: callers run full forwards.
-`agrees` checks on one window that continuing from the untouched activation gives the full forward's
-logits, which catches an architecture whose head does more than norm + unembedding (e.g. soft-capping).
+`agrees` checks, once per model and hook, on the start of one window, that continuing from the untouched
+activation gives the full forward's logits: it catches an architecture whose head does more than norm +
+unembedding (e.g. soft-capping).
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +34,8 @@ from torch import Tensor
 from saepipe.model.hooks import HookSpec
 
 SPLIT_HOOKS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out")
+CHECK_POSITIONS = 64
+_AGREES: weakref.WeakKeyDictionary[Any, dict[HookSpec, bool]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -96,25 +102,56 @@ class SplitForward:
                      captured.get(f"blocks.{self.hook.layer}.hook_resid_mid"))
 
     @torch.inference_mode()
-    def logits(self, lower: Lower, activation: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
-        """The logits [n, vocab] at (rows, positions) with `activation` (or a replacement of it) at the hook."""
-        model = self.model
-        residual = activation if lower.resid_mid is None else lower.resid_mid + activation
+    def residuals(self, lower: Lower, activations: Sequence[Tensor]) -> Tensor:
+        """The final residual stream [k * batch, seq, d_model] with each of k activations (the hook's own, or
+        replacements of it) at the hook: the k continuations run as one batch, variant after variant."""
+        model, k, batch = self.model, len(activations), lower.activation.shape[0]
+        residual = torch.cat([a if lower.resid_mid is None else lower.resid_mid + a for a in activations])
+        kwargs = {name: _tile(value, batch, k) for name, value in lower.block_kwargs.items()}
         for block in model.blocks[self.start:]:
-            out = block(residual, **lower.block_kwargs)
+            out = block(residual, **kwargs)
             residual = out[0] if isinstance(out, tuple) else out
-        return model.unembed(model.ln_final(residual[rows, positions]))
+        return residual
 
     @torch.inference_mode()
+    def head(self, residual: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
+        """The logits [n, vocab] at (rows, positions) of one final residual [batch, seq, d_model]."""
+        return self.model.unembed(self.model.ln_final(residual[rows, positions]))
+
+    def logits(self, lower: Lower, activation: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
+        """The logits [n, vocab] at (rows, positions) with `activation` (or a replacement of it) at the hook."""
+        return self.head(self.residuals(lower, [activation]), rows, positions)
+
     def agrees(self, tokens: Tensor) -> bool:
-        """Whether continuing from one window's untouched activation gives its full forward's logits."""
-        window = tokens[:1]
+        """Whether continuing from the untouched activation gives the full forward's logits, on the start of
+        one window (`CHECK_POSITIONS`); checked once per model and hook."""
+        known = _AGREES.setdefault(self.model, {})
+        if self.hook not in known:
+            known[self.hook] = self._agrees(tokens[:1, :CHECK_POSITIONS])
+        return known[self.hook]
+
+    @torch.inference_mode()
+    def _agrees(self, window: Tensor) -> bool:
         positions = torch.arange(window.shape[1], device=window.device)
         rows = torch.zeros_like(positions)
         lower = self.lower(window)
-        got = self.logits(lower, lower.activation, rows, positions)
         want = self.model(window)[0]
-        # Rounding differs only where a product's shape does (the unembedding of fewer rows): an ulp or two of
-        # the logits' dtype. A missing step (soft-capping, a logit scale, another mask) moves them by far more.
+        # Two continuations in one batch, as the ablation runs them. Rounding differs only where a product's
+        # shape does: an ulp or two of the logits' dtype. A missing step (soft-capping, a logit scale, another
+        # mask) moves them by far more.
         tol = max(4 * torch.finfo(want.dtype).eps, 1e-5) * (float(want.float().abs().max()) + 1.0)
-        return got.shape == want.shape and float((got.float() - want.float()).abs().max()) <= tol
+        for residual in self.residuals(lower, [lower.activation, lower.activation]).split(1):
+            got = self.head(residual, rows, positions)
+            if got.shape != want.shape or float((got.float() - want.float()).abs().max()) > tol:
+                return False
+        return True
+
+
+def _tile(value: Any, batch: int, k: int) -> Any:
+    """A block's keyword argument for k stacked copies of the batch: tensors of >= 2 dimensions that are
+    per row (the attention mask, position ids when given per row) tiled k times; the rest as they are."""
+    if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[0] == batch and k > 1:
+        return value.repeat(k, *([1] * (value.ndim - 1)))
+    if isinstance(value, tuple):
+        return tuple(_tile(v, batch, k) for v in value)
+    return value
