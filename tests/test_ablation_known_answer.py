@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saepipe.analysis import ablation
 from saepipe.analysis.ablation import (
     AblationAccumulator,
     ablation_metrics,
@@ -317,3 +318,14 @@ def test_the_split_corpus_pass_with_padding_gives_the_full_forwards_figures(shar
                                  token_budget=48, mean=torch.ones(D), progress=False, split=split)
                for split in (True, False)]
     assert_same_figures(*figures)
+
+
+@pytest.mark.parametrize("stack_positions", [1, 2 * 3 * 24])
+def test_runs_stacked_in_chunks_give_the_same_figures(sharp_model, tokens, monkeypatch, stack_positions) -> None:
+    """Large batches run above the hook one run at a time (or a few together): the same figures, in the
+    same order of runs, as the old path."""
+    monkeypatch.setattr(ablation, "STACK_POSITIONS", stack_positions)
+    split, full = both_paths(sharp_model, HookSpec.parse("blocks.0.hook_mlp_out"), tokens, random_sae(7),
+                             torch.randn(D, generator=torch.Generator().manual_seed(9)))
+    assert split.path == "split"
+    assert_same_figures(split.result(), full.result())

@@ -92,7 +92,7 @@ class AblationAccumulator:
     """Sums of CE (clean and each variant) and KL (each variant) over scored predictions, batch by batch.
 
     Below the hook the clean and spliced runs are the same, so (`split`, the default) the model runs once up
-    to the hook and only the blocks above it run, for all variants in one stacked batch, the head only at
+    to the hook and only the blocks above it run per variant (small batches stacked), the head only at
     scored positions (`saepipe.model.split`); hooks that cannot be split, or a model whose continuation does
     not reproduce its full forward on the first window, get one full forward per variant (`path` says which).
     """
@@ -175,16 +175,24 @@ def full_forward(model: Any, hook: HookSpec, tokens: Tensor, rows: Tensor, posit
                                        reset_hooks_end=True)[rows, positions]
 
 
+STACK_POSITIONS = 4096
+"""Runs are stacked into one batch above the hook up to this many positions: stacking gives a small batch
+(one short window) larger products, and a large one nothing but more memory (measured on CPU)."""
+
+
 def split_forward(splitter: SplitForward, tokens: Tensor, rows: Tensor, positions: Tensor,
                   runs: list[Replacement | None]) -> Iterator[Tensor]:
-    """The same logits: the model up to the hook once, the blocks above it once for all runs stacked into one
-    batch (fewer, larger products), the head per run and only at (rows, positions)."""
+    """The same logits: the model up to the hook once, the blocks above it per run (runs stacked into one
+    batch up to `STACK_POSITIONS`), the head per run and only at (rows, positions)."""
     lower = splitter.lower(tokens)
-    activations = [lower.activation if r is None else spliced(lower.activation, r) for r in runs]
-    final = splitter.residuals(lower, activations)
-    del activations
-    for residual in final.split(tokens.shape[0]):
-        yield splitter.head(residual, rows, positions)
+    per_batch = max(1, STACK_POSITIONS // tokens.numel())
+    for first in range(0, len(runs), per_batch):
+        activations = [lower.activation if r is None else spliced(lower.activation, r)
+                       for r in runs[first:first + per_batch]]
+        final = splitter.residuals(lower, activations)
+        del activations
+        for residual in final.split(tokens.shape[0]):
+            yield splitter.head(residual, rows, positions)
 
 
 # ---- one call on a batch of windows ---------------------------------------------------------------------------
