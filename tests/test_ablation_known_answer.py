@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saepipe.analysis.ablation import ablation_metrics, ablation_plan, evaluate_ablation
+from saepipe.analysis import ablation
+from saepipe.analysis.ablation import (
+    AblationAccumulator,
+    ablation_metrics,
+    ablation_plan,
+    evaluate_ablation,
+    replacements,
+)
 from saepipe.corpus.tokens import TokenCache
 from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import load_hooked_model
@@ -213,3 +220,112 @@ def test_the_corpus_pass_matches_an_independent_computation(sharp_model, bos_id)
           for name in ("clean", "sae", "zero")}
     assert got["ce_loss_recovered"] == pytest.approx((ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
                                                      rel=1e-4)
+
+
+# ---- the split forward: the model below the hook once, the blocks above it per variant -----------------------
+SPLIT_FIGURES = ("tokens", "ce_clean", "ce_sae", "ce_sae_with_error", "ce_zero", "ce_mean", "kl_sae",
+                 "kl_sae_with_error", "kl_zero", "kl_mean", "ce_loss_recovered", "ce_loss_recovered_vs_mean",
+                 "kl_div_score")
+
+
+def both_paths(model, hook: HookSpec, tokens: Tensor, sae, mean: Tensor) -> tuple[AblationAccumulator, ...]:
+    """The same batch through the split forward and through one full forward per variant (the old path)."""
+    splices = replacements(sae, mean)
+    positions = torch.arange(1, tokens.shape[1] - 1)
+    sources = (torch.arange(tokens.shape[0]).repeat_interleave(len(positions)), positions.repeat(tokens.shape[0]))
+    out = []
+    for split in (True, False):
+        acc = AblationAccumulator(splices, split=split)
+        acc.add(model, hook, splices, tokens, sources)
+        out.append(acc)
+    return tuple(out)
+
+
+def assert_same_figures(split: dict, full: dict) -> None:
+    for key in SPLIT_FIGURES:
+        assert split[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.0.hook_resid_pre",
+                                  "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"])
+def test_the_split_forward_gives_the_full_forwards_figures(sharp_model, tokens, hook) -> None:
+    """Layer 0 and the last layer (its continuation is only the final norm and the unembedding), each kind
+    of hook that can be split; the clean and every spliced run continue from the one lower run."""
+    split, full = both_paths(sharp_model, HookSpec.parse(hook), tokens, random_sae(3),
+                             torch.randn(D, generator=torch.Generator().manual_seed(5)))
+    assert (split.path, full.path) == ("split", "full")
+    assert full.result()["kl_sae"] > 0.1 and full.result()["kl_zero"] > 1e-3  # the splices matter at all
+    assert_same_figures(split.result(), full.result())
+
+
+def test_the_split_forward_runs_the_model_below_the_hook_once(sharp_model, tokens) -> None:
+    """Five runs (clean + four splices): block 0, below the hook, runs once on the batch; block 1 once on the
+    five runs stacked (counted when a block completes: the lower run enters block 1 only to stop there)."""
+    rows: list[list[int]] = [[], []]
+
+    def count(i: int):
+        def hook(module, args, output) -> None:
+            rows[i].append((output[0] if isinstance(output, tuple) else output).shape[0])
+        return hook
+
+    splices = replacements(random_sae(0), torch.zeros(D))
+    acc = AblationAccumulator(splices)
+    sources = (torch.tensor([0, 1]), torch.tensor([1, 2]))
+    acc.add(sharp_model, HOOK, splices, tokens, sources)  # the first batch may check the split once
+    handles = [block.register_forward_hook(count(i)) for i, block in enumerate(sharp_model.blocks)]
+    try:
+        acc.add(sharp_model, HOOK, splices, tokens, sources)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert rows == [[len(tokens)], [5 * len(tokens)]]
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_mid", "blocks.1.hook_attn_out"])
+def test_hooks_that_cannot_be_split_run_full_forwards(sharp_model, tokens, hook) -> None:
+    split, full = both_paths(sharp_model, HookSpec.parse(hook), tokens, random_sae(4), torch.zeros(D))
+    assert split.path == "full"
+    assert_same_figures(split.result(), full.result())
+
+
+def test_a_head_the_continuation_does_not_reproduce_falls_back(tiny_model_dir, tokens, capsys) -> None:
+    """A model whose head does more than norm + unembedding (here: soft-capped logits, as Gemma 2's) must not
+    be continued by norm + unembedding: the first window's check sends the whole pass down the full path."""
+    model = load_hooked_model(tiny_model_dir, device=torch.device("cpu"))  # its own: the check is kept per model
+    with torch.no_grad():
+        model.original_model.lm_head.weight.mul_(SHARPEN)
+
+    def soft_cap(module, args, output):
+        output.logits = 3.0 * torch.tanh(output.logits / 3.0)
+        return output
+
+    handle = model.original_model.register_forward_hook(soft_cap)
+    try:
+        split, full = both_paths(model, HOOK, tokens, random_sae(5), torch.zeros(D))
+    finally:
+        handle.remove()
+    assert split.path == "full"
+    assert "running one full forward per variant" in capsys.readouterr().err
+    assert_same_figures(split.result(), full.result())
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"])
+def test_the_split_corpus_pass_with_padding_gives_the_full_forwards_figures(sharp_model, hook) -> None:
+    """Batches of windows of different lengths, padded after their ends, some windows overlapping."""
+    cache = toy_cache([40, 9, 23, 5, 31], seed=8)
+    plan = ablation_plan(cache, "validation", max_text_length=16, prepend_bos=False, overlap=4, max_tokens=None)
+    figures = [evaluate_ablation(sharp_model, HookSpec.parse(hook), random_sae(6), cache, plan, bos_id=None,
+                                 token_budget=48, mean=torch.ones(D), progress=False, split=split)
+               for split in (True, False)]
+    assert_same_figures(*figures)
+
+
+@pytest.mark.parametrize("stack_positions", [1, 2 * 3 * 24])
+def test_runs_stacked_in_chunks_give_the_same_figures(sharp_model, tokens, monkeypatch, stack_positions) -> None:
+    """Large batches run above the hook one run at a time (or a few together): the same figures, in the
+    same order of runs, as the old path."""
+    monkeypatch.setattr(ablation, "STACK_POSITIONS", stack_positions)
+    split, full = both_paths(sharp_model, HookSpec.parse("blocks.0.hook_mlp_out"), tokens, random_sae(7),
+                             torch.randn(D, generator=torch.Generator().manual_seed(9)))
+    assert split.path == "split"
+    assert_same_figures(split.result(), full.result())

@@ -48,7 +48,9 @@ def validation_rows(params, outliers: bool = False) -> tuple[torch.Tensor, np.nd
 
 def test_evaluate_writes_the_quick_analysis(pipeline, capsys) -> None:
     evaluate.run(pipeline)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "hint" not in captured.err  # a pass of seconds: nothing to point at
     assert "CE loss recovered" in out and "FVU" in out and "dead" in out
     quick = Path(pipeline.evaluate.output_dir) / "default" / "quick"
     assert sorted(p.name for p in quick.iterdir()) == sorted(
@@ -177,3 +179,22 @@ def test_ablation_scores_only_the_documents_of_the_evaluated_rows(pipeline, tmp_
     assert metrics["ablation"]["documents"] == 1
     doc_length = int(read_token_cache(pipeline.tokenize.output).lengths()[doc_ids[0]])
     assert 0 < metrics["ablation"]["tokens"] < doc_length  # that document's predictions, not the whole split's
+
+
+def test_a_long_ablation_pass_gets_a_one_line_hint(pipeline, tmp_path, monkeypatch, capsys) -> None:
+    """Estimated from the first batch's speed, before the rest of the pass: the predictions, the time, the param."""
+    monkeypatch.setattr(evaluate, "HINT_SECONDS", 0.0)
+    evaluate.run(with_section(pipeline, "evaluate", output_dir=str(tmp_path / "analysis"), ablation_max_tokens=300))
+    hints = [line for line in capsys.readouterr().err.splitlines() if "hint" in line]
+    metrics = json.loads((tmp_path / "analysis" / "default" / "quick" / "metrics.json").read_text())
+    tokens = metrics["ablation"]["tokens"]
+    assert len(hints) == 1
+    assert f"scores {tokens:,} predictions, about " in hints[0]
+    assert "lower evaluate.ablation_max_tokens (now 300;" in hints[0]
+
+
+def test_the_hint_names_the_size_the_estimate_and_the_param() -> None:
+    assert evaluate.ablation_hint(16_384, evaluate.HINT_SECONDS - 1, 16_384) is None
+    line = evaluate.ablation_hint(123_456, 1045.0, None)
+    assert line is not None and "\n" not in line
+    assert "123,456 predictions" in line and "about 17 min" in line and "evaluate.ablation_max_tokens (now null" in line

@@ -36,7 +36,9 @@ Over a token cache: `plan = ablation_plan(...)`, then `evaluate_ablation(model, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -50,7 +52,8 @@ from saepipe.activations.windows import WindowPlan, batch_windows, plan_windows
 from saepipe.corpus.tokens import SPLIT_NAMES, TokenCache
 from saepipe.model.hooks import HookSpec
 from saepipe.model.loading import model_device
-from saepipe.model.splice import Replacement, splice_hook
+from saepipe.model.splice import Replacement, splice_hook, spliced
+from saepipe.model.split import SplitForward
 from saepipe.sae import SparseAutoencoder
 
 VARIANTS = ("sae", "sae_with_error", "zero", "mean")
@@ -86,13 +89,33 @@ def replacements(sae: SparseAutoencoder, mean: Tensor | np.ndarray | None = None
 
 
 class AblationAccumulator:
-    """Sums of CE (clean and each variant) and KL (each variant) over scored predictions, batch by batch."""
+    """Sums of CE (clean and each variant) and KL (each variant) over scored predictions, batch by batch.
 
-    def __init__(self, variants: Iterable[str]):
+    Below the hook the clean and spliced runs are the same, so (`split`, the default) the model runs once up
+    to the hook and only the blocks above it run per variant (small batches stacked), the head only at
+    scored positions (`saepipe.model.split`); hooks that cannot be split, or a model whose continuation does
+    not reproduce its full forward on the first window, get one full forward per variant (`path` says which).
+    """
+
+    def __init__(self, variants: Iterable[str], *, split: bool = True):
         self.variants = list(variants)
         self.tokens = 0
         self.ce = {name: 0.0 for name in ["clean", *self.variants]}
         self.kl = {name: 0.0 for name in self.variants}
+        self.split = split
+        self.path: str | None = None  # "split" or "full", decided on the first batch
+        self._splitter: SplitForward | None = None
+
+    def _forward(self, model: Any, hook: HookSpec, tokens: Tensor) -> SplitForward | None:
+        if self.path is None:
+            if self.split and SplitForward.supports(model, hook):
+                self._splitter = SplitForward(model, hook)
+                if not self._splitter.agrees(tokens):
+                    self._splitter = None
+                    tqdm.write(f"ablation: continuing the model above {hook} does not reproduce its full "
+                               "forward; running one full forward per variant instead", file=sys.stderr)
+            self.path = "full" if self._splitter is None else "split"
+        return self._splitter
 
     @torch.inference_mode()
     def add(self, model: Any, hook: HookSpec, splices: dict[str, Replacement], tokens: Tensor,
@@ -104,17 +127,18 @@ class AblationAccumulator:
         if bool((s < 1).any()) or bool((s + 1 >= tokens.shape[1]).any()):
             raise ValueError("scored positions must be >= 1 and have a next token in the window")
         targets = tokens[b, s + 1].unsqueeze(1)
-        log_p = F.log_softmax(model(tokens)[b, s].float(), dim=-1)
+        splitter = self._forward(model, hook, tokens)
+        runs = [None, *(splices[name] for name in self.variants)]
+        logits = (full_forward(model, hook, tokens, b, s, runs) if splitter is None
+                  else split_forward(splitter, tokens, b, s, runs))
+        log_p = F.log_softmax(next(logits).float(), dim=-1)
         # Once, not once per variant: the vocabulary-wide passes are the cost beyond the forwards.
         # KL(p || q) = -sum p (log q - log p): the difference is formed in place, entry by entry, so a variant
         # that barely moves q is not lost to the cancellation of two large sums (float32 entropies ~ log V).
         p = log_p.exp()
         self.ce["clean"] += float(-log_p.gather(1, targets).sum())
         for name in self.variants:
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(hook.full_name, splice_hook(splices[name]))],
-                                          reset_hooks_end=True)
-            log_q = F.log_softmax(logits[b, s].float(), dim=-1)
-            del logits
+            log_q = F.log_softmax(next(logits).float(), dim=-1)
             self.ce[name] += float(-log_q.gather(1, targets).sum())
             self.kl[name] -= float(torch.linalg.vecdot(p, log_q.sub_(log_p)).double().sum())
         self.tokens += len(b)
@@ -138,6 +162,37 @@ class AblationAccumulator:
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator != 0 else float("nan")
 
+
+def full_forward(model: Any, hook: HookSpec, tokens: Tensor, rows: Tensor, positions: Tensor,
+                 runs: list[Replacement | None]) -> Iterator[Tensor]:
+    """The logits [n, vocab] at (rows, positions) of each run (None: clean; else a splice at the hook), one full
+    forward each, the splice as a hook: works at any hook."""
+    for replace in runs:
+        if replace is None:
+            yield model(tokens)[rows, positions]
+        else:
+            yield model.run_with_hooks(tokens, fwd_hooks=[(hook.full_name, splice_hook(replace))],
+                                       reset_hooks_end=True)[rows, positions]
+
+
+STACK_POSITIONS = 4096
+"""Runs are stacked into one batch above the hook up to this many positions: stacking gives a small batch
+(one short window) larger products, and a large one nothing but more memory (measured on CPU)."""
+
+
+def split_forward(splitter: SplitForward, tokens: Tensor, rows: Tensor, positions: Tensor,
+                  runs: list[Replacement | None]) -> Iterator[Tensor]:
+    """The same logits: the model up to the hook once, the blocks above it per run (runs stacked into one
+    batch up to `STACK_POSITIONS`), the head per run and only at (rows, positions)."""
+    lower = splitter.lower(tokens)
+    per_batch = max(1, STACK_POSITIONS // tokens.numel())
+    for first in range(0, len(runs), per_batch):
+        activations = [lower.activation if r is None else spliced(lower.activation, r)
+                       for r in runs[first:first + per_batch]]
+        final = splitter.residuals(lower, activations)
+        del activations
+        for residual in final.split(tokens.shape[0]):
+            yield splitter.head(residual, rows, positions)
 
 
 # ---- one call on a batch of windows ---------------------------------------------------------------------------
@@ -193,25 +248,31 @@ def evaluate_ablation(
     mean: Tensor | np.ndarray | None = None,
     pad_id: int = 0,
     progress: bool = True,
+    split: bool = True,
+    on_estimate: Callable[[int, float], None] | None = None,
 ) -> dict[str, float | int]:
     """Every figure above over the planned windows, batched up to `token_budget` padded positions.
 
-    Padding sits after each window's end and is never scored (the model is causal).
+    Padding sits after each window's end and is never scored (the model is causal). After the first batch,
+    `on_estimate(predictions, seconds)` hears the whole pass's size and its time at that batch's speed.
     """
     splices = replacements(sae, mean)
-    acc = AblationAccumulator(splices)
+    acc = AblationAccumulator(splices, split=split)
     device = model_device(model)
     bos = bos_id is not None
     lengths = plan.length + int(bos)
     total = int(scored_per_window(plan, bos).sum())
     with tqdm(total=total, desc="ablation", unit="tok", unit_scale=True, disable=not progress) as bar:
         for batch in batch_windows(lengths, token_budget):
+            started = time.perf_counter()
             wb = build_batch(plan, batch, token_cache, bos_id, pad_id)
             rows, targets = wb.row_select
             scored = targets >= 2  # the prediction of a target at model position p is made at p - 1 >= 1
             before = acc.tokens
             acc.add(model, hook, splices, wb.tokens.to(device), (rows[scored], targets[scored] - 1))
             bar.update(acc.tokens - before)
+            if on_estimate is not None and before == 0 and acc.tokens > 0:
+                on_estimate(total, (time.perf_counter() - started) * total / acc.tokens)
     result = acc.result()
     result["windows"] = len(plan)
     result["documents"] = len(np.unique(plan.doc))

@@ -18,16 +18,19 @@ Replacement = Callable[[Tensor], Tensor]
 """rows [n, d_model] (the hook's dtype and device) -> their replacement [n, d_model] (any float dtype/device)."""
 
 
-def splice_hook(replace: Replacement) -> Callable[[Tensor, Any], Tensor]:
-    """A TransformerLens forward hook that swaps positions >= 1 of [batch, seq, d_model] for `replace(rows)`.
+def spliced(activation: Tensor, replace: Replacement) -> Tensor:
+    """`activation` [batch, seq, d_model] with positions >= 1 swapped for `replace(rows)`, rows flattened
+    batch-major; cast back to the activation's dtype and device; autograd flows through it."""
+    x = activation[:, 1:]
+    new = replace(x.reshape(-1, x.shape[-1]))
+    new = new.reshape(x.shape).to(device=activation.device, dtype=activation.dtype)
+    return torch.cat([activation[:, :1], new], dim=1)
 
-    The replacement is cast back to the activation's dtype and device; autograd flows through it.
-    """
+
+def splice_hook(replace: Replacement) -> Callable[[Tensor, Any], Tensor]:
+    """A TransformerLens forward hook that applies `spliced` at the hook."""
 
     def hook(activation: Tensor, hook: Any) -> Tensor:
-        x = activation[:, 1:]
-        new = replace(x.reshape(-1, x.shape[-1]))
-        new = new.reshape(x.shape).to(device=activation.device, dtype=activation.dtype)
-        return torch.cat([activation[:, :1], new], dim=1)
+        return spliced(activation, replace)
 
     return hook

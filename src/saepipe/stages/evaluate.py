@@ -13,12 +13,14 @@ Writes `<evaluate.output_dir>/<SAE folder>/quick/` in one piece (a temporary dir
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from saepipe.activations.cache import ActivationCache, sae_hook
 from saepipe.activations.run_name import names_run
@@ -124,7 +126,8 @@ def run(params: Params) -> None:
         figures["ablation"] = ablation.evaluate_ablation(
             model, HookSpec.parse(attrs["hook"]), sae, token_cache, plan,
             bos_id=int(attrs["bos_token_id"]) if bos else None,
-            token_budget=int(attrs.get("batch_token_budget", 8 * int(attrs["max_text_length"]))), mean=mean)
+            token_budget=int(attrs.get("batch_token_budget", 8 * int(attrs["max_text_length"]))), mean=mean,
+            on_estimate=lambda n, seconds: _print_hint(ablation_hint(n, seconds, cfg.ablation_max_tokens)))
         timing["ablation_tokens_per_second"] = figures["ablation"]["tokens"] / (time.perf_counter() - abl_started)
     timing["seconds"] = time.perf_counter() - started
     figures["timing"] = timing
@@ -134,6 +137,28 @@ def run(params: Params) -> None:
     histogram = log10_density_histogram(activations.sparsity.density, activations.sparsity.tokens)
     write_outputs(out_dir, figures, activations, histogram)
     print(summary(figures, out_dir))
+
+
+HINT_SECONDS = 120.0
+"""An ablation pass estimated to take longer than this gets a one-line hint about its size."""
+
+
+def ablation_hint(predictions: int, seconds: float, max_tokens: int | None) -> str | None:
+    """Where to shorten a long ablation pass: most of evaluate's time, paid again by every experiment."""
+    if seconds < HINT_SECONDS:
+        return None
+    now = "null" if max_tokens is None else max_tokens
+    return (f"evaluate: hint: the ablation pass scores {predictions:,} predictions, about {_duration(seconds)} at "
+            f"the first batch's speed; lower evaluate.ablation_max_tokens (now {now}; 0 skips it) to shorten it")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _print_hint(line: str | None) -> None:
+    if line is not None:
+        tqdm.write(line, file=sys.stderr)
 
 
 def headline(figures: dict[str, Any]) -> dict[str, float]:
