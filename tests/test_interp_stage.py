@@ -78,8 +78,10 @@ def test_probing_metrics_are_flat_and_sized(interp_params) -> None:
 def test_explanations_are_one_scored_line_per_feature_and_reproducible(interp_params) -> None:
     path = interp_dir(interp_params) / "explanations.jsonl"
     first = path.read_bytes()
-    records = [json.loads(line) for line in first.decode().splitlines()]
-    assert len(records) == 2 and records == sorted(records, key=lambda r: r["id"])
+    lines = [json.loads(line) for line in first.decode().splitlines()]
+    assert [line["id"] for line in lines] == sorted(line["id"] for line in lines)
+    records = [{"id": line["id"], **line["llm"]} for line in lines if "llm" in line]
+    assert len(records) == 2
     for r in records:
         assert isinstance(r["explanation"], str) and 0.0 <= r["detection"] <= 1.0 and 0.0 <= r["fuzzing"] <= 1.0
         assert len(r["examples"]["explanation"]) == 3 + 2 * 2  # top examples, then the two quantile bands
@@ -147,7 +149,8 @@ def test_unlabelled_corpus_skips_probing_and_zero_features_skips_explaining(inte
     write_labels(params, n, subject="unknown")
     interp.run(with_section(params, "interp", features=0))
     assert "skipped" in json.loads((interp_dir(params) / "probing.json").read_text())
-    assert (interp_dir(params) / "explanations.jsonl").read_text() == ""
+    lines = [json.loads(line) for line in (interp_dir(params) / "explanations.jsonl").read_text().splitlines()]
+    assert lines and all("llm" not in line and line["token_baseline"] for line in lines)  # the baseline only
     assert json.loads((interp_dir(params) / "autointerp.json").read_text())["features"] == 0
     write_labels(params, n - 1)
     with pytest.raises(UserError, match=r"labels .* documents but the token cache holds"):
@@ -155,8 +158,9 @@ def test_unlabelled_corpus_skips_probing_and_zero_features_skips_explaining(inte
 
 
 def test_the_token_baseline_scores_every_alive_feature_it_can(interp_params) -> None:
-    lines = (interp_dir(interp_params) / "token_baseline.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    lines = (interp_dir(interp_params) / "explanations.jsonl").read_text().splitlines()
+    records = [{"id": line["id"], "count": line["count"], **line["token_baseline"]} for line in map(json.loads, lines)
+               if line["token_baseline"]]
     cfg = interp_params.interp
     with ActivationDB(activation_db(interp_params)) as db:
         can = set(np.flatnonzero(db.counts > cfg.score_examples).tolist())

@@ -61,11 +61,11 @@ def test_repro_runs_every_stage_then_only_what_a_code_edit_reaches(project: Path
     assert (project / "analysis/default/matrices/similarity_topk.npz").is_file()
     assert "mean_max_cosine" not in metrics
     assert "mean_max_cosine" in (project / "analysis/default/matrices_metrics.json").read_text()
-    assert "subject_k1" in metrics and "subject_resid" in metrics and '"detection"' in metrics
+    assert "subject_k1" in metrics and "subject_resid" in metrics and '"baseline_detection"' in metrics
     explained = [json.loads(line) for line in
                  (project / "analysis/default/interp/explanations.jsonl").read_text().splitlines()]
-    assert len(explained) == 2
-    assert all({"id", "explanation", "detection", "fuzzing"} <= set(e) for e in explained)
+    assert len(explained) >= 2 and all("llm" not in e for e in explained)  # no LLM explainer named: the baseline
+    assert all({"explanation", "detection", "fuzzing", "score"} <= set(e["token_baseline"]) for e in explained)
     report = project / "analysis/default/report"
     assert json.loads((report / "run_summary.json").read_text())["run_name"] == "default"
     assert (report / "plots/training_history.png").is_file() and (report / "browser/index.html").is_file()

@@ -133,7 +133,8 @@ def test_readme_lists_the_features_the_heuristic_picks(reported) -> None:
     interp = analysis_dir(reported) / "interp"
     interp.mkdir()
     try:
-        (interp / "token_baseline.jsonl").write_text("".join(json.dumps(b) + "\n" for b in baseline.values()))
+        (interp / "explanations.jsonl").write_text("".join(
+            json.dumps({"id": f, "count": b["count"], "token_baseline": b}) + "\n" for f, b in baseline.items()))
         report.run(reported)
         eligible = [r for r in records if r["id"] in baseline and r["count"] >= cfg.min_count]
         interpretable = [r["id"] for r in sorted(eligible, key=lambda r: (-baseline[r["id"]]["score"], -r["count"],
@@ -266,9 +267,11 @@ def test_interp_results_reach_the_readme_browser_and_summary(reported, tmp_path)
             "judge": "tiny", "baseline_features": 40, "baseline_detection": 0.66, "baseline_fuzzing": 0.71,
             "explainer": "tiny", "features": 2, "detection": 0.75, "fuzzing": 0.6, "paired_baseline_detection": 0.8,
             "paired_baseline_fuzzing": 0.7, "beats_baseline": False}))
-        lines = [{"id": 3, "explanation": "the word cell | in biology", "detection": 0.9, "fuzzing": 0.7,
-                  "baseline_detection": 0.8, "baseline_fuzzing": 0.6, "examples": {"explanation": ["x"]}},
-                 {"id": 5, "explanation": "units of force", "detection": 0.5, "fuzzing": None}]
+        lines = [{"id": 3, "count": 9, "token_baseline": None,
+                  "llm": {"explanation": "the word cell | in biology", "detection": 0.9, "fuzzing": 0.7,
+                          "baseline_detection": 0.8, "baseline_fuzzing": 0.6, "examples": {"explanation": ["x"]}}},
+                 {"id": 5, "count": 9, "token_baseline": None,
+                  "llm": {"explanation": "units of force", "detection": 0.5, "fuzzing": None}}]
         (interp / "explanations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
         report.run(reported)
         readme = (report_dir(reported) / "README.md").read_text(encoding="utf-8")

@@ -61,7 +61,8 @@ def test_ad_hoc_runs_with_another_params_file_leave_the_pipeline_run_untouched(p
     for name, k in zip(names, (2, 3), strict=True):
         assert f"-> models/runs/{name} [" in out  # train's summary line names the run's folder
         live = json.loads((project / "models/runs" / name / "live/metrics.json").read_text())
-        assert live["step"] == 1 and "fvu" in live["val"]
+        state = json.loads((project / "models/runs" / name / "checkpoints/best_model.pt/state.json").read_text())
+        assert live["step"] == state["step"] and "fvu" in live["val"]  # dvclive's x axis: the training step
         assert (project / "models/runs" / name / "checkpoints/best_model.pt").is_dir()
         exported = json.loads((project / "models/sae" / name / "config.json").read_text())
         assert exported["run_name"] == name and exported["training"]["topk"] == k

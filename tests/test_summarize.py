@@ -42,6 +42,7 @@ def summarized(trained_pipeline):
     ids, values = brute_force_neighbours(W_dec, 5)
     np.savez(folder / "similarity_topk.npz", ids=ids, values=values)
     np.savez(folder / "cooccurrence_topk.npz", ids=ids, jaccard=np.abs(values), counts=np.ones_like(ids))
+    (folder / "metadata.json").unlink(missing_ok=True)  # a matrices run's (another module's): not these files
     summarize.run(params)
     lines = (analysis_dir(params) / summarize.SUMMARIES).read_text(encoding="utf-8").splitlines()
     return params, [json.loads(line) for line in lines], (ids, values)

@@ -36,7 +36,8 @@ def test_train_then_export_gives_an_sae_that_fits_the_model(cached, capsys) -> N
     assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "live"}  # siblings: DVC out, dvclive (paths.py)
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"checkpoint_epoch1.pt", "checkpoint_epoch2.pt",
                                                                       "best_model.pt"}
-    assert json.loads((run_dir / "live" / "metrics.json").read_text())["step"] == 2
+    state = json.loads((run_dir / "checkpoints" / "checkpoint_epoch2.pt" / "state.json").read_text())
+    assert json.loads((run_dir / "live" / "metrics.json").read_text())["step"] == state["step"]  # training steps
     export.run(cached)
     sae_dir = Path(cached.export.output_dir) / "default"
     sae = load_sae(sae_dir)

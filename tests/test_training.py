@@ -80,9 +80,12 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(repo_params, tmp_path)
     Trainer(full, make_data(rows, val), cfg, tmp_path / "full", None, torch.device("cpu"), progress=False).fit()
 
     class Kill:
-        def log_epoch(self, epoch, metrics):
+        def log_epoch(self, epoch, metrics, step=None):
             if epoch == 1:
                 raise KeyboardInterrupt
+
+        def log_validation(self, step, metrics):
+            pass
 
     with pytest.raises(KeyboardInterrupt):
         Trainer(fresh(), make_data(rows, val), cfg, tmp_path / "killed", None, torch.device("cpu"),

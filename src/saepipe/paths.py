@@ -52,7 +52,7 @@ SUMMARIES, SUMMARY_INDEX = "feature_summaries.jsonl", "summary_index.json"
 # <analysis>/interp/ (interp)
 INTERP = "interp"
 PROBING, PROBING_FEATURES = "probing.json", "probing_features.json"
-AUTOINTERP, EXPLANATIONS, TOKEN_BASELINE = "autointerp.json", "explanations.jsonl", "token_baseline.jsonl"
+AUTOINTERP, EXPLANATIONS = "autointerp.json", "explanations.jsonl"
 # <analysis>/report/ and beside it (report)
 REPORT, RUN_SUMMARY, TRAINING_CURVES = "report", "run_summary.json", "training_curves.json"
 

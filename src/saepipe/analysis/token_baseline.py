@@ -151,7 +151,7 @@ def score_baseline(db: ActivationDB, windows: DocumentWindows, f: int, rows: np.
 
 def token_baseline(db: ActivationDB, context: tuple[int, int], score_examples: int, n_tokens: int, seed: int,
                    progress: Any = None) -> list[dict[str, Any]]:
-    """token_baseline.jsonl's records: every alive feature that `score_baseline` can score, in id order."""
+    """The baseline of every alive feature that `score_baseline` can score, in id order."""
     windows = DocumentWindows(db, context)
     candidates = np.flatnonzero(db.counted)
     records = []

@@ -139,12 +139,10 @@ class SummarizeConfig:
     """Nearest features (decoder cosine) and co-occurring features listed per feature (at most the top_k the
     matrices were made with, checked when the stage starts)."""
     index_tokens: int = bounded(1, 100)
-    """Top token strings per feature in summary_index.json (at most top_tokens)."""
+    """Top token strings per feature in summary_index.json (the first of the top_tokens listed: no more than
+    top_tokens even when set higher)."""
 
     def validate(self) -> None:
-        if self.index_tokens > self.top_tokens:
-            raise field_error("summarize.index_tokens", self.index_tokens,
-                              f"an integer <= summarize.top_tokens = {self.top_tokens}")
         if len(self.quantile_bands) > 16:
             raise field_error("summarize.quantile_bands", self.quantile_bands, "at most 16 bands")
         if any(not 0.0 < q < 1.0 for q in self.quantile_bands):

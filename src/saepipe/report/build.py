@@ -21,12 +21,11 @@ from saepipe.paths import (
     RUN_SUMMARY,
     SIMILARITY,
     SIMILARITY_TOPK,
-    TOKEN_BASELINE,
 )
 from saepipe.report import plots
 from saepipe.report.browser import write_browser
 from saepipe.report.features import ACTIVE_RULE, INTERPRETABLE_RULE, concentration, most_active, most_interpretable
-from saepipe.report.inputs import RunFiles, RunInputs, read_explanations, read_token_baseline
+from saepipe.report.inputs import RunFiles, RunInputs, read_explanations
 from saepipe.report.markdown import render_readme
 from saepipe.report.run_summary import build_summary, headline_values, metric_sources
 from saepipe.storage import read_npz, write_json
@@ -125,12 +124,11 @@ def write_report(out: Path, *, final: Path, run_name: str, inputs: RunInputs, fi
     name_examples(records, documents)
     drawn = draw_plots(out / PLOTS, inputs, files, db, records, options)
     info = run_info(run_name, inputs)
-    explanations = read_explanations(files.interp / EXPLANATIONS)
+    explanations, baseline = read_explanations(files.interp / EXPLANATIONS)
     browser = write_browser(out / BROWSER, summaries=files.summaries, db=db, run_info=info,
                             features_per_token=options.features_per_token, explanations=explanations,
                             documents=documents)
     active = most_active(records, options.table_features)
-    baseline = read_token_baseline(files.interp / TOKEN_BASELINE)
     interpretable = most_interpretable(records, baseline, options.table_features, options.min_count)
     features = {
         "most_active": [r["id"] for r in active], "most_active_rule": ACTIVE_RULE,

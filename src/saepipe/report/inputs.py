@@ -7,7 +7,6 @@ input stops the stage with one line that names the file and the stage that write
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,36 +124,26 @@ def _optional_json(path: Path, what: str) -> Any:
     return read_json(path, what, "interp", dict) if path.is_file() else None
 
 
-def read_explanations(path: Path) -> dict[int, dict[str, Any]]:
-    """`saepipe interp`'s explanations.jsonl by feature id (without the examples it used); {} when absent."""
+def read_explanations(path: Path) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """`saepipe interp`'s explanations.jsonl by feature id: (the LLM's explanations and scores, without the
+    windows it judged; the token baseline's explanation, scores and rarity); ({}, {}) when absent."""
+    llm_keys = ("explanation", "detection", "fuzzing", "detection_auc", "fuzzing_auc", "baseline_detection",
+                "baseline_fuzzing")
+    baseline_keys = ("explanation", "detection", "fuzzing", "rarity", "score")
+    llm: dict[int, dict[str, Any]] = {}
+    baseline: dict[int, dict[str, Any]] = {}
     if not path.is_file():
-        return {}
-    keep = ("explanation", "detection", "fuzzing", "detection_auc", "fuzzing_auc", "baseline_detection",
-            "baseline_fuzzing")
-    explanations = {}
+        return llm, baseline
     for number, record in iter_jsonl(path, "interp"):
         try:
-            explanations[int(record["id"])] = {key: record.get(key) for key in keep}
-        except (KeyError, TypeError, ValueError) as exc:
+            f = int(record["id"])
+            if record.get("llm"):
+                llm[f] = {key: record["llm"].get(key) for key in llm_keys}
+            if record.get("token_baseline"):
+                baseline[f] = {key: record["token_baseline"][key] for key in baseline_keys}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"{path}:{number}: not an explanation record ({exc}); rerun `saepipe interp`") from None
-    return explanations
-
-
-def read_token_baseline(path: Path) -> dict[int, dict[str, Any]]:
-    """`saepipe interp`'s token_baseline.jsonl by feature id (scores, rarity, explanation); {} when absent."""
-    if not path.is_file():
-        return {}
-    keep = ("explanation", "detection", "fuzzing", "rarity", "score")
-    baseline = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            try:
-                record = json.loads(line)
-                baseline[int(record["id"])] = {key: record[key] for key in keep}
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise UserError(f"{path}:{number}: not a token-baseline record ({exc}); rerun `saepipe interp`") \
-                    from None
-    return baseline
+    return llm, baseline
 
 
 def read_summaries(path: Path, examples: int) -> list[dict[str, Any]]:

@@ -3,9 +3,9 @@ written as one folder (under a temporary name, renamed when complete; an explain
 
     probing.json           DVC metrics: balanced held-out accuracy per task and k, the residual ceiling, sizes
     probing_features.json  per problem: the features each probe chose (with their top tokens), its accuracy
-    token_baseline.jsonl   every alive feature explained by its top tokens and scored by the rule judge
-    explanations.jsonl     one JSON object per feature an LLM explained: id, explanation, detection, fuzzing, the
-                           token baseline's scores on the same windows, the judged windows
+    explanations.jsonl     one line per feature: its token baseline (top tokens scored by the rule judge, every
+                           alive feature) and, where an LLM explained it, the LLM's explanation, scores, the
+                           baseline's scores on the same windows and the judged windows
     autointerp.json        DVC metrics: which judge, the token baseline's means, the LLM's means and whether they
                            beat the baseline
 """
@@ -39,7 +39,6 @@ from saepipe.paths import (
     EXPLANATIONS,
     PROBING,
     PROBING_FEATURES,
-    TOKEN_BASELINE,
     activation_cache,
     activation_db,
     interp_dir,
@@ -131,18 +130,28 @@ def read_summaries(path: Path, ids: list[int]) -> list[dict[str, Any]]:
     return [found[f] for f in ids]
 
 
-def run_token_baseline(params: Params, db: ActivationDB, out_dir: Path) -> list[dict[str, Any]]:
+def run_token_baseline(params: Params, db: ActivationDB) -> list[dict[str, Any]]:
     cfg, summarize = params.interp, params.summarize
     with tqdm(total=int((db.counts > 0).sum()), desc="interp: token baseline", unit="feature") as bar:
-        records = token_baseline(db, (summarize.context_before, summarize.context_after), cfg.score_examples,
-                                 cfg.top_tokens, cfg.seed, bar)
-    write_jsonl(out_dir / TOKEN_BASELINE, records)
-    return records
+        return token_baseline(db, (summarize.context_before, summarize.context_after), cfg.score_examples,
+                              cfg.top_tokens, cfg.seed, bar)
 
 
-def run_autointerp(params: Params, db: ActivationDB, explainer: Explainer | None, baseline: list[dict[str, Any]],
-                   out_dir: Path) -> dict[str, Any]:
+def explanation_records(baseline: list[dict[str, Any]], llm: list[dict[str, Any]], counts: np.ndarray
+                        ) -> list[dict[str, Any]]:
+    """explanations.jsonl: one line per feature the token baseline scored or the LLM explained, in id order,
+    with each one's part ("token_baseline", "llm"; null or absent where it did not)."""
+    lines = {r["id"]: {"id": r["id"], "count": r["count"],
+                       "token_baseline": {k: v for k, v in r.items() if k not in ("id", "count")}} for r in baseline}
+    for r in llm:
+        line = lines.setdefault(r["id"], {"id": r["id"], "count": int(counts[r["id"]]), "token_baseline": None})
+        line["llm"] = {k: v for k, v in r.items() if k != "id"}
+    return [lines[f] for f in sorted(lines)]
+
+
+def run_autointerp(params: Params, db: ActivationDB, explainer: Explainer | None, out_dir: Path) -> dict[str, Any]:
     cfg, summarize = params.interp, params.summarize
+    baseline = run_token_baseline(params, db)
     records: list[dict[str, Any]] = []
     if explainer is not None:
         shown = summarize.top_k + len(summarize.quantile_bands) * summarize.quantile_examples
@@ -157,7 +166,7 @@ def run_autointerp(params: Params, db: ActivationDB, explainer: Explainer | None
         baselines = [paired_baseline(db, e, cfg.top_tokens) for e in examples]
         with tqdm(total=len(examples), desc="interp: explain and score", unit="feature") as bar:
             records = interpret(explainer, examples, cfg.max_new_tokens, cfg.seed, baselines, bar, chunk=cfg.batch_size)
-    write_jsonl(out_dir / EXPLANATIONS, records)
+    write_jsonl(out_dir / EXPLANATIONS, explanation_records(baseline, records, db.counts))
     metrics = autointerp_metrics(baseline, records, explainer.name if explainer else None)
     write_json(out_dir / AUTOINTERP, metrics)
     return metrics
@@ -190,8 +199,7 @@ def run(params: Params) -> None:
     with ActivationDB(activation_db(params), tokens=tokens, tokenizer=tokenizer) as db, \
             atomic_dir(out_dir, keep=(".gitignore",)) as tmp:
         probing = run_probing(params, db, tokens.split, labels, tmp)
-        baseline = run_token_baseline(params, db, tmp)
-        auto = run_autointerp(params, db, explainer, baseline, tmp)
+        auto = run_autointerp(params, db, explainer, tmp)
     ks = params.interp.probe_k
     probes = "probing skipped (no labels)" if "skipped" in probing else (
         ", ".join(f"{task} not scored ({probing[f'{task}_skipped']})" if probing.get(f"{task}_skipped") else

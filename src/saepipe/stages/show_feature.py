@@ -17,7 +17,7 @@ from typing import Any
 from saepipe.activations.run_name import with_run_name
 from saepipe.config import Params
 from saepipe.config.analysis import SummarizeConfig
-from saepipe.errors import UserError, field_error
+from saepipe.errors import UserError
 from saepipe.paths import (
     COOCCURRENCE_TOPK,
     MATRICES_METADATA,
@@ -29,15 +29,11 @@ from saepipe.paths import (
     summaries_file,
 )
 
-MAX_CONTEXT = 256
-"""Tokens of context before or after an example's token that a terminal view takes (more is whole documents)."""
 DESCRIBE_TOKENS = 3
 """Top tokens in each feature's one-line description in --search."""
 UNUSED_FIELDS = ("index_tokens",)
 """summarize's knob of summary_index.json: it means nothing for a single feature (cli leaves its flag out)."""
 FIELD_NOTES = {
-    "context_before": f" (show-feature: at most {MAX_CONTEXT})",
-    "context_after": f" (show-feature: at most {MAX_CONTEXT})",
     "top_tokens": " (show-feature: with each one's share of the feature's firings)",
     "neighbours": " (show-feature: from the matrices stage, else the nearest by the export's decoder rows; "
                   "0: none)",
@@ -59,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shade activating tokens (auto: when stdout is a terminal)")
 
 
-def check_args(args: argparse.Namespace, cfg: SummarizeConfig) -> None:
+def check_args(args: argparse.Namespace) -> None:
     """Every refusal the arguments alone decide, before any file is opened."""
     if (args.feature is None) == (args.search is None):
         raise UserError("give a feature id or --search TEXT (one of them)")
@@ -69,14 +65,10 @@ def check_args(args: argparse.Namespace, cfg: SummarizeConfig) -> None:
         raise UserError(f"--results={args.results}: expected an integer >= 1")
     if args.feature is not None and args.feature < 0:
         raise UserError(f"feature={args.feature}: expected an id >= 0")
-    for name in ("context_before", "context_after"):
-        if getattr(cfg, name) > MAX_CONTEXT:
-            raise field_error(f"summarize.{name}", getattr(cfg, name),
-                              f"an integer <= {MAX_CONTEXT} for show-feature (tokens of context in the terminal)")
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    check_args(args, params.summarize)  # before a null run name is derived from the activation cache
+    check_args(args)  # before a null run name is derived from the activation cache
     show(with_run_name(params), args)
 
 
