@@ -287,7 +287,7 @@ def test_show_feature_flags_change_what_it_prints(built, db, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["show-feature", "--help"])
     help_text = capsys.readouterr().out
-    assert "--index-tokens" not in help_text and "--case-sensitive" in help_text and "at most 256" in help_text
+    assert "--index-tokens" not in help_text and "--case-sensitive" in help_text and "Allowed: 0 to 256" in help_text
 
 
 def test_show_feature_search_merges_case_variants_and_describes_features(built, db, capsys) -> None:
