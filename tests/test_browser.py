@@ -4,6 +4,7 @@ checked directly, then the page opened from disk (file://) in headless Chromium 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import types
@@ -341,6 +342,8 @@ def test_feature_page_shows_the_summary(page, analysed, built) -> None:
     for q, band in s["quantile_examples"].items():
         assert len(page.driver.find_elements(
             page.By.CSS_SELECTOR, f"ol[aria-label='examples around the {q} quantile'] li.example")) == len(band)
+    shares = [el.text for el in page.find_all("ol[aria-label='tokens it fires on most often'] .token-share")]
+    assert shares == [f"({math.floor(t['token_share'] * 100 + 0.5)}% of its uses)" for t in s["top_tokens"]]
     promoted = [el.text for el in page.find_all("ol[aria-label='promoted tokens'] code")]
     assert promoted == [f"“{visible(t['token'])}”" for t in s["promoted_tokens"]]
     links = [int(a.get_attribute("data-feature")) for a in page.find_all("ol.nearest a")]

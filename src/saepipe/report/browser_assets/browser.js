@@ -208,7 +208,12 @@
   function tokenList(items, key, label) {
     var list = el("ol", {className: "token-list", "aria-label": label});
     (items || []).forEach(function (t) {
-      list.appendChild(el("li", {}, el("code", {text: quoted(t.token)}), " ", el("span", {className: "number", text: num(t[key])})));
+      // A top token's share of its own occurrences (summaries' token_share): a common token can hold many
+      // firings and still be a poor sign of the feature.
+      var share = t.token_share === undefined ? null : el("span", {className: "token-share",
+        title: "the share of this token's occurrences the feature fires on",
+        text: " (" + Math.round(t.token_share * 100) + "% of its uses)"});
+      list.appendChild(el("li", {}, el("code", {text: quoted(t.token)}), " ", el("span", {className: "number", text: num(t[key])}), share));
     });
     return items && items.length ? list : el("p", {text: "None."});
   }
