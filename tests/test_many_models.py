@@ -328,7 +328,9 @@ def test_two_tiny_models_reproduce_apart_and_rerun_only_what_changed(tmp_path, r
     assert "qwen3-1.7b" in (pipeline / "compare/README.md").read_text()
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], pipeline))
     files = {Path(f).as_posix() for rev in shown.values() for f in rev.get("data", {})}
-    assert {f"per_model/{key}/runs/default/live/metrics.json" for key in ("qwen3-0.6b", "qwen3-1.7b")} <= files
+    # each model's headline figures are its metrics; dvclive's full record is a plain output (a lean exp show)
+    assert {f"per_model/{key}/analysis/default/quick/headline.json" for key in ("qwen3-0.6b", "qwen3-1.7b")} <= files
+    assert not {f"per_model/{key}/runs/default/live/metrics.json" for key in ("qwen3-0.6b", "qwen3-1.7b")} & files
     assert not (root / "models").exists() and not (root / "data/processed").exists()  # nothing of the single one
     assert ran_stages(run(["dvc", "repro"], pipeline)) == []
     assert "@" not in run(["dvc", "status"], root)  # the single pipeline's DVC project does not see the models
