@@ -19,9 +19,11 @@ random Llama of SmolLM2's width with `--tiny-layers` layers on random token wind
 
 Measured on 2 shared CPU cores (quiet at the time), the default run (SmolLM2-135M, float32, hook 15 of 30):
 the default (one 256-token window) 1.51x; `--window 128 --tokens 96` (one 128-token window) 1.95x;
-`--tokens 1600 --repeats 2` (one full batch of 8 windows, the stage's shape) 1.36x. Figures identical in
-all. The bound is the arithmetic: 16 blocks once + 5 x (14 blocks + the head at scored positions) against
-5 x (30 blocks + the head everywhere), about 1.6x at most here; stacking the runs helps small batches only.
+`--tokens 1600 --repeats 2` (one full batch of 8 windows, the stage's shape) 1.36x; on a later quiet run
+after the merge: default 1.61x, the stage's shape 1.91x and 1.38x in two runs (the shared cores are noisy).
+Figures identical in all. The arithmetic: 16 blocks once + 5 x (14 blocks + the head at scored
+positions) against 5 x (30 blocks + the head at every position), the head costing about seven of SmolLM2's
+blocks; stacking the runs helps small batches only.
 
     python benchmarks/ablation.py [--root /work/main] [--tokens 300] [--window 0] [--repeats 3] [--tiny]
 """
