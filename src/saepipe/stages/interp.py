@@ -117,9 +117,11 @@ def read_summaries(path: Path, ids: list[int]) -> list[dict[str, Any]]:
     """The summary lines of `ids` (line f is feature f), read without parsing the others."""
     if not path.is_file():
         raise UserError(f"{path}: file not found; run `saepipe summarize` first")
-    wanted, found = set(ids), {}
+    wanted, found, last = set(ids), {}, max(ids, default=-1)
     with open(path, "rb") as handle:
         for f, line in enumerate(handle):
+            if f > last:  # the file runs to tens of MB: stop after the last line wanted
+                break
             if f in wanted:
                 summary = json_line(path, f + 1, line, "summarize")
                 if summary.get("id") != f:

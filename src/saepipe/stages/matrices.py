@@ -75,7 +75,6 @@ def run(params: Params) -> None:
     d_sae = sae.d_sae
     dense = d_sae <= cfg.dense_max_features
     with ActivationDB(db_path) as db:
-        db.check_sae(path)
         if db.d_sae != d_sae:
             raise UserError(f"{db_path} holds {db.d_sae:,} features, the SAE at {path} has {d_sae:,}; "
                             "rerun `saepipe activation-db`")

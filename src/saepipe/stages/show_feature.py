@@ -119,16 +119,15 @@ def feature_view(params: Params, db: Any, stats: dict[str, Any], color: bool) ->
 def _matrices_row(params: Params, db: Any, name: str, keys: tuple[str, ...], f: int) -> tuple[Any, ...] | None:
     """Feature f's row of each of `keys` in a matrices-stage top-k file; None when the file is missing, of
     another SAE than the DB (its metadata's weights hash), or of another size."""
+    from saepipe.storage import read_npz
+
     folder = matrices_dir(params)
     try:
         meta = json.loads((folder / MATRICES_METADATA).read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("sae_sha256") != db.attrs["sae_sha256"]:
             return None
-        import numpy as np
-
-        with np.load(folder / name, allow_pickle=False) as data:
-            arrays = [data[k] for k in keys]
-    except (OSError, ValueError, KeyError):
+        arrays = list(read_npz(folder / name, keys).values())
+    except (OSError, ValueError, UserError):
         return None
     if any(a.shape[0] != db.d_sae for a in arrays):
         return None
